@@ -1,0 +1,36 @@
+"""pfmseg engine: pathology foundation models for whole-slide segmentation, without a GUI.
+
+The public API is re-exported here; importing it never imports napari or Qt.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .backbones import BackboneSpec, build_backbone, get_spec, list_backbones
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .errors import CheckpointError, ConfigError, DataError, PfmsegError, SlideError, WeightsError
+from .model import ModelConfig, SegmentationModel, build_model
+from .tuning import STRATEGIES, TuningConfig
+
+__all__ = [
+    "STRATEGIES",
+    "BackboneSpec",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "ModelConfig",
+    "PfmsegError",
+    "SegmentationModel",
+    "SlideError",
+    "TuningConfig",
+    "WeightsError",
+    "__version__",
+    "build_backbone",
+    "build_model",
+    "get_spec",
+    "list_backbones",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_checkpoint",
+]

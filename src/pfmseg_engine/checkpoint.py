@@ -1,0 +1,170 @@
+"""Self-describing model checkpoints, written atomically.
+
+One file holds the model config (backbone, strategy and its settings, head, classes, input size,
+normalisation), the trainable state only, and metadata (package versions, metrics). The frozen
+backbone is not duplicated: reloading needs this file plus the backbone's published weights, which
+keeps a LoRA or adapter checkpoint a few megabytes instead of gigabytes.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+from .model import ModelConfig, SegmentationModel, build_model
+from .tuning import STRATEGIES
+
+FORMAT = "pfmseg-checkpoint"
+FORMAT_VERSION = 1
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    from . import __version__
+
+    versions = {"pfmseg": __version__, "torch": str(torch.__version__), "timm": str(timm.__version__),
+                "python": platform.python_version()}
+    try:
+        import peft
+
+        versions["peft"] = str(peft.__version__)
+    except ImportError:  # peft only matters for LoRA/DoRA checkpoints
+        pass
+    return versions
+
+
+def backbone_fingerprint(model: SegmentationModel) -> float:
+    """A cheap checksum of the frozen patch embedding, to notice a swapped backbone on reload."""
+    weight = model.encoder.backbone.vit.patch_embed.proj.weight
+    return float(weight.detach().double().abs().sum().cpu())
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` next to ``path`` under a temporary name, fsync, then rename over ``path``.
+
+    A crash or Ctrl-C mid-write leaves the previous file intact and no half-written file under the
+    final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(
+    path: str | Path,
+    model: SegmentationModel,
+    metrics: dict[str, Any] | None = None,
+    training_state: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``model``'s config and trainable weights (plus optional resume state) atomically."""
+    spec = model.spec
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "normalization": {"mean": list(spec.mean), "std": list(spec.std)},
+        "state": model.trainable_state_dict(),
+        "backbone_fingerprint": backbone_fingerprint(model),
+        "metrics": dict(metrics or {}),
+        "training_state": training_state,
+        "metadata": {"versions": _versions(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                     **(metadata or {})},
+    }
+    return atomic_torch_save(payload, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file and check that it is one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint '{path}' does not exist.")
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"Could not read checkpoint '{path}' (truncated or not a checkpoint?): {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(
+            f"'{path}' is not a pfmseg checkpoint. Backbone weights go to 'weights'/'pfm_weights_path', "
+            "trained segmentation models to 'checkpoint'."
+        )
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"Checkpoint '{path}' has format version {payload['format_version']}, newer than this pfmseg "
+            f"understands ({FORMAT_VERSION}); upgrade pfmseg."
+        )
+    return payload
+
+
+def load_into(model: SegmentationModel, payload: dict[str, Any], source: str = "checkpoint") -> None:
+    """Load a checkpoint's trainable state into an existing model, refusing mismatches by name."""
+    stored = ModelConfig.from_dict(payload["config"])
+    ours = model.config
+    differences = [
+        f"{key}: checkpoint {getattr(stored, key)!r} vs model {getattr(ours, key)!r}"
+        for key in ("backbone", "tiny", "num_classes", "head", "tuning", "feature_indices")
+        if getattr(stored, key) != getattr(ours, key)
+    ]
+    if differences:
+        raise CheckpointError(
+            f"{source} does not match this model: {'; '.join(differences)}. Build the model from the "
+            "checkpoint's config (load_checkpoint) instead."
+        )
+    try:
+        model.load_trainable_state_dict(payload["state"])
+    except ValueError as exc:
+        raise CheckpointError(f"{source} does not fit the model: {exc}") from exc
+
+
+def load_checkpoint(
+    path: str | Path,
+    weights: str | None = None,
+    device: str | torch.device | None = "cpu",
+) -> SegmentationModel:
+    """Rebuild the model a checkpoint describes and load its trained weights.
+
+    ``weights`` overrides the backbone weights path stored in the checkpoint (checkpoints travel
+    between machines; backbone files move). A frozen backbone that differs from the one trained on is
+    an error, because the trained head would silently produce garbage.
+    """
+    payload = read_checkpoint(path)
+    config = ModelConfig.from_dict(payload["config"])
+    if weights is not None:
+        config = config.with_changes(weights=weights)
+    elif config.weights and not config.weights.startswith("hf-hub:") and not Path(config.weights).exists():
+        raise CheckpointError(
+            f"Checkpoint '{path}' was trained on backbone weights '{config.weights}', which do not exist "
+            f"here. Pass the {config.backbone} weights file (CLI: --weights PATH)."
+        )
+    model = build_model(config)
+    load_into(model, payload, source=f"Checkpoint '{path}'")
+    expected = payload.get("backbone_fingerprint")
+    if expected is not None and not STRATEGIES[config.tuning.strategy].backbone_trains:
+        actual = backbone_fingerprint(model)
+        if abs(actual - expected) > 1e-6 * max(1.0, abs(expected)):
+            raise CheckpointError(
+                f"The {config.backbone} backbone weights loaded now differ from those checkpoint '{path}' "
+                "was trained on; the trained head would give meaningless output. Pass the same backbone "
+                "weights file used for training (--weights)."
+            )
+    model.eval()
+    return model.to(device) if device is not None else model
+

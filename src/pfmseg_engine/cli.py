@@ -1,0 +1,70 @@
+"""``python -m pfmseg_engine``: the headless command line.
+
+Subcommands live in :mod:`pfmseg_engine.commands`, one module each, listed in :data:`COMMANDS`. Each
+module's ``register(subparsers)`` adds its parser; errors the engine raises on purpose are printed
+as one clear message (no traceback) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import PfmsegError
+
+COMMANDS: tuple[str, ...] = ("models", "train", "evaluate", "infer", "demo", "benchmark")
+
+
+def available_commands() -> list[str]:
+    """Command modules that are installed (all of :data:`COMMANDS` in a complete install)."""
+    found = []
+    for name in COMMANDS:
+        try:
+            importlib.import_module(f"pfmseg_engine.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"pfmseg_engine.commands.{name}":
+                raise
+            continue
+        found.append(name)
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pfmseg_engine",
+        description="Segment histopathology images and whole slides with pathology foundation models.",
+    )
+    parser.add_argument("--version", action="version", version=f"pfmseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in available_commands():
+        importlib.import_module(f"pfmseg_engine.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except PfmsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed work is kept; run the same command again to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per CLI subcommand, each exposing ``register(subparsers)`` and ``run(args)``."""

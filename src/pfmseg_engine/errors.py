@@ -1,0 +1,50 @@
+"""Exception types of the engine.
+
+Every error a user can cause is raised as a :class:`PfmsegError` subclass whose message names the
+offending value and says how to fix it, so the CLI can print the message alone (no traceback) and the
+napari plugin can show it as a notification.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PfmsegError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class ConfigError(PfmsegError, ValueError):
+    """A configuration value is missing, unknown or inconsistent."""
+
+
+class UnknownBackboneError(ConfigError, KeyError):
+    """A backbone name is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class WeightsError(PfmsegError):
+    """A weights file cannot be read or does not fit the architecture."""
+
+
+class CheckpointError(PfmsegError):
+    """A model checkpoint cannot be read or does not fit the model it is loaded into."""
+
+
+class DataError(PfmsegError, ValueError):
+    """Input images, masks or annotations are unusable."""
+
+
+class SlideError(PfmsegError):
+    """A slide cannot be opened or read."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str:
+    """Return a ' Did you mean ...?' hint for a mistyped name, or an empty string."""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
+    return f" Did you mean '{lowered[match[0]]}'?" if match else ""

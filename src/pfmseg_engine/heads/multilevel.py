@@ -1,0 +1,59 @@
+"""A multi-level decoder fusing several ViT depths and, when present, CNN-adapter skips."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _conv_gn_relu(in_ch: int, out_ch: int, kernel: int = 3) -> nn.Sequential:
+    groups = 8 if out_ch % 8 == 0 else 1
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, bias=False),
+        nn.GroupNorm(groups, out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class MultiLevelDecoder(nn.Module):
+    """Fuse the tapped grids at 1/patch, then refine at 1/8, 1/4, 1/2 and full resolution.
+
+    Every tapped depth is projected and summed (shallow blocks keep more spatial detail, deep blocks
+    more semantics). The refinement stages target exact fractions of the input size rather than
+    fixed x2 steps, so patch 14 and patch 8 backbones decode as cleanly as patch 16 ones. CNN-adapter
+    skips (1/2, 1/4, 1/8) are concatenated at their matching stage.
+    """
+
+    STAGE_FRACTIONS = (8, 4, 2, 1)
+
+    def __init__(self, in_channels: list[int], skip_channels: list[int], num_classes: int,
+                 channels: int = 256, stage_channels: tuple[int, ...] = (256, 128, 64, 32)):
+        super().__init__()
+        self.project = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.fuse = _conv_gn_relu(channels, channels)
+        # skips arrive as [1/2, 1/4, 1/8]; stage i works at 1/STAGE_FRACTIONS[i]
+        skip_for_fraction = {2 ** (i + 1): c for i, c in enumerate(skip_channels)}
+        self.skip_fractions = [f if f in skip_for_fraction else None for f in self.STAGE_FRACTIONS]
+        widths = (channels, *stage_channels)
+        self.stages = nn.ModuleList(
+            _conv_gn_relu(widths[i] + skip_for_fraction.get(f, 0), widths[i + 1])
+            for i, f in enumerate(self.STAGE_FRACTIONS)
+        )
+        self.classify = nn.Conv2d(stage_channels[-1], num_classes, 1)
+
+    def forward(self, grids: list[torch.Tensor], skips: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+        size = grids[0].shape[-2:]
+        x = sum(proj(g) if g.shape[-2:] == size else F.interpolate(proj(g), size=size, mode="bilinear")
+                for proj, g in zip(self.project, grids, strict=True))
+        x = self.fuse(x)
+        h, w = out_size
+        skip_by_fraction = {2 ** (i + 1): s for i, s in enumerate(skips)}
+        for stage, fraction in zip(self.stages, self.STAGE_FRACTIONS, strict=True):
+            skip = skip_by_fraction.get(fraction)
+            target = skip.shape[-2:] if skip is not None else (-(-h // fraction), -(-w // fraction))
+            x = F.interpolate(x, size=target, mode="bilinear", align_corners=False)
+            if skip is not None:
+                x = torch.cat([x, skip], dim=1)
+            x = stage(x)
+        return self.classify(x)

@@ -1,0 +1,64 @@
+"""Settings of a tuning strategy, as stored in checkpoints and configs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..errors import ConfigError, closest
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """Which strategy adapts the backbone, and its knobs.
+
+    ``rank``/``alpha``/``dropout``/``lora_mlp`` apply to LoRA and DoRA (``lora_mlp`` also adapts the
+    MLP ``fc1``/``fc2`` besides attention ``qkv``/``proj``); ``adapter_channels`` sizes the CNN
+    adapter's 1/2, 1/4, 1/8 stages; ``adapter_depth`` is the number of Transformer-adapter blocks.
+    """
+
+    strategy: str = "frozen"
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    lora_mlp: bool = False
+    adapter_channels: tuple[int, int, int] = (32, 64, 128)
+    adapter_depth: int = 2
+
+    def __post_init__(self) -> None:
+        from .strategies import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"Unknown tuning strategy '{self.strategy}'.{closest(self.strategy, STRATEGIES)} "
+                f"Choose one of: {', '.join(STRATEGIES)}."
+            )
+        if self.rank < 1:
+            raise ConfigError(f"LoRA/DoRA rank must be >= 1, got {self.rank}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA/DoRA dropout must be in [0, 1), got {self.dropout}.")
+        if len(self.adapter_channels) != 3 or min(self.adapter_channels) < 1:
+            raise ConfigError(
+                f"adapter_channels needs three positive widths (1/2, 1/4, 1/8 stages), got {self.adapter_channels}."
+            )
+        if self.adapter_depth < 1:
+            raise ConfigError(f"adapter_depth must be >= 1, got {self.adapter_depth}.")
+        object.__setattr__(self, "adapter_channels", tuple(int(c) for c in self.adapter_channels))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["adapter_channels"] = list(self.adapter_channels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TuningConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            raise ConfigError(
+                f"Unknown tuning setting '{unknown[0]}'.{closest(unknown[0], known)} Valid: {', '.join(sorted(known))}."
+            )
+        data = dict(data)
+        if "adapter_channels" in data:
+            data["adapter_channels"] = tuple(data["adapter_channels"])
+        return cls(**data)

@@ -1,0 +1,124 @@
+"""The six tuning strategies, as a table of how each one adapts a backbone.
+
+A strategy wraps a :class:`~pfmseg_engine.backbones.Backbone` into an :class:`Encoder` and says, as
+data, which parameters train (``trainable`` regexes over the encoder's parameter names). The model
+and the checkpoint writer rely on that declaration: what trains is exactly what a checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..backbones.backbone import Backbone
+from .adapters import CNNAdapter, TransformerAdapter
+from .config import TuningConfig
+from .lora import inject_lora
+
+
+@dataclass
+class EncoderOutput:
+    """Token grids of the tapped blocks (coarse, 1/patch) and optional high-resolution skips."""
+
+    grids: list[torch.Tensor]
+    skips: list[torch.Tensor]
+
+
+class Encoder(nn.Module):
+    """Backbone plus whatever modules the tuning strategy adds."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        cnn_adapter: CNNAdapter | None = None,
+        transformer_adapter: TransformerAdapter | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.cnn_adapter = cnn_adapter
+        self.transformer_adapter = transformer_adapter
+
+    @property
+    def grid_channels(self) -> list[int]:
+        return [self.backbone.embed_dim] * len(self.backbone.feature_indices)
+
+    @property
+    def skip_channels(self) -> list[int]:
+        return list(self.cnn_adapter.out_channels) if self.cnn_adapter is not None else []
+
+    def forward(self, x: torch.Tensor) -> EncoderOutput:
+        grids = self.backbone.features(x)
+        if self.transformer_adapter is not None:
+            grids = [*grids[:-1], self.transformer_adapter(grids[-1])]
+        skips = self.cnn_adapter(x) if self.cnn_adapter is not None else []
+        return EncoderOutput(grids=grids, skips=skips)
+
+
+def _frozen(backbone: Backbone, cfg: TuningConfig) -> Encoder:
+    backbone.requires_grad_(False)
+    return Encoder(backbone)
+
+
+def _full(backbone: Backbone, cfg: TuningConfig) -> Encoder:
+    backbone.requires_grad_(True)
+    return Encoder(backbone)
+
+
+def _lora(backbone: Backbone, cfg: TuningConfig) -> Encoder:
+    inject_lora(backbone.vit, cfg, use_dora=False)
+    return Encoder(backbone)
+
+
+def _dora(backbone: Backbone, cfg: TuningConfig) -> Encoder:
+    inject_lora(backbone.vit, cfg, use_dora=True)
+    return Encoder(backbone)
+
+
+def _cnn_adapter(backbone: Backbone, cfg: TuningConfig) -> Encoder:
+    backbone.requires_grad_(False)
+    return Encoder(backbone, cnn_adapter=CNNAdapter(cfg.adapter_channels))
+
+
+def _transformer_adapter(backbone: Backbone, cfg: TuningConfig) -> Encoder:
+    backbone.requires_grad_(False)
+    return Encoder(backbone, transformer_adapter=TransformerAdapter(backbone.embed_dim, cfg.adapter_depth))
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One tuning strategy: how to build it and which encoder parameters it trains."""
+
+    name: str
+    description: str
+    build: Callable[[Backbone, TuningConfig], Encoder]
+    trainable: tuple[str, ...]
+    backbone_trains: bool = False
+
+    def is_trainable(self, encoder_param_name: str) -> bool:
+        return any(re.fullmatch(pattern, encoder_param_name) for pattern in self.trainable)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("frozen", "backbone frozen, only the head trains", _frozen, ()),
+        Strategy("full", "every backbone weight trains", _full, (r"backbone\..*",), backbone_trains=True),
+        Strategy("lora", "low-rank adapters (peft) on attention qkv/proj (+ MLP)", _lora,
+                 (r"backbone\..*\.lora_[AB]\..*",)),
+        Strategy("dora", "weight-decomposed low-rank adapters (peft)", _dora,
+                 (r"backbone\..*\.lora_[AB]\..*", r"backbone\..*\.lora_magnitude_vector\..*")),
+        Strategy("cnn_adapter", "frozen backbone + parallel CNN branch giving 1/2, 1/4, 1/8 skips",
+                 _cnn_adapter, (r"cnn_adapter\..*",)),
+        Strategy("transformer_adapter", "frozen backbone + trainable transformer blocks on top",
+                 _transformer_adapter, (r"transformer_adapter\..*",)),
+    )
+}
+
+
+def apply_strategy(backbone: Backbone, cfg: TuningConfig) -> Encoder:
+    """Wrap ``backbone`` according to ``cfg.strategy``."""
+    return STRATEGIES[cfg.strategy].build(backbone, cfg)

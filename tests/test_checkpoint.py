@@ -1,0 +1,130 @@
+"""Self-describing, atomic checkpoints holding only the trainable state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pfmseg_engine import (
+    STRATEGIES,
+    CheckpointError,
+    ModelConfig,
+    TuningConfig,
+    build_model,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from pfmseg_engine.backbones import create_vit, get_spec
+
+
+def backbone_file(tmp_path: Path, seed: int) -> Path:
+    """A 'published' tiny backbone checkpoint with its own random weights."""
+    torch.manual_seed(seed)
+    vit = create_vit(get_spec("kaiko-vits16"), tiny=True)
+    path = tmp_path / f"backbone_{seed}.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return path
+
+
+def trained_model(strategy: str, weights: Path | None = None):
+    config = ModelConfig(backbone="kaiko-vits16", tiny=True, num_classes=3, class_names=("a", "b", "c"),
+                         tuning=TuningConfig(strategy=strategy, rank=4), input_size=64,
+                         weights=str(weights) if weights else None, mpp=0.5)
+    model = build_model(config)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.rand(2, 3, 64, 64)).square().mean().backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_round_trip_reproduces_predictions(tmp_path, strategy):
+    weights = backbone_file(tmp_path, seed=1)
+    model = trained_model(strategy, weights)
+    path = save_checkpoint(tmp_path / "model.pt", model, metrics={"mIoU": 0.5})
+    loaded = load_checkpoint(path)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-5)
+    assert loaded.config == model.config
+
+
+def test_checkpoint_is_self_describing_and_holds_only_trainable_state(tmp_path):
+    model = trained_model("lora")
+    payload = read_checkpoint(save_checkpoint(tmp_path / "m.pt", model, metrics={"dice": 0.7},
+                                              metadata={"note": "x"}))
+    assert payload["config"]["backbone"] == "kaiko-vits16"
+    assert payload["config"]["tuning"]["strategy"] == "lora"
+    assert payload["config"]["class_names"] == ["a", "b", "c"]
+    assert payload["config"]["input_size"] == 64
+    assert payload["normalization"] == {"mean": [0.5] * 3, "std": [0.5] * 3}
+    assert payload["metrics"] == {"dice": 0.7}
+    assert {"pfmseg", "torch", "timm", "peft"} <= set(payload["metadata"]["versions"])
+    assert payload["metadata"]["note"] == "x"
+    trainable = {n for n, _ in model.named_trainable_parameters()}
+    assert set(payload["state"]) == trainable
+    assert not any(k.endswith("attn.qkv.base_layer.weight") for k in payload["state"])
+
+
+def test_full_fine_tune_checkpoint_needs_no_backbone_file(tmp_path):
+    weights = backbone_file(tmp_path, seed=2)
+    model = trained_model("full", weights)
+    path = save_checkpoint(tmp_path / "full.pt", model)
+    weights.unlink()
+    x = torch.rand(1, 3, 64, 64)
+    with pytest.raises(CheckpointError, match="do not exist here"):
+        load_checkpoint(path)
+    loaded = load_checkpoint(path, weights="")  # any backbone init: the checkpoint holds all of it
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-5)
+
+
+def test_frozen_part_must_be_the_backbone_trained_on(tmp_path):
+    model = trained_model("cnn_adapter", backbone_file(tmp_path, seed=3))
+    path = save_checkpoint(tmp_path / "m.pt", model)
+    other = backbone_file(tmp_path, seed=4)
+    with pytest.raises(CheckpointError, match="differ from those"):
+        load_checkpoint(path, weights=str(other))
+
+
+def test_loading_into_a_mismatched_model_is_a_clear_error(tmp_path):
+    from pfmseg_engine.checkpoint import load_into
+
+    path = save_checkpoint(tmp_path / "m.pt", trained_model("lora"))
+    other = build_model(ModelConfig(backbone="kaiko-vits16", tiny=True, num_classes=5, input_size=64))
+    with pytest.raises(CheckpointError, match=r"num_classes: checkpoint 3 vs model 5"):
+        load_into(other, read_checkpoint(path))
+
+
+def test_write_is_atomic_and_a_crash_keeps_the_previous_file(tmp_path, monkeypatch):
+    model = trained_model("frozen")
+    path = save_checkpoint(tmp_path / "best.pt", model, metrics={"epoch": 1})
+    good = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, model, metrics={"epoch": 2})
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+
+
+def test_unreadable_and_foreign_files_are_rejected(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "nope.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(save_checkpoint(tmp_path / "ok.pt", trained_model("frozen")).read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated"):
+        read_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(1)}, foreign)
+    with pytest.raises(CheckpointError, match="not a pfmseg checkpoint"):
+        read_checkpoint(foreign)

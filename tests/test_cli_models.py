@@ -1,0 +1,43 @@
+"""``python -m pfmseg_engine models``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from pfmseg_engine.backbones import SPECS
+from pfmseg_engine.cli import main
+
+
+def test_models_table_lists_every_backbone(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for spec in SPECS:
+        assert spec.name in out
+    assert "303.4M" in out and "hf-hub:MahmoodLab/UNI" in out
+
+
+def test_models_json_is_machine_readable(capsys):
+    assert main(["models", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by_name = {r["name"]: r for r in rows}
+    assert len(rows) == len(SPECS)
+    assert by_name["uni_v2"]["params"] == 681_394_176
+    assert by_name["uni_v2"]["prefix_tokens"] == 9
+    assert by_name["conch_v1"]["mean"][0] == 0.48145466
+
+
+def test_module_entry_point_runs_without_qt():
+    code = (
+        "import sys, runpy; sys.argv=['x','models','--json']; "
+        "import pfmseg_engine.cli as c; c.main(['models','--json']); "
+        "assert not any(m.split('.')[0] in ('napari','qtpy','PyQt6','PySide6') for m in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 1
+    assert "models" in capsys.readouterr().out
