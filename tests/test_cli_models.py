@@ -41,3 +41,16 @@ def test_module_entry_point_runs_without_qt():
 def test_no_command_prints_help_and_fails(capsys):
     assert main([]) == 1
     assert "models" in capsys.readouterr().out
+
+
+def test_benchmark_reports_throughput(capsys):
+    assert main(["benchmark", "--tiny", "--steps", "1", "--input_size", "32", "--batch_size", "1",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "images/s" in out and "kaiko-vits16 (tiny) / frozen" in out
+
+
+def test_engine_errors_print_one_line_and_exit_2(capsys):
+    assert main(["benchmark", "--backbone", "uni_v3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: Unknown backbone 'uni_v3'") and "Traceback" not in err

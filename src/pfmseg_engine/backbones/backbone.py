@@ -207,7 +207,8 @@ def load_backbone_weights(backbone: Backbone, source: str | Path, strict: bool =
             f"Weights file '{path}' does not fit {architecture}: {len(missing)} missing keys "
             f"(first: {', '.join(missing[:5]) or '-'}), {len(unexpected)} unexpected keys "
             f"(first: {', '.join(unexpected[:5]) or '-'}). Check that the file is the checkpoint of "
-            f"{spec.name}; to load the matching part anyway pass strict=False (CLI: --weights-non-strict)."
+            f"{spec.name}; to load the matching part anyway set strict_weights=False "
+            "(config: model.strict_weights: false)."
         )
     if missing or unexpected:
         log.warning(

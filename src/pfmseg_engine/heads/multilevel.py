@@ -28,7 +28,7 @@ class MultiLevelDecoder(nn.Module):
     STAGE_FRACTIONS = (8, 4, 2, 1)
 
     def __init__(self, in_channels: list[int], skip_channels: list[int], num_classes: int,
-                 channels: int = 256, stage_channels: tuple[int, ...] = (256, 128, 64, 32)):
+                 channels: int = 256, stage_channels: tuple[int, ...] = (128, 64, 32, 16)):
         super().__init__()
         self.project = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         self.fuse = _conv_gn_relu(channels, channels)
