@@ -11,7 +11,7 @@ from pfmseg_engine import STRATEGIES, ModelConfig, TuningConfig, build_model
 from pfmseg_engine.backbones import SPECS, build_backbone
 from pfmseg_engine.errors import ConfigError
 
-FAMILIES = ["kaiko-vits16", "uni_v2", "virchow_v2", "lunit_vits8", "gigapath"]
+FAMILIES = [spec.name for spec in {s.family: s for s in SPECS}.values()]
 
 
 def make(backbone: str, strategy: str, **tuning) -> torch.nn.Module:
@@ -106,12 +106,6 @@ def test_lora_rank_and_alpha_are_honoured():
     qkv = model.encoder.backbone.vit.blocks[0].attn.qkv
     assert qkv.lora_A["default"].weight.shape[0] == 4
     assert qkv.scaling["default"] == pytest.approx(2.0)
-
-
-def test_every_family_supports_lora():
-    for spec in {s.family: s for s in SPECS}.values():
-        model = make(spec.name, "lora")
-        assert any(".lora_A." in n for n, _ in model.named_trainable_parameters()), spec.name
 
 
 def test_cnn_adapter_skips_reach_the_head_at_half_quarter_eighth():
