@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from pfmseg_engine import STRATEGIES, ModelConfig, TuningConfig, build_model
-from pfmseg_engine.backbones import SPECS, build_backbone
+from pfmseg_engine.backbones import SPECS, build_backbone, get_spec
 from pfmseg_engine.errors import ConfigError
 
 FAMILIES = [spec.name for spec in {s.family: s for s in SPECS}.values()]
 
 
 def make(backbone: str, strategy: str, **tuning) -> torch.nn.Module:
-    size = 4 * 14 if build_backbone(backbone, device="meta").patch_size == 14 else 64
+    size = 4 * get_spec(backbone).patch_size
     config = ModelConfig(backbone=backbone, tiny=True, num_classes=3, input_size=size,
                          tuning=TuningConfig(strategy=strategy, **tuning))
     return build_model(config)
