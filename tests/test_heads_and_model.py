@@ -100,6 +100,8 @@ def test_model_config_validation():
         ModelConfig(backbone="uni_v2", num_classes=2, input_size=230)
     with pytest.raises(ConfigError, match="one name per class"):
         ModelConfig(backbone="uni_v1", num_classes=2, class_names=("a",))
+    with pytest.raises(ConfigError, match="set input_size to 384"):
+        ModelConfig(backbone="musk", num_classes=2, input_size=224)
     config = ModelConfig(backbone="UNI", num_classes=2)
     assert config.backbone == "uni_v1" and config.class_names == ("class_0", "class_1")
     assert ModelConfig.from_dict(config.to_dict()) == config

@@ -54,6 +54,11 @@ class ModelConfig:
             object.__setattr__(self, "feature_indices", tuple(int(i) for i in self.feature_indices))
         if isinstance(self.tuning, dict):
             object.__setattr__(self, "tuning", TuningConfig.from_dict(self.tuning))
+        if spec.fixed_input_size and not self.tiny and self.input_size != spec.fixed_input_size:
+            raise ConfigError(
+                f"{spec.name} was trained with a fixed {spec.fixed_input_size}x{spec.fixed_input_size} position "
+                f"table; set input_size to {spec.fixed_input_size} (got {self.input_size})."
+            )
         if self.input_size % spec.patch_size:
             raise ConfigError(
                 f"input_size {self.input_size} is not a multiple of {spec.name}'s patch size "
