@@ -127,3 +127,19 @@ def test_transformer_adapter_depth_is_configurable():
 def test_unknown_strategy_is_a_clear_error():
     with pytest.raises(ConfigError, match="Did you mean 'lora'"):
         TuningConfig(strategy="loar")
+
+
+def test_transformer_adapter_block_settings_are_honoured():
+    model = make("kaiko-vits16", "transformer_adapter", adapter_depth=3, adapter_mlp_ratio=2.0,
+                 adapter_drop_path_rate=0.2, adapter_init_values=None, adapter_qk_norm=True,
+                 adapter_attn_drop_rate=0.1)
+    blocks = model.encoder.transformer_adapter.blocks
+    dim = model.encoder.backbone.embed_dim
+    assert blocks[0].mlp.fc1.out_features == 2 * dim
+    assert [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0 for b in blocks] == \
+        pytest.approx([0.0, 0.1, 0.2])
+    assert isinstance(blocks[0].ls1, torch.nn.Identity)
+    assert not isinstance(blocks[0].attn.q_norm, torch.nn.Identity)
+    assert blocks[0].attn.attn_drop.p == pytest.approx(0.1)
+    with pytest.raises(ConfigError, match="adapter_drop_path_rate"):
+        TuningConfig(strategy="transformer_adapter", adapter_drop_path_rate=1.5)

@@ -11,11 +11,13 @@ from .backbones import BackboneSpec, build_backbone, get_spec, list_backbones
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .errors import CheckpointError, ConfigError, DataError, PfmsegError, SlideError, WeightsError
 from .model import ModelConfig, SegmentationModel, build_model
+from .training import CancelToken, Trainer, load_config, train_from_config, train_on_annotations
 from .tuning import STRATEGIES, TuningConfig
 
 __all__ = [
     "STRATEGIES",
     "BackboneSpec",
+    "CancelToken",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -23,6 +25,7 @@ __all__ = [
     "PfmsegError",
     "SegmentationModel",
     "SlideError",
+    "Trainer",
     "TuningConfig",
     "WeightsError",
     "__version__",
@@ -31,6 +34,9 @@ __all__ = [
     "get_spec",
     "list_backbones",
     "load_checkpoint",
+    "load_config",
     "read_checkpoint",
     "save_checkpoint",
+    "train_from_config",
+    "train_on_annotations",
 ]

@@ -56,13 +56,19 @@ class TransformerAdapter(nn.Module):
     mixing and replace the last tapped grid that the head sees.
     """
 
-    def __init__(self, dim: int, depth: int = 2, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, depth: int = 2, mlp_ratio: float = 4.0, drop_rate: float = 0.0,
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0, init_values: float | None = 1e-5,
+                 qk_norm: bool = False):
         super().__init__()
         from timm.models.vision_transformer import Block
 
-        self.blocks = nn.Sequential(
-            *[Block(dim, _num_heads(dim), mlp_ratio=mlp_ratio, qkv_bias=True, init_values=1e-5) for _ in range(depth)]
-        )
+        # stochastic depth grows linearly over the blocks, as in timm's ViT
+        drop_paths = [drop_path_rate * i / max(1, depth - 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[
+            Block(dim, _num_heads(dim), mlp_ratio=mlp_ratio, qkv_bias=True, qk_norm=qk_norm, proj_drop=drop_rate,
+                  attn_drop=attn_drop_rate, drop_path=drop_paths[i], init_values=init_values)
+            for i in range(depth)
+        ])
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:

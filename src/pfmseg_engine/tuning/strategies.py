@@ -85,7 +85,12 @@ def _cnn_adapter(backbone: Backbone, cfg: TuningConfig) -> Encoder:
 
 def _transformer_adapter(backbone: Backbone, cfg: TuningConfig) -> Encoder:
     backbone.requires_grad_(False)
-    return Encoder(backbone, transformer_adapter=TransformerAdapter(backbone.embed_dim, cfg.adapter_depth))
+    adapter = TransformerAdapter(
+        backbone.embed_dim, cfg.adapter_depth, mlp_ratio=cfg.adapter_mlp_ratio, drop_rate=cfg.adapter_drop_rate,
+        attn_drop_rate=cfg.adapter_attn_drop_rate, drop_path_rate=cfg.adapter_drop_path_rate,
+        init_values=cfg.adapter_init_values, qk_norm=cfg.adapter_qk_norm,
+    )
+    return Encoder(backbone, transformer_adapter=adapter)
 
 
 @dataclass(frozen=True)

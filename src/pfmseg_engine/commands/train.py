@@ -1,0 +1,39 @@
+"""``train``: train a segmentation model from a seed-style YAML config."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import TqdmProgress, load_config, train_from_config
+
+    config = load_config(args.config, args.options)
+    callbacks = [] if args.no_progress else [TqdmProgress()]
+    try:
+        result = train_from_config(config, resume=args.resume, device=args.device, callbacks=callbacks)
+    except KeyboardInterrupt:
+        last = config.output_dir / "checkpoints" / "last.pt"
+        hint = f"continue with --resume {last}" if last.is_file() else "no epoch was completed"
+        print(f"interrupted: completed epochs are kept in {last.parent}; {hint}", file=sys.stderr)
+        return 130
+    best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f} (epoch {result.best_epoch})"
+    print(f"{result.status}: {result.epochs_completed} epochs; best {config.validation.monitor} {best}")
+    print(f"outputs: {result.output_dir}")
+    return 0 if result.status == "completed" else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train a model from a YAML config (seed format)",
+        description="Train from a seed-style YAML config. Outputs go to logging.log_dir/logging.experiment_name.",
+    )
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/default.yaml)")
+    parser.add_argument("--resume", default=None, metavar="PATH",
+                        help="continue from a last.pt checkpoint (or the experiment folder holding it)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 or auto (overrides system.device)")
+    parser.add_argument("--options", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="override config keys, e.g. training.epochs=3 model.finetune_mode.type=lora")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    parser.set_defaults(func=run)

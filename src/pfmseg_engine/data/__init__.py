@@ -1,0 +1,27 @@
+"""Datasets: seed JSON image sets, sparse-annotation patch sampling, joint augmentation."""
+
+from .augment import DEFAULT_TRANSFORMS, TRANSFORMS, JointAugment, sample_seed
+from .dataset import ArrayImageSet, SegmentationDataset
+from .images import read_image
+from .masks import check_mask_values, read_mask, sparse_to_targets
+from .sampler import EpochSampler
+from .seed_json import Sample, SeedDataset, load_seed_json
+from .sparse import SparsePatchDataset
+
+__all__ = [
+    "DEFAULT_TRANSFORMS",
+    "TRANSFORMS",
+    "ArrayImageSet",
+    "EpochSampler",
+    "JointAugment",
+    "Sample",
+    "SeedDataset",
+    "SegmentationDataset",
+    "SparsePatchDataset",
+    "check_mask_values",
+    "load_seed_json",
+    "read_image",
+    "read_mask",
+    "sample_seed",
+    "sparse_to_targets",
+]

@@ -1,0 +1,287 @@
+"""Joint image/mask augmentation built on torchvision.transforms.v2.
+
+The image travels as a ``tv_tensors.Image`` (float, [0, 1]) and the mask as a ``tv_tensors.Mask``,
+so torchvision applies geometric transforms to both (nearest-neighbour for the mask) and photometric
+transforms to the image only. Pixels that geometric transforms bring in from outside the image are
+``ignore_index`` in the mask, so the model is never taught that padding is a class.
+
+Every transform is a registry entry (name -> factory). A configuration is plain data, e.g.
+``{"hflip": {"p": 0.5}, "hed_jitter": {"p": 0.5, "sigma": 0.05}}``; transforms run in registry order
+(geometric, then photometric, then cutout) whatever the order of the mapping. Randomness comes only
+from torch's generator, and :meth:`JointAugment.__call__` seeds it per sample, so a sample's
+augmentation depends on (seed, epoch, index) alone: reproducible, and independent of data-loader
+workers, which is what makes an exactly resumable training run possible.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from ..errors import ConfigError, closest
+
+
+@dataclass(frozen=True)
+class AugmentContext:
+    """What factories need besides their own parameters."""
+
+    ignore_index: int = 255
+
+    @property
+    def fill(self) -> dict[type, float | int]:
+        return {tv_tensors.Image: 0.0, tv_tensors.Mask: self.ignore_index}
+
+
+class _Joint(v2.Transform):
+    """A custom v2 transform applied with probability ``p`` to images and masks alike."""
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, *inputs: Any) -> Any:
+        if self.p < 1.0 and torch.rand(1).item() >= self.p:
+            return inputs if len(inputs) > 1 else inputs[0]
+        return super().forward(*inputs)
+
+
+class RandomRot90(_Joint):
+    """Rotate by 90, 180 or 270 degrees (tissue has no preferred orientation)."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        return {"k": int(torch.randint(1, 4, (1,)).item())}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return tv_tensors.wrap(torch.rot90(inpt, params["k"], dims=(-2, -1)), like=inpt)
+
+
+class RandomTranspose(_Joint):
+    """Swap height and width (a reflection about the diagonal)."""
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return tv_tensors.wrap(inpt.transpose(-2, -1).contiguous(), like=inpt)
+
+
+class HEDJitter(_Joint):
+    """Stain augmentation: perturb haematoxylin, eosin and DAB concentrations independently.
+
+    Colour deconvolution (``skimage.color.rgb2hed``) separates the stains; each stain channel is
+    scaled by U(1-sigma, 1+sigma) and shifted by U(-bias, bias) before converting back. This mimics
+    lab-to-lab staining differences far better than RGB colour jitter.
+    """
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, p: float = 0.5, sigma: float = 0.05, bias: float = 0.02):
+        super().__init__(p)
+        self.sigma, self.bias = float(sigma), float(bias)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        alpha = 1.0 + (torch.rand(3) * 2 - 1) * self.sigma
+        beta = (torch.rand(3) * 2 - 1) * self.bias
+        return {"alpha": alpha.numpy(), "beta": beta.numpy()}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        from skimage.color import hed2rgb, rgb2hed
+
+        rgb = inpt.permute(1, 2, 0).cpu().numpy().astype(np.float64)
+        hed = rgb2hed(rgb) * params["alpha"] + params["beta"]
+        out = np.clip(hed2rgb(hed), 0.0, 1.0).astype(np.float32)
+        return tv_tensors.wrap(torch.from_numpy(out).permute(2, 0, 1).contiguous(), like=inpt)
+
+
+class RandomGamma(_Joint):
+    """Gamma correction with gamma drawn log-uniformly from ``gamma`` (exposure differences)."""
+
+    _transformed_types = (tv_tensors.Image,)
+
+    def __init__(self, p: float = 0.3, gamma: tuple[float, float] = (0.7, 1.5)):
+        super().__init__(p)
+        self.gamma = (float(gamma[0]), float(gamma[1]))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        lo, hi = math.log(self.gamma[0]), math.log(self.gamma[1])
+        return {"gamma": math.exp(lo + (hi - lo) * torch.rand(1).item())}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return tv_tensors.wrap(inpt.clamp(0, 1) ** params["gamma"], like=inpt)
+
+
+class Cutout(_Joint):
+    """Erase one random rectangle; the erased mask pixels become ``ignore_index``.
+
+    Unlike ``v2.RandomErasing`` (which leaves masks untouched), the model is not asked to predict
+    tissue it cannot see.
+    """
+
+    def __init__(self, p: float = 0.2, scale: tuple[float, float] = (0.02, 0.1),
+                 ratio: tuple[float, float] = (0.3, 3.3), value: float = 0.0, ignore_index: int = 255):
+        super().__init__(p)
+        self.scale, self.ratio, self.value, self.ignore_index = scale, ratio, float(value), int(ignore_index)
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = flat_inputs[0].shape[-2:]
+        area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * torch.rand(1).item())
+        log_r = math.log(self.ratio[0]) + (math.log(self.ratio[1]) - math.log(self.ratio[0])) * torch.rand(1).item()
+        h = max(1, min(height, round(math.sqrt(area * math.exp(log_r)))))
+        w = max(1, min(width, round(math.sqrt(area / math.exp(log_r)))))
+        top = int(torch.randint(0, height - h + 1, (1,)).item())
+        left = int(torch.randint(0, width - w + 1, (1,)).item())
+        return {"box": (top, left, h, w)}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        top, left, h, w = params["box"]
+        out = inpt.clone()
+        fill = self.ignore_index if isinstance(inpt, tv_tensors.Mask) else self.value
+        out[..., top:top + h, left:left + w] = fill
+        return out
+
+
+def _apply(p: float, transform: v2.Transform) -> v2.Transform:
+    return v2.RandomApply([transform], p=float(p)) if p < 1.0 else transform
+
+
+def _pair(value: Any) -> tuple[float, float]:
+    if isinstance(value, (int, float)):
+        return (-float(value), float(value))
+    return (float(value[0]), float(value[1]))
+
+
+# name -> factory(ctx, **params). Registry order is application order.
+TRANSFORMS: dict[str, Callable[..., v2.Transform]] = {
+    "hflip": lambda ctx, p=0.5: v2.RandomHorizontalFlip(p=p),
+    "vflip": lambda ctx, p=0.5: v2.RandomVerticalFlip(p=p),
+    "rot90": lambda ctx, p=0.5: RandomRot90(p),
+    "transpose": lambda ctx, p=0.3: RandomTranspose(p),
+    "affine": lambda ctx, p=0.3, degrees=15.0, translate=0.05, scale=(0.9, 1.1), shear=5.0: _apply(
+        p, v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=tuple(scale),
+                           shear=shear, fill=ctx.fill)),
+    "elastic": lambda ctx, p=0.2, alpha=30.0, sigma=5.0: _apply(
+        p, v2.ElasticTransform(alpha=alpha, sigma=sigma, fill=ctx.fill)),
+    "color_jitter": lambda ctx, p=0.5, brightness=0.1, contrast=0.1, saturation=0.1, hue=0.03: _apply(
+        p, v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)),
+    "hed_jitter": lambda ctx, p=0.5, sigma=0.05, bias=0.02: HEDJitter(p, sigma, bias),
+    "brightness_contrast": lambda ctx, p=0.3, brightness=0.2, contrast=0.2: _apply(
+        p, v2.ColorJitter(brightness=brightness, contrast=contrast)),
+    "gamma": lambda ctx, p=0.3, gamma=(0.7, 1.5): RandomGamma(p, tuple(gamma)),
+    "blur": lambda ctx, p=0.2, kernel_size=5, sigma=(0.1, 1.5): _apply(
+        p, v2.GaussianBlur(kernel_size=kernel_size, sigma=tuple(sigma) if not isinstance(sigma, (int, float))
+                           else float(sigma))),
+    "noise": lambda ctx, p=0.2, sigma=0.03: _apply(p, v2.GaussianNoise(mean=0.0, sigma=sigma, clip=True)),
+    "cutout": lambda ctx, p=0.2, scale=(0.02, 0.1), ratio=(0.3, 3.3), value=0.0: Cutout(
+        p, tuple(scale), tuple(ratio), value, ctx.ignore_index),
+}
+
+# The defaults follow the seed's pipeline in spirit (flips, rot90/transpose, distortion, colour,
+# noise/blur, lighting, cutout) with strengths suited to H&E; stain jitter replaces weather effects.
+DEFAULT_PROBABILITIES: dict[str, float] = {
+    "hflip": 0.5, "vflip": 0.5, "rot90": 0.5, "transpose": 0.3, "affine": 0.2, "elastic": 0.1,
+    "color_jitter": 0.5, "hed_jitter": 0.5, "brightness_contrast": 0.3, "gamma": 0.2, "blur": 0.1,
+    "noise": 0.1, "cutout": 0.1,
+}
+
+
+def transform_parameters(name: str) -> dict[str, Any]:
+    """Parameter names and defaults of transform ``name`` (for docs and validation)."""
+    params = inspect.signature(TRANSFORMS[name]).parameters
+    return {k: v.default for k, v in list(params.items())[1:]}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+#: Every transform with all its parameters spelled out (what the default config contains).
+DEFAULT_TRANSFORMS: dict[str, dict[str, Any]] = {
+    name: {"p": DEFAULT_PROBABILITIES[name],
+           **{k: _plain(v) for k, v in transform_parameters(name).items() if k != "p"}}
+    for name in TRANSFORMS
+}
+
+
+def build_transform(name: str, params: Mapping[str, Any], ctx: AugmentContext) -> v2.Transform:
+    """One configured transform; unknown names or parameters are errors naming the closest valid one."""
+    if name not in TRANSFORMS:
+        raise ConfigError(
+            f"Unknown augmentation '{name}'.{closest(name, TRANSFORMS)} Available: {', '.join(TRANSFORMS)}."
+        )
+    known = transform_parameters(name)
+    for key in params:
+        if key not in known:
+            raise ConfigError(
+                f"Unknown parameter '{key}' for augmentation '{name}'.{closest(key, known)} "
+                f"Parameters: {', '.join(known)}."
+            )
+    p = params.get("p", known.get("p", 1.0))
+    if not 0.0 <= float(p) <= 1.0:
+        raise ConfigError(f"Augmentation '{name}': probability p must be in [0, 1], got {p}.")
+    try:
+        return TRANSFORMS[name](ctx, **params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"Augmentation '{name}' with {dict(params)} is invalid: {exc}") from exc
+
+
+class JointAugment:
+    """Callable ``(image (3,H,W) float, mask (H,W) long, seed) -> (image, mask)``.
+
+    ``crop_size`` adds a RandomResizedCrop to a fixed square (the seed's ``RandomResizedCropSize``)
+    covering ``crop_scale`` of the image area; with ``crop_scale=None`` the crop is taken at native
+    resolution instead (padded with ``ignore_index`` where the image is smaller), which keeps the
+    magnification of large tiles. Without ``crop_size`` the spatial size is unchanged (used for patches
+    that are already cut to size).
+    """
+
+    def __init__(
+        self,
+        transforms: Mapping[str, Mapping[str, Any]] | None = None,
+        crop_size: int | None = None,
+        crop_scale: tuple[float, float] | None = (0.5, 1.0),
+        crop_ratio: tuple[float, float] = (0.75, 1.33),
+        ignore_index: int = 255,
+    ):
+        ctx = AugmentContext(ignore_index=ignore_index)
+        config = dict(DEFAULT_TRANSFORMS if transforms is None else transforms)
+        for name in config:  # validate names even when disabled
+            if name not in TRANSFORMS:
+                build_transform(name, {}, ctx)
+        steps: list[v2.Transform] = []
+        if crop_size is not None and crop_scale is None:
+            steps.append(v2.RandomCrop(size=(crop_size, crop_size), pad_if_needed=True, fill=ctx.fill))
+        elif crop_size is not None:
+            steps.append(v2.RandomResizedCrop(size=(crop_size, crop_size), scale=tuple(crop_scale),
+                                              ratio=tuple(crop_ratio), antialias=True))
+        for name in TRANSFORMS:
+            if name in config and config[name] is not None:
+                params = dict(config[name])
+                transform = build_transform(name, params, ctx)
+                if float(params.get("p", 1.0)) > 0.0:
+                    steps.append(transform)
+        self.names = [n for n in TRANSFORMS if n in config and config[n] is not None
+                      and float(dict(config[n]).get("p", 1.0)) > 0.0]
+        self.pipeline = v2.Compose(steps) if steps else v2.Identity()
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor, seed: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        img, msk = tv_tensors.Image(image), tv_tensors.Mask(mask)
+        if seed is None:
+            out_img, out_msk = self.pipeline(img, msk)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out_img, out_msk = self.pipeline(img, msk)
+        return out_img.as_subclass(torch.Tensor).clamp_(0, 1), out_msk.as_subclass(torch.Tensor).long()
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed for one sample of one epoch (stable across processes and workers)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(2, np.uint64)[0] >> 1)

@@ -1,0 +1,43 @@
+"""Reading RGB images as (H, W, 3) uint8 arrays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read ``path`` as (H, W, 3) uint8 RGB (grey, palette and RGBA are converted; alpha is dropped)."""
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Image file '{path}' does not exist.")
+    try:
+        with Image.open(path) as img:
+            return np.array(img.convert("RGB"))  # a writable copy (torch.from_numpy needs one)
+    except OSError as exc:
+        raise DataError(f"Cannot read image '{path}': {exc}.") from exc
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image or ``.npy`` mask file without decoding its pixels."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        shape = np.load(path, mmap_mode="r").shape
+        return int(shape[0]), int(shape[1])
+    from PIL import Image
+
+    with Image.open(path) as img:
+        width, height = img.size
+    return height, width
+
+
+def to_float_image(image: np.ndarray) -> np.ndarray:
+    """uint8 or float image -> float32 in [0, 1] (floats are assumed to be in [0, 1] already)."""
+    if np.issubdtype(image.dtype, np.integer):
+        return image.astype(np.float32) / 255.0
+    return image.astype(np.float32, copy=False)

@@ -1,0 +1,495 @@
+"""The training configuration: the seed YAML's sections and keys, typed and validated.
+
+Sections and key names are the seed framework's (``dataset``, ``system``, ``model``, ``training``,
+``validation``, ``logging``, ``visualization``; ``pfm_name``, ``finetune_mode``,
+``RandomResizedCropSize``, ``ResizedSize`` ...), so a seed config loads unchanged. A few keys are
+added (documented in ``docs/config.md``); every key has a default so a config only states what it
+changes. Validation happens once, here, before any model is built:
+
+* unknown keys are errors naming the full dotted key and the closest valid key;
+* ``emb_dim`` is derived from the backbone; a contradicting value is an error giving the right value;
+* crop/window sizes that are not multiples of the backbone's patch size are errors naming the
+  nearest valid sizes;
+* ``num_classes`` in ``dataset``, ``model`` and the dataset JSON must agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError, closest
+from .schema import from_dict, set_dotted, to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetSection:
+    json_file: str = ""
+    num_classes: int | None = None
+    ignore_index: int = 255
+    class_names: list[str] | None = None
+    class_colors: list[list[int]] | None = None
+
+
+@dataclass(frozen=True)
+class SystemSection:
+    num_workers: int = 2
+    pin_memory: bool = True
+    seed: int = 42
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class FinetuneModeSection:
+    type: str = "frozen"
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    lora_mlp: bool = False
+
+
+@dataclass(frozen=True)
+class CNNAdapterSection:
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    width_factor: float = 1.0
+    block_units: list[int] | None = None  # seed key (ResNetV2 adapter); this adapter has fixed depth
+
+
+@dataclass(frozen=True)
+class TransformerAdapterSection:
+    depth: int = 2
+    mlp_ratio: float = 4.0
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    init_values: float | None = 1e-5
+    qk_norm: bool = False
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    pfm_name: str = "uni_v1"
+    emb_dim: int | None = None
+    finetune_mode: FinetuneModeSection = field(default_factory=FinetuneModeSection)
+    pfm_weights_path: str | None = None
+    num_classes: int | None = None
+    head: str = "multilevel"
+    tiny: bool = False
+    feature_indices: list[int] | None = None
+    strict_weights: bool = True
+    mpp: float | None = None
+    cnn_adapter: CNNAdapterSection = field(default_factory=CNNAdapterSection)
+    transformer_adapter: TransformerAdapterSection = field(default_factory=TransformerAdapterSection)
+
+
+def _default_transforms() -> dict[str, Any]:
+    from ..data.augment import DEFAULT_TRANSFORMS
+
+    return {k: dict(v) for k, v in DEFAULT_TRANSFORMS.items()}
+
+
+@dataclass(frozen=True)
+class AugmentationSection:
+    """``transforms`` entries merge into the defaults (``p: 0`` switches one off; null = none at all)."""
+
+    RandomResizedCropSize: int = 224
+    scale: tuple[float, float] | None = (0.5, 1.0)  # None: crops at native resolution
+    ratio: tuple[float, float] = (0.75, 1.33)
+    transforms: dict[str, Any] | None = field(default_factory=_default_transforms)
+
+    def __post_init__(self) -> None:
+        merged = _default_transforms()
+        if self.transforms is None:  # no augmentation: every transform switched off (round-trips through YAML)
+            object.__setattr__(self, "transforms", {name: {**params, "p": 0.0} for name, params in merged.items()})
+            return
+        for name, params in self.transforms.items():
+            if params is not None and not isinstance(params, dict):
+                raise ConfigError(f"'training.augmentation.transforms.{name}' must be a mapping such as {{p: 0.5}}.")
+            merged[name] = {**merged.get(name, {}), **(params or {})} if params is not None else {"p": 0.0}
+        object.__setattr__(self, "transforms", merged)
+
+
+@dataclass(frozen=True)
+class OptimizerSection:
+    type: str = "Adam"
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float | None = None  # overrides training.weight_decay when set
+
+
+@dataclass(frozen=True)
+class SchedulerSection:
+    type: str | None = "cosine"
+    warmup_epochs: float = 2.0
+    min_lr: float = 0.0
+    T_max: int | None = None
+    step_size: int = 30
+    gamma: float = 0.1
+    milestones: list[int] = field(default_factory=lambda: [60, 80])
+    T_0: int = 10
+    T_mult: int = 1
+    power: float = 0.9
+
+
+@dataclass(frozen=True)
+class LossSection:
+    type: str = "cross_entropy"
+    class_weights: list[float] | None = None
+    dice_smooth: float = 1e-5
+    iou_smooth: float = 1e-5
+    ohem_thresh: float = 0.7
+    ohem_min_kept: int = 100000
+    ohem_base_loss: str = "ce"
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    batch_size: int = 8
+    epochs: int = 100
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    use_amp: bool = True
+    amp_dtype: str = "auto"
+    accumulate_grad_batches: int = 1
+    clip_grad_norm: float | None = 5.0
+    samples_per_epoch: int | None = None
+    augmentation: AugmentationSection = field(default_factory=AugmentationSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    loss: LossSection = field(default_factory=LossSection)
+
+
+@dataclass(frozen=True)
+class ValidationAugmentationSection:
+    ResizedSize: int | None = None
+
+
+@dataclass(frozen=True)
+class ValidationSection:
+    eval_interval: int = 1
+    batch_size: int = 8
+    augmentation: ValidationAugmentationSection = field(default_factory=ValidationAugmentationSection)
+    resize_or_windowslide: str = "windowslide"
+    overlap: float = 0.25
+    monitor: str = "mIoU"
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    log_dir: str = "logs"
+    experiment_name: str = "pfm_segmentation"
+
+
+@dataclass(frozen=True)
+class VisualizationSection:
+    save_interval: int = 10
+    num_vis_samples: int = 8
+    save_predictions: bool = True
+
+
+VALIDATION_MODES = ("windowslide", "resize")
+AMP_DTYPES = ("auto", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """All settings of a training run. Build with :func:`load_config` or :func:`config_from_dict`."""
+
+    dataset: DatasetSection = field(default_factory=DatasetSection)
+    system: SystemSection = field(default_factory=SystemSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    visualization: VisualizationSection = field(default_factory=VisualizationSection)
+
+    def __post_init__(self) -> None:
+        _check_ranges(self)
+        _check_names(self)
+        _check_backbone(self)
+        _check_classes(self)
+
+    # --- derived values ------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        value = self.dataset.num_classes or self.model.num_classes
+        if value is None:
+            raise ConfigError("num_classes is unknown: set dataset.num_classes or dataset.json_file.")
+        return value
+
+    @property
+    def crop_size(self) -> int:
+        return self.training.augmentation.RandomResizedCropSize
+
+    @property
+    def window_size(self) -> int:
+        """Validation window (``validation.augmentation.ResizedSize``, default: the training crop)."""
+        return self.validation.augmentation.ResizedSize or self.crop_size
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.logging.log_dir).expanduser() / self.logging.experiment_name
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        names = self.dataset.class_names
+        return tuple(names) if names else tuple(f"class_{i}" for i in range(self.num_classes))
+
+    def embed_dim(self) -> int:
+        """The backbone's token width (what the seed's ``emb_dim`` had to repeat by hand)."""
+        return _derived_emb_dim(self.model.pfm_name, self.model.tiny)
+
+    def model_config(self):
+        """The :class:`~pfmseg_engine.model.ModelConfig` this training config describes."""
+        from ..model import ModelConfig
+        from ..tuning import TuningConfig
+
+        mode, adapter, ta = self.model.finetune_mode, self.model.cnn_adapter, self.model.transformer_adapter
+        channels = tuple(max(1, round(c * adapter.width_factor)) for c in adapter.channels)
+        tuning = TuningConfig(
+            strategy=mode.type, rank=mode.rank, alpha=mode.alpha, dropout=mode.dropout, lora_mlp=mode.lora_mlp,
+            adapter_channels=channels, adapter_depth=ta.depth, adapter_mlp_ratio=ta.mlp_ratio,
+            adapter_drop_rate=ta.drop_rate, adapter_attn_drop_rate=ta.attn_drop_rate,
+            adapter_drop_path_rate=ta.drop_path_rate, adapter_init_values=ta.init_values, adapter_qk_norm=ta.qk_norm,
+        )
+        return ModelConfig(
+            backbone=self.model.pfm_name, num_classes=self.num_classes, class_names=self.class_names,
+            weights=self.model.pfm_weights_path, strict_weights=self.model.strict_weights, tiny=self.model.tiny,
+            feature_indices=tuple(self.model.feature_indices) if self.model.feature_indices else None,
+            tuning=tuning, head=self.model.head, input_size=self.crop_size, mpp=self.model.mpp,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# --- checks ----------------------------------------------------------------------------------------
+def _positive(value: float | int | None, key: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"'{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}.")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    t, v = cfg.training, cfg.validation
+    for key, value in (("training.batch_size", t.batch_size), ("training.epochs", t.epochs),
+                       ("training.learning_rate", t.learning_rate),
+                       ("training.accumulate_grad_batches", t.accumulate_grad_batches),
+                       ("training.samples_per_epoch", t.samples_per_epoch),
+                       ("validation.eval_interval", v.eval_interval), ("validation.batch_size", v.batch_size),
+                       ("visualization.save_interval", cfg.visualization.save_interval),
+                       ("training.augmentation.RandomResizedCropSize", t.augmentation.RandomResizedCropSize),
+                       ("validation.augmentation.ResizedSize", v.augmentation.ResizedSize),
+                       ("model.cnn_adapter.width_factor", cfg.model.cnn_adapter.width_factor)):
+        _positive(value, key)
+    for key, value in (("training.weight_decay", t.weight_decay), ("system.num_workers", cfg.system.num_workers),
+                       ("training.clip_grad_norm", t.clip_grad_norm),
+                       ("training.scheduler.warmup_epochs", t.scheduler.warmup_epochs),
+                       ("training.scheduler.min_lr", t.scheduler.min_lr),
+                       ("visualization.num_vis_samples", cfg.visualization.num_vis_samples)):
+        _positive(value, key, allow_zero=True)
+    if not 0.0 <= v.overlap < 1.0:
+        raise ConfigError(f"'validation.overlap' must be in [0, 1), got {v.overlap}.")
+    lo, hi = t.augmentation.scale or (1.0, 1.0)
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"'training.augmentation.scale' must satisfy 0 < min <= max <= 1, got {[lo, hi]}.")
+    if 0 <= cfg.dataset.ignore_index < (cfg.dataset.num_classes or cfg.model.num_classes or 0):
+        raise ConfigError(
+            f"'dataset.ignore_index' {cfg.dataset.ignore_index} collides with the class indices; use 255."
+        )
+
+
+def _choice(value: str | None, choices, key: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"'{key}' is '{value}'.{closest(str(value), choices)} Choose one of: {', '.join(choices)}.")
+
+
+def _check_names(cfg: TrainConfig) -> None:
+    from ..data.augment import JointAugment
+    from ..heads import HEADS
+    from ..tuning import STRATEGIES
+    from .losses import LOSSES
+    from .metrics import MONITOR_METRICS
+    from .optim import OPTIMIZERS
+    from .schedulers import SCHEDULERS
+
+    t = cfg.training
+    _choice(cfg.model.finetune_mode.type, STRATEGIES, "model.finetune_mode.type")
+    _choice(cfg.model.head, HEADS, "model.head")
+    _choice(t.loss.type.lower(), LOSSES, "training.loss.type")
+    _choice(t.optimizer.type.lower(), OPTIMIZERS, "training.optimizer.type")
+    _choice(str(t.scheduler.type).lower(), SCHEDULERS, "training.scheduler.type")
+    _choice(t.amp_dtype, AMP_DTYPES, "training.amp_dtype")
+    _choice(cfg.validation.resize_or_windowslide, VALIDATION_MODES, "validation.resize_or_windowslide")
+    _choice(cfg.validation.monitor, MONITOR_METRICS, "validation.monitor")
+    JointAugment(t.augmentation.transforms, crop_size=None)  # raises ConfigError on unknown names/params
+    weights = t.loss.class_weights
+    if weights is not None and cfg.dataset.num_classes and len(weights) != cfg.dataset.num_classes:
+        raise ConfigError(
+            f"'training.loss.class_weights' has {len(weights)} values for {cfg.dataset.num_classes} classes; "
+            "give one weight per class."
+        )
+    if cfg.model.cnn_adapter.block_units is not None and cfg.model.finetune_mode.type == "cnn_adapter":
+        log.warning("model.cnn_adapter.block_units (seed ResNetV2 adapter) is ignored; size the adapter "
+                    "with model.cnn_adapter.channels / width_factor.")
+
+
+def _derived_emb_dim(name: str, tiny: bool) -> int:
+    from ..backbones.registry import get_spec
+
+    spec = get_spec(name)
+    return int(spec.build_kwargs(tiny).get("embed_dim", spec.embed_dim)) if tiny else spec.embed_dim
+
+
+def _check_size(size: int | None, key: str, spec) -> None:
+    from ..model import nearest_valid_sizes
+
+    if size is None:
+        return
+    if spec.fixed_input_size and size != spec.fixed_input_size:
+        raise ConfigError(f"'{key}' is {size} but {spec.name} only accepts {spec.fixed_input_size}x"
+                          f"{spec.fixed_input_size} inputs; set it to {spec.fixed_input_size}.")
+    if size % spec.patch_size:
+        raise ConfigError(
+            f"'{key}' is {size}, not a multiple of {spec.name}'s patch size {spec.patch_size}; "
+            f"nearest valid sizes: {nearest_valid_sizes(size, spec.patch_size)}."
+        )
+
+
+def _check_backbone(cfg: TrainConfig) -> None:
+    from ..backbones.registry import get_spec
+
+    try:
+        spec = get_spec(cfg.model.pfm_name)
+    except ConfigError as exc:
+        raise ConfigError(f"model.pfm_name: {exc}") from exc
+    derived = _derived_emb_dim(spec.name, cfg.model.tiny)
+    if cfg.model.emb_dim is not None and cfg.model.emb_dim != derived:
+        raise ConfigError(
+            f"model.emb_dim is {cfg.model.emb_dim} but {spec.name}{' (tiny)' if cfg.model.tiny else ''} has "
+            f"embedding dimension {derived}; set emb_dim: {derived} or remove it (it is derived from pfm_name)."
+        )
+    _check_size(cfg.training.augmentation.RandomResizedCropSize, "training.augmentation.RandomResizedCropSize", spec)
+    _check_size(cfg.validation.augmentation.ResizedSize, "validation.augmentation.ResizedSize", spec)
+
+
+def _check_classes(cfg: TrainConfig) -> None:
+    d, m = cfg.dataset.num_classes, cfg.model.num_classes
+    if d is not None and m is not None and d != m:
+        raise ConfigError(f"dataset.num_classes is {d} but model.num_classes is {m}; they must be equal.")
+    n = d or m
+    if n is not None and n < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {n}.")
+    names = cfg.dataset.class_names
+    if names is not None and n is not None and len(names) != n:
+        raise ConfigError(f"dataset.class_names lists {len(names)} names for {n} classes; give one per class.")
+    colours = cfg.dataset.class_colors
+    if colours is not None and n is not None and len(colours) != n:
+        raise ConfigError(f"dataset.class_colors lists {len(colours)} colours for {n} classes; give one per class.")
+
+
+# --- loading ---------------------------------------------------------------------------------------
+def parse_options(options: list[str] | None) -> list[tuple[str, Any]]:
+    """``["training.epochs=3", "model.tiny=true"]`` -> ``[("training.epochs", 3), ("model.tiny", True)]``.
+
+    Values are parsed as YAML scalars/flow collections, as in the seed's ``--options``.
+    """
+    parsed = []
+    for option in options or []:
+        if "=" not in option:
+            raise ConfigError(f"Option '{option}' is not in key=value form (e.g. training.epochs=3).")
+        key, raw = option.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def _resolve_input_paths(data: dict[str, Any], base_dir: Path | None) -> None:
+    """Relative input files (json_file, pfm_weights_path) resolve against the config file's folder."""
+    if base_dir is None:
+        return
+    for section, key in (("dataset", "json_file"), ("model", "pfm_weights_path")):
+        value = (data.get(section) or {}).get(key)
+        if isinstance(value, str) and value and not value.startswith("hf-hub:") and not Path(value).is_absolute():
+            data[section][key] = str((base_dir / value).resolve())
+
+
+def apply_dataset_json(cfg: TrainConfig) -> TrainConfig:
+    """Check the config against its dataset JSON and fill num_classes / class names / colours from it."""
+    from ..data.seed_json import load_seed_json
+
+    dataset = load_seed_json(cfg.dataset.json_file)
+    for key, value in (("dataset.num_classes", cfg.dataset.num_classes), ("model.num_classes", cfg.model.num_classes)):
+        if value is not None and value != dataset.num_classes:
+            raise ConfigError(
+                f"{key} is {value} but dataset JSON '{dataset.path}' has num_classes {dataset.num_classes}; "
+                "they must agree."
+            )
+    d = cfg.dataset
+    new = replace(
+        d, num_classes=dataset.num_classes,
+        class_names=d.class_names or list(dataset.class_names),
+        class_colors=d.class_colors or ([list(c) for c in dataset.class_colors] if dataset.class_colors else None),
+    )
+    return replace(cfg, dataset=new)
+
+
+def config_from_dict(data: dict[str, Any], base_dir: str | Path | None = None,
+                     options: list[str] | None = None, check_dataset: bool = True) -> TrainConfig:
+    """Validated :class:`TrainConfig` from a nested dict (plus dotted ``key=value`` overrides)."""
+    data = _deep_copy(data or {})
+    if not isinstance(data, dict):
+        raise ConfigError("A config must be a mapping of sections (dataset, system, model, ...).")
+    for key, value in parse_options(options):
+        set_dotted(data, key, value)
+    _resolve_input_paths(data, Path(base_dir) if base_dir else None)
+    cfg = from_dict(TrainConfig, data)
+    if check_dataset:
+        if not cfg.dataset.json_file:
+            raise ConfigError("dataset.json_file is not set; point it at the dataset JSON (seed format).")
+        cfg = apply_dataset_json(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, options: list[str] | None = None, check_dataset: bool = True) -> TrainConfig:
+    """Read a seed-style YAML config, apply ``--options`` overrides and validate everything."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must hold a mapping of sections, not {type(data).__name__}.")
+    return config_from_dict(data, base_dir=path.resolve().parent, options=options, check_dataset=check_dataset)
+
+
+def default_config_path() -> Path:
+    """The packaged, fully documented example config."""
+    return Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v) for v in value]
+    return value

@@ -1,0 +1,394 @@
+"""The training loop: one class that the CLI, the Python API and the napari plugin all drive.
+
+What it guarantees, and why:
+
+* **Checkpoints are never lost.** ``checkpoints/best.pt`` is written (atomically) the moment a new
+  best validation score appears, ``checkpoints/last.pt`` after every completed epoch. Ctrl-C, a crash
+  or a GUI cancel leaves the previous files intact (the seed kept its best model in memory until the
+  end of training).
+* **Exact resume.** ``last.pt`` holds optimizer, scheduler, AMP scaler and RNG states, the epoch and
+  the history. Data order and augmentation depend only on (seed, epoch, index), so a resumed run
+  reproduces the losses of an uninterrupted one.
+* **Honest validation.** Every ``eval_interval`` epochs, whole validation images are predicted at
+  native resolution (see :mod:`.validation`).
+* **GUI-ready.** Progress goes through callbacks and a :class:`~.callbacks.CancelToken` is checked
+  after every batch, so the same loop runs in a napari worker thread.
+
+Outputs under ``log_dir/experiment_name/``: ``config.yaml`` (resolved), ``training.log``,
+``history.csv``/``history.json``, ``training_history.png``, ``visualizations/`` and
+``checkpoints/{best,last}.pt``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..checkpoint import load_into, read_checkpoint, save_checkpoint
+from ..data.sampler import EpochSampler
+from ..errors import CheckpointError, ConfigError, PfmsegError
+from .callbacks import Callback, CancelToken, EpochInfo, StepInfo
+from .config import TrainConfig
+from .history import History
+from .losses import build_loss
+from .optim import build_optimizer
+from .schedulers import build_scheduler
+from .state import capture_rng, restore_rng
+from .validation import ImageSource, validate
+from .visualize import palette, save_panel
+
+log = logging.getLogger("pfmseg_engine.training")
+
+
+class TrainingError(PfmsegError):
+    """Training cannot continue (e.g. the loss became NaN)."""
+
+
+@dataclass
+class TrainResult:
+    """How a run ended and where its outputs are."""
+
+    status: str  # "completed" or "cancelled"
+    epochs_completed: int
+    output_dir: Path
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.output_dir / "checkpoints" / "best.pt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.output_dir / "checkpoints" / "last.pt"
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``auto``/empty -> CUDA when available else CPU; an unavailable CUDA device is an error."""
+    if name is None or str(name) in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"Device '{name}' is not a valid torch device (use cpu, cuda, cuda:0 or auto).") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"Device '{name}' was requested but CUDA is not available here; use --device cpu.")
+    return device
+
+
+def resolve_amp(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for full precision.
+
+    On CUDA ``auto`` means float16 (with a gradient scaler). On the CPU only bfloat16 exists and is
+    slower than float32 on many CPUs, so it runs only when ``amp_dtype: bfloat16`` asks for it.
+    """
+    t = config.training
+    if not t.use_amp:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16
+    if t.amp_dtype == "bfloat16":
+        return torch.bfloat16
+    log.info("Mixed precision is off on %s (set training.amp_dtype: bfloat16 to use CPU bfloat16).", device)
+    return None
+
+
+class Trainer:
+    """Train ``model`` on ``train_dataset`` (items ``{"image", "label"}``) and validate on ``val_source``."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        model: Any,
+        train_dataset: Dataset,
+        val_source: ImageSource | None = None,
+        *,
+        device: str | torch.device | None = None,
+        callbacks: Iterable[Callback] = (),
+        cancel: CancelToken | None = None,
+        output_dir: str | Path | None = None,
+    ):
+        self.config = config
+        t = config.training
+        self.device = resolve_device(device if device not in (None, "") else config.system.device)
+        self.model = model.to(self.device)
+        self.train_dataset = train_dataset
+        self.val_source = val_source
+        self.callbacks = list(callbacks)
+        self.cancel = cancel or CancelToken()
+        self.output_dir = Path(output_dir) if output_dir else config.output_dir
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.epochs = t.epochs
+        self.criterion = build_loss(t.loss, config.dataset.ignore_index).to(self.device)
+        self.sampler = EpochSampler(len(train_dataset), seed=config.system.seed)
+        workers = config.system.num_workers
+        self.loader = DataLoader(
+            train_dataset, batch_size=t.batch_size, sampler=self.sampler, num_workers=workers,
+            pin_memory=config.system.pin_memory and self.device.type == "cuda", drop_last=False,
+        )
+        self.batches_per_epoch = len(self.loader)
+        self.accumulate = t.accumulate_grad_batches
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulate)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.trainable, t)
+        self.scheduler = build_scheduler(self.optimizer, t.scheduler, t.learning_rate, t.epochs, self.steps_per_epoch)
+        self.amp_dtype = resolve_amp(config, self.device)
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda")
+        self.epoch = 0  # completed epochs
+        self.global_step = 0  # optimizer steps
+        self.best_value: float | None = None
+        self.best_epoch: int | None = None
+        self.history = History()
+        self.colours = palette(config.num_classes, config.dataset.class_colors)
+
+    # --- public ----------------------------------------------------------------------------------
+    def fit(self, resume: str | Path | None = None) -> TrainResult:
+        """Train until ``training.epochs`` (continuing from ``resume``'s ``last.pt`` if given)."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        handler = self._attach_log_file()
+        status = "completed"
+        try:
+            if resume:
+                self.load_resume(resume)
+            elif (self.checkpoint_dir / "last.pt").is_file():
+                log.warning("%s already holds a run; starting a new one overwrites its checkpoints "
+                            "(use --resume to continue it instead).", self.output_dir)
+            (self.output_dir / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
+            self._log_start()
+            self._emit("on_train_begin")
+            for epoch in range(self.epoch, self.epochs):
+                if self.cancel.cancelled:
+                    status = "cancelled"
+                    break
+                if not self._run_epoch(epoch):
+                    status = "cancelled"
+                    break
+            if status == "cancelled":
+                log.info("Training cancelled; last.pt holds the last completed epoch (%d).", self.epoch)
+            else:
+                log.info("Training finished: %d epochs, best %s %s (epoch %s).", self.epoch,
+                         self.config.validation.monitor, _fmt(self.best_value), self.best_epoch)
+        except KeyboardInterrupt:
+            log.warning("Interrupted during epoch %d; %s keeps the last completed epoch (%d).",
+                        self.epoch + 1, self.checkpoint_dir / "last.pt", self.epoch)
+            raise
+        finally:
+            logging.getLogger("pfmseg_engine").removeHandler(handler)
+            handler.close()
+        result = TrainResult(status, self.epoch, self.output_dir, self.best_value, self.best_epoch,
+                             list(self.history.rows))
+        self._emit("on_train_end", result)
+        return result
+
+    def load_resume(self, path: str | Path) -> None:
+        """Restore model, optimizer, scheduler, scaler, RNG, epoch and history from a ``last.pt``."""
+        path = Path(path)
+        if path.is_dir():
+            candidates = [path / "checkpoints" / "last.pt", path / "last.pt"]
+            path = next((c for c in candidates if c.is_file()), candidates[0])
+        payload = read_checkpoint(path)
+        state = payload.get("training_state")
+        if not state:
+            raise CheckpointError(
+                f"Checkpoint '{path}' has no training state to resume from (best.pt holds weights only); "
+                "resume from checkpoints/last.pt."
+            )
+        load_into(self.model, payload, source=f"Checkpoint '{path}'")
+        self.optimizer.load_state_dict(state["optimizer"])
+        scheduler_state = dict(state["scheduler"])
+        scheduler_state["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)  # keep this run's schedule
+        self.scheduler.load_state_dict(scheduler_state)
+        for group, base, schedule in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                         self.scheduler.lr_lambdas, strict=True):
+            group["lr"] = base * schedule(self.scheduler.last_epoch)
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        self.epoch = int(state["epoch"])
+        self.global_step = int(state["global_step"])
+        self.best_value = state.get("best_value")
+        self.best_epoch = state.get("best_epoch")
+        self.history = History(state.get("history"))
+        log.info("Resumed from %s at epoch %d (step %d).", path, self.epoch, self.global_step)
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything besides the weights that an exact resume needs (weights-only loadable)."""
+        return {
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "rng": capture_rng(),
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "history": self.history.rows,
+        }
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # --- one epoch -------------------------------------------------------------------------------
+    def _run_epoch(self, epoch: int) -> bool:
+        start = time.perf_counter()
+        self._emit("on_epoch_begin", epoch)
+        lr_at_start = self.lr
+        train_loss = self._train_one_epoch(epoch)
+        if train_loss is None:
+            return False
+        val_loss, metrics = None, {}
+        v = self.config.validation
+        if self.val_source is not None and ((epoch + 1) % v.eval_interval == 0 or epoch + 1 == self.epochs):
+            val_loss, metrics = self._validate(epoch)
+        self.epoch = epoch + 1
+        value = metrics.get(v.monitor)
+        is_best = value is not None and not math.isnan(value) and (self.best_value is None or value > self.best_value)
+        if is_best:
+            self.best_value, self.best_epoch = float(value), self.epoch
+        seconds = time.perf_counter() - start
+        row = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr_at_start,
+               "seconds": round(seconds, 3), **{k: metrics[k] for k in metrics if "_Class_" not in k},
+               **{k: metrics[k] for k in metrics if "_Class_" in k}}
+        self.history.append(row)
+        self.history.write(self.output_dir)
+        self.history.plot(self.output_dir / "training_history.png")
+        self._log_epoch(train_loss, val_loss, metrics)
+        if is_best:
+            self._save("best", metrics)
+        self._save("last", metrics)
+        self._emit("on_epoch_end", EpochInfo(self.epoch, self.epochs, train_loss, lr_at_start, seconds,
+                                             val_loss, metrics, is_best))
+        return True
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _train_one_epoch(self, epoch: int) -> float | None:
+        """Mean batch loss of the epoch, or None when cancelled part-way."""
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.train_dataset.set_epoch(epoch)
+        self.loader.generator = torch.Generator().manual_seed(self.config.system.seed * 7919 + epoch)
+        n, accumulate = self.batches_per_epoch, self.accumulate
+        full_groups = n // accumulate
+        losses: list[float] = []
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(self.loader):
+            if self.cancel.cancelled:
+                return None
+            images = batch["image"].to(self.device, non_blocking=True)
+            labels = batch["label"].to(self.device, non_blocking=True).long()
+            with self._autocast():
+                logits = self.model(images)
+            loss = self.criterion(logits, labels)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"The loss became {loss.item()} at epoch {epoch + 1}, batch {i + 1}; lower "
+                    "training.learning_rate, enable training.clip_grad_norm or check the masks."
+                )
+            group = accumulate if i // accumulate < full_groups else n - full_groups * accumulate
+            self.scaler.scale(loss / group).backward()
+            if (i + 1) % accumulate == 0 or i + 1 == n:
+                self._optimizer_step()
+            losses.append(float(loss.detach()))
+            self._emit("on_step_end", StepInfo(epoch, self.epochs, i, n, self.global_step, losses[-1], self.lr))
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def _optimizer_step(self) -> None:
+        clip = self.config.training.clip_grad_norm
+        if clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.global_step += 1
+
+    # --- validation ------------------------------------------------------------------------------
+    def _validate(self, epoch: int) -> tuple[float, dict[str, float]]:
+        cfg, vis = self.config, self.config.visualization
+        save_vis = vis.save_predictions and vis.num_vis_samples > 0 and (epoch + 1) % vis.save_interval == 0
+        vis_dir = self.output_dir / "visualizations"
+
+        def on_image(index: int, image: np.ndarray, mask: np.ndarray, prediction: np.ndarray) -> None:
+            if save_vis and index < vis.num_vis_samples:
+                save_panel(vis_dir / f"epoch_{epoch + 1:03d}_sample_{index:02d}.png", image, mask, prediction,
+                           self.colours)
+
+        result = validate(
+            self.model, self.val_source, num_classes=cfg.num_classes, ignore_index=cfg.dataset.ignore_index,
+            window=cfg.window_size, mode=cfg.validation.resize_or_windowslide, overlap=cfg.validation.overlap,
+            batch_size=cfg.validation.batch_size, device=self.device, criterion=self.criterion, on_image=on_image,
+        )
+        self.model.train()
+        self._emit("on_validation_end", epoch, result.metrics)
+        return result.loss, result.metrics
+
+    # --- outputs ---------------------------------------------------------------------------------
+    def _save(self, kind: str, metrics: dict[str, float]) -> Path:
+        path = self.checkpoint_dir / f"{kind}.pt"
+        metadata = {"epoch": self.epoch, "kind": kind, "monitor": self.config.validation.monitor,
+                    "train_config": self.config.to_dict()}
+        save_checkpoint(path, self.model, metrics=metrics,
+                        training_state=self.training_state() if kind == "last" else None, metadata=metadata)
+        if kind == "best":
+            log.info("New best %s %.4f at epoch %d -> %s", self.config.validation.monitor, self.best_value,
+                     self.epoch, path)
+        self._emit("on_checkpoint", kind, path)
+        return path
+
+    def _attach_log_file(self) -> logging.Handler:
+        handler = logging.FileHandler(self.output_dir / "training.log", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s - %(levelname)s - %(message)s"))
+        handler.setLevel(logging.INFO)
+        root = logging.getLogger("pfmseg_engine")
+        root.addHandler(handler)
+        if root.getEffectiveLevel() > logging.INFO:
+            root.setLevel(logging.INFO)
+        return handler
+
+    def _log_start(self) -> None:
+        m = self.model
+        trainable = sum(p.numel() for p in self.trainable)
+        total = sum(p.numel() for p in m.parameters())
+        log.info("Output directory: %s", self.output_dir)
+        log.info("Model: %s, strategy %s, head %s; %d of %d parameters train (%.2f%%).",
+                 m.config.backbone, m.config.tuning.strategy, m.config.head, trainable, total,
+                 100.0 * trainable / max(1, total))
+        log.info("Device: %s, mixed precision: %s, epochs %d, %d batches/epoch, accumulate %d.",
+                 self.device, self.amp_dtype or "off", self.epochs, self.batches_per_epoch, self.accumulate)
+
+    def _log_epoch(self, train_loss: float, val_loss: float | None, metrics: dict[str, float]) -> None:
+        monitor = self.config.validation.monitor
+        if metrics:
+            log.info("Epoch %d/%d - Train Loss: %.4f, Val Loss: %.4f, Val %s: %.4f, Mean_Dice: %.4f, Best %s: %s",
+                     self.epoch, self.epochs, train_loss, val_loss if val_loss is not None else math.nan,
+                     monitor, metrics.get(monitor, math.nan), metrics.get("Mean_Dice", math.nan), monitor,
+                     _fmt(self.best_value))
+        else:
+            log.info("Epoch %d/%d - Train Loss: %.4f", self.epoch, self.epochs, train_loss)
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
