@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .devices import resolve_device
 from .model import SegmentationModel
+
+__all__ = ["Throughput", "measure_throughput", "resolve_device"]  # resolve_device: re-exported
 
 
 @dataclass(frozen=True)
@@ -23,17 +26,6 @@ class Throughput:
     input_size: int
     device: str
     train: bool
-
-
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU."""
-    if name in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 def _sync(device: torch.device) -> None:

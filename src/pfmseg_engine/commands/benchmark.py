@@ -10,7 +10,8 @@ from ..tuning import STRATEGIES
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..benchmarking import measure_throughput, resolve_device
+    from ..benchmarking import measure_throughput
+    from ..devices import resolve_device
     from ..model import ModelConfig, build_model
     from ..tuning import TuningConfig
 

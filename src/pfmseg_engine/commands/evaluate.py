@@ -19,9 +19,9 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import load_checkpoint
     from ..data.dataset import SegmentationDataset
     from ..data.seed_json import load_seed_json
+    from ..devices import resolve_device
     from ..errors import DataError
     from ..training.evaluation import evaluate_model
-    from ..training.trainer import resolve_device
     from ..training.visualize import palette, save_panel
 
     checkpoint = _checkpoint_path(args.checkpoint)

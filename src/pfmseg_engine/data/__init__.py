@@ -6,7 +6,7 @@ from .images import read_image
 from .masks import check_mask_values, read_mask, sparse_to_targets
 from .sampler import EpochSampler
 from .seed_json import Sample, SeedDataset, load_seed_json
-from .sparse import SparsePatchDataset
+from .sparse import SparsePatchDataset, annotated_blocks, crop_boxes, split_annotations
 
 __all__ = [
     "DEFAULT_TRANSFORMS",
@@ -18,10 +18,13 @@ __all__ = [
     "SeedDataset",
     "SegmentationDataset",
     "SparsePatchDataset",
+    "annotated_blocks",
     "check_mask_values",
+    "crop_boxes",
     "load_seed_json",
     "read_image",
     "read_mask",
     "sample_seed",
     "sparse_to_targets",
+    "split_annotations",
 ]

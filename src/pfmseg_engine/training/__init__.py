@@ -5,9 +5,9 @@ from .config import TrainConfig, config_from_dict, default_config_path, load_con
 from .losses import LOSSES, build_loss
 from .metrics import ConfusionMeter, bootstrap_intervals, confusion_matrix, metrics_from_confusion
 from .optim import OPTIMIZERS, build_optimizer
-from .runner import build_datasets, train_from_config, train_on_annotations
+from .runner import build_annotation_trainer, build_datasets, train_from_config, train_on_annotations
 from .schedulers import SCHEDULERS, build_scheduler
-from .trainer import Trainer, TrainingError, TrainResult
+from .trainer import Trainer, TrainEvent, TrainingError, TrainResult
 
 __all__ = [
     "LOSSES",
@@ -21,10 +21,12 @@ __all__ = [
     "StepInfo",
     "TqdmProgress",
     "TrainConfig",
+    "TrainEvent",
     "TrainResult",
     "Trainer",
     "TrainingError",
     "bootstrap_intervals",
+    "build_annotation_trainer",
     "build_datasets",
     "build_loss",
     "build_optimizer",

@@ -1,9 +1,9 @@
 """Hooks into the training loop: progress reporting and cancellation, for the CLI and GUI alike.
 
 The trainer calls every :class:`Callback` method in its own thread (a napari worker thread, say), so
-a GUI turns these calls into signals; it never touches the model. Cancelling is a
-:class:`CancelToken` (a thread-safe flag) checked after every batch: the trainer then stops without
-writing a half-finished epoch, so ``last.pt`` stays the last completed epoch.
+a GUI turns these calls into signals; it never touches the model. Cancelling and pausing go through a
+:class:`CancelToken` checked between batches: a cancelled trainer stops without writing a
+half-finished epoch, so ``last.pt`` stays the last completed epoch; a paused one waits there.
 """
 
 from __future__ import annotations
@@ -60,17 +60,47 @@ class Callback:
 
 
 class CancelToken:
-    """A thread-safe "please stop" flag shared between a GUI (or signal handler) and the trainer."""
+    """Thread-safe "stop" and "pause" requests shared between a GUI (or signal handler) and the trainer.
+
+    The trainer checks the token between batches: after :meth:`pause` it blocks there (on a
+    condition variable, not a polling loop, so a paused run costs no CPU) until :meth:`resume` or
+    :meth:`cancel`. Cancel always wins: cancelling a paused run wakes it and it stops, and a token
+    once cancelled never reports ``paused`` again.
+    """
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self._condition = threading.Condition()
+        self._cancelled = False
+        self._paused = False
 
     def cancel(self) -> None:
-        self._event.set()
+        with self._condition:
+            self._cancelled = True
+            self._condition.notify_all()
+
+    def pause(self) -> None:
+        """Hold the trainer before its next batch (no effect once cancelled)."""
+        with self._condition:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._condition:
+            self._paused = False
+            self._condition.notify_all()
 
     @property
     def cancelled(self) -> bool:
-        return self._event.is_set()
+        return self._cancelled
+
+    @property
+    def paused(self) -> bool:
+        return self._paused and not self._cancelled
+
+    def wait_while_paused(self, timeout: float | None = None) -> bool:
+        """Block while paused; True to go on, False when cancelled (or still paused after ``timeout``)."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._cancelled or not self._paused, timeout)
+            return not self._cancelled and not self._paused
 
 
 class FunctionCallback(Callback):

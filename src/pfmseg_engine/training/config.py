@@ -188,6 +188,7 @@ class ValidationSection:
 class LoggingSection:
     log_dir: str = "logs"
     experiment_name: str = "pfm_segmentation"
+    plot_history: bool = True  # training_history.png after every epoch (false: a GUI draws its own curve)
 
 
 @dataclass(frozen=True)
@@ -269,11 +270,63 @@ class TrainConfig:
             tuning=tuning, head=self.model.head, input_size=self.crop_size, mpp=self.model.mpp,
         )
 
+    @classmethod
+    def from_model_config(cls, model_config: Any, **sections: dict[str, Any]) -> TrainConfig:
+        """The training config of an existing model: the inverse of :meth:`model_config`.
+
+        Retraining a model (more annotations, a loaded checkpoint) needs a config whose ``model`` and
+        class settings describe that model exactly, so checkpoints written by the run rebuild it.
+        ``sections`` are mappings merged into the named sections, e.g.
+        ``from_model_config(mc, training={"epochs": 5}, system={"device": "cpu"})``; they are
+        validated like a YAML file (unknown keys are errors naming the closest valid key).
+        """
+        data = _model_config_dict(model_config)
+        for name, values in sections.items():
+            if values is not None and not isinstance(values, dict):
+                raise ConfigError(f"'{name}' must be a mapping of settings, got {values!r}.")
+            data[name] = _merge(data.get(name, {}), values or {})
+        return config_from_dict(data, check_dataset=False)
+
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def _model_config_dict(model_config: Any) -> dict[str, Any]:
+    """Config sections (as parsed YAML) that :meth:`TrainConfig.model_config` maps back to ``model_config``."""
+    tuning = model_config.tuning
+    return {
+        "dataset": {"num_classes": model_config.num_classes, "class_names": list(model_config.class_names)},
+        "model": {
+            "pfm_name": model_config.backbone, "tiny": model_config.tiny, "head": model_config.head,
+            "pfm_weights_path": model_config.weights, "strict_weights": model_config.strict_weights,
+            "feature_indices": list(model_config.feature_indices) if model_config.feature_indices else None,
+            "num_classes": model_config.num_classes, "mpp": model_config.mpp,
+            "finetune_mode": {"type": tuning.strategy, "rank": tuning.rank, "alpha": tuning.alpha,
+                              "dropout": tuning.dropout, "lora_mlp": tuning.lora_mlp},
+            "cnn_adapter": {"channels": list(tuning.adapter_channels), "width_factor": 1.0},
+            "transformer_adapter": {
+                "depth": tuning.adapter_depth, "mlp_ratio": tuning.adapter_mlp_ratio,
+                "drop_rate": tuning.adapter_drop_rate, "attn_drop_rate": tuning.adapter_attn_drop_rate,
+                "drop_path_rate": tuning.adapter_drop_path_rate, "init_values": tuning.adapter_init_values,
+                "qk_norm": tuning.adapter_qk_norm,
+            },
+        },
+        "training": {"augmentation": {"RandomResizedCropSize": model_config.input_size}},
+    }
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``changes``, nested mappings merged key by key."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 # --- checks ----------------------------------------------------------------------------------------

@@ -11,11 +11,15 @@ What it guarantees, and why:
   reproduces the losses of an uninterrupted one.
 * **Honest validation.** Every ``eval_interval`` epochs, whole validation images are predicted at
   native resolution (see :mod:`.validation`).
-* **GUI-ready.** Progress goes through callbacks and a :class:`~.callbacks.CancelToken` is checked
-  after every batch, so the same loop runs in a napari worker thread.
+* **GUI-ready.** Progress goes through callbacks, and :meth:`Trainer.iter_fit` is the same loop as a
+  generator of step/epoch events (``fit`` just drains it), so a napari ``thread_worker`` generator
+  drives the trainer directly, without a helper thread. A :class:`~.callbacks.CancelToken` is checked
+  between batches: it stops the run, or holds it while paused. Closing the generator early also
+  stops the run; either way ``last.pt`` keeps the last completed epoch.
 
 Outputs under ``log_dir/experiment_name/``: ``config.yaml`` (resolved), ``training.log``,
-``history.csv``/``history.json``, ``training_history.png``, ``visualizations/`` and
+``history.csv``/``history.json``, ``training_history.png`` (unless ``logging.plot_history`` is off),
+``visualizations/`` and
 ``checkpoints/{best,last}.pt``.
 """
 
@@ -25,7 +29,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import load_into, read_checkpoint, save_checkpoint
 from ..data.sampler import EpochSampler
-from ..errors import CheckpointError, ConfigError, PfmsegError
+from ..devices import resolve_device
+from ..errors import CheckpointError, PfmsegError
 from .callbacks import Callback, CancelToken, EpochInfo, StepInfo
 from .config import TrainConfig
 from .history import History
@@ -48,6 +53,10 @@ from .validation import ImageSource, validate
 from .visualize import palette, save_panel
 
 log = logging.getLogger("pfmseg_engine.training")
+
+TrainEvent = tuple[str, StepInfo | EpochInfo]  # ("step", StepInfo) or ("epoch", EpochInfo)
+
+__all__ = ["TrainEvent", "TrainResult", "Trainer", "TrainingError", "resolve_amp", "resolve_device"]
 
 
 class TrainingError(PfmsegError):
@@ -72,19 +81,6 @@ class TrainResult:
     @property
     def last_checkpoint(self) -> Path:
         return self.output_dir / "checkpoints" / "last.pt"
-
-
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``auto``/empty -> CUDA when available else CPU; an unavailable CUDA device is an error."""
-    if name is None or str(name) in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"Device '{name}' is not a valid torch device (use cpu, cuda, cuda:0 or auto).") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"Device '{name}' was requested but CUDA is not available here; use --device cpu.")
-    return device
 
 
 def resolve_amp(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -151,11 +147,29 @@ class Trainer:
         self.best_value: float | None = None
         self.best_epoch: int | None = None
         self.history = History()
+        self._paused_seconds = 0.0  # of the epoch in progress
         self.colours = palette(config.num_classes, config.dataset.class_colors)
 
     # --- public ----------------------------------------------------------------------------------
     def fit(self, resume: str | Path | None = None) -> TrainResult:
         """Train until ``training.epochs`` (continuing from ``resume``'s ``last.pt`` if given)."""
+        events = self.iter_fit(resume)
+        while True:
+            try:
+                next(events)
+            except StopIteration as done:
+                return done.value
+
+    def iter_fit(self, resume: str | Path | None = None) -> Generator[TrainEvent, None, TrainResult]:
+        """:meth:`fit` as a generator: yields ``("step", StepInfo)`` after every batch and
+        ``("epoch", EpochInfo)`` after every epoch (once its checkpoints are written); returns the
+        :class:`TrainResult`.
+
+        Callbacks still run, before each event is yielded. Closing the generator early (``close()``,
+        or dropping it) stops the run like a cancel: the epoch in progress is abandoned, ``last.pt``
+        and ``best.pt`` keep the last completed epoch, the log file is released and ``on_train_end``
+        sees a ``cancelled`` result.
+        """
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         handler = self._attach_log_file()
         status = "completed"
@@ -169,10 +183,7 @@ class Trainer:
             self._log_start()
             self._emit("on_train_begin")
             for epoch in range(self.epoch, self.epochs):
-                if self.cancel.cancelled:
-                    status = "cancelled"
-                    break
-                if not self._run_epoch(epoch):
+                if not self._may_continue() or not (yield from self._run_epoch(epoch)):
                     status = "cancelled"
                     break
             if status == "cancelled":
@@ -180,6 +191,9 @@ class Trainer:
             else:
                 log.info("Training finished: %d epochs, best %s %s (epoch %s).", self.epoch,
                          self.config.validation.monitor, _fmt(self.best_value), self.best_epoch)
+        except GeneratorExit:  # the consumer stopped iterating: a cancel, not an error
+            status = "cancelled"
+            log.info("Training stopped by its caller; last.pt holds the last completed epoch (%d).", self.epoch)
         except KeyboardInterrupt:
             log.warning("Interrupted during epoch %d; %s keeps the last completed epoch (%d).",
                         self.epoch + 1, self.checkpoint_dir / "last.pt", self.epoch)
@@ -242,11 +256,24 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     # --- one epoch -------------------------------------------------------------------------------
-    def _run_epoch(self, epoch: int) -> bool:
+    def _may_continue(self) -> bool:
+        """Wait here while paused (time not counted as epoch time); False once cancelled."""
+        if not self.cancel.paused:
+            return not self.cancel.cancelled
         start = time.perf_counter()
+        log.info("Training paused at epoch %d, step %d.", self.epoch + 1, self.global_step)
+        go_on = self.cancel.wait_while_paused()
+        self._paused_seconds += time.perf_counter() - start
+        if go_on:
+            log.info("Training resumed.")
+        return go_on
+
+    def _run_epoch(self, epoch: int) -> Generator[TrainEvent, None, bool]:
+        start = time.perf_counter()
+        self._paused_seconds = 0.0
         self._emit("on_epoch_begin", epoch)
         lr_at_start = self.lr
-        train_loss = self._train_one_epoch(epoch)
+        train_loss = yield from self._train_one_epoch(epoch)
         if train_loss is None:
             return False
         val_loss, metrics = None, {}
@@ -258,19 +285,21 @@ class Trainer:
         is_best = value is not None and not math.isnan(value) and (self.best_value is None or value > self.best_value)
         if is_best:
             self.best_value, self.best_epoch = float(value), self.epoch
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start - self._paused_seconds
         row = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr_at_start,
                "seconds": round(seconds, 3), **{k: metrics[k] for k in metrics if "_Class_" not in k},
                **{k: metrics[k] for k in metrics if "_Class_" in k}}
         self.history.append(row)
         self.history.write(self.output_dir)
-        self.history.plot(self.output_dir / "training_history.png")
+        if self.config.logging.plot_history:
+            self.history.plot(self.output_dir / "training_history.png")
         self._log_epoch(train_loss, val_loss, metrics)
         if is_best:
             self._save("best", metrics)
         self._save("last", metrics)
-        self._emit("on_epoch_end", EpochInfo(self.epoch, self.epochs, train_loss, lr_at_start, seconds,
-                                             val_loss, metrics, is_best))
+        info = EpochInfo(self.epoch, self.epochs, train_loss, lr_at_start, seconds, val_loss, metrics, is_best)
+        self._emit("on_epoch_end", info)
+        yield "epoch", info
         return True
 
     def _autocast(self):
@@ -278,8 +307,8 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _train_one_epoch(self, epoch: int) -> float | None:
-        """Mean batch loss of the epoch, or None when cancelled part-way."""
+    def _train_one_epoch(self, epoch: int) -> Generator[TrainEvent, None, float | None]:
+        """Yields a step event per batch; returns the epoch's mean batch loss, or None when cancelled part-way."""
         self.model.train()
         self.sampler.set_epoch(epoch)
         if hasattr(self.train_dataset, "set_epoch"):
@@ -290,7 +319,7 @@ class Trainer:
         losses: list[float] = []
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(self.loader):
-            if self.cancel.cancelled:
+            if not self._may_continue():
                 return None
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["label"].to(self.device, non_blocking=True).long()
@@ -307,7 +336,9 @@ class Trainer:
             if (i + 1) % accumulate == 0 or i + 1 == n:
                 self._optimizer_step()
             losses.append(float(loss.detach()))
-            self._emit("on_step_end", StepInfo(epoch, self.epochs, i, n, self.global_step, losses[-1], self.lr))
+            info = StepInfo(epoch, self.epochs, i, n, self.global_step, losses[-1], self.lr)
+            self._emit("on_step_end", info)
+            yield "step", info
         return float(np.mean(losses)) if losses else float("nan")
 
     def _optimizer_step(self) -> None:

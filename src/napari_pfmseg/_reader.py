@@ -1,0 +1,68 @@
+"""Reader: whole-slide images as lazy multiscale RGB layers, engine predictions as labels layers.
+
+Slides open through the engine's ``open_slide`` (tiffslide, no native OpenSlide), so the viewer
+sees exactly the pyramid and microns per pixel that training and inference use. Nothing is read
+until napari asks for the tiles in view. Returns layer data tuples only; never builds Qt objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._layers import LayerDataTuple, is_prediction_store, prediction_layer, slide_layer
+from ._torch_guard import guard_triton
+
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".zarr")
+
+
+def _accepts(path: Path) -> bool:
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff"):
+        return _is_rgb_tiff(path)
+    if suffix in SLIDE_SUFFIXES:
+        return True
+    return path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zarray"))
+
+
+def _is_rgb_tiff(path: Path) -> bool:
+    """Whether a TIFF is a 2-D RGB(A) image (a slide); other TIFFs (stacks, gray) are left to other readers."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            return len(series.shape) == 3 and series.shape[-1] in (3, 4) and series.axes[-1] in "SC"
+    except Exception:  # unreadable or not a TIFF at all: not ours
+        return False
+
+
+def napari_get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerDataTuple]] | None:
+    """Return :func:`read_slides` when every path is something we open, else None (napari asks others)."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    if not paths or not all(_accepts(Path(p)) for p in paths):
+        return None
+    return read_slides
+
+
+def read_slides(path: str | list[str]) -> list[LayerDataTuple]:
+    """One layer per path: engine prediction stores as labels, everything else as an RGB slide."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    return [read_one(Path(p)) for p in paths]
+
+
+def read_one(path: Path) -> LayerDataTuple:
+    """Open one slide or prediction store lazily (errors name the file and what to do)."""
+    guard_triton()
+    if path.is_dir() and is_prediction_store(path):
+        return prediction_layer(path)
+    from pfmseg_engine.slides import open_slide
+
+    slide = open_slide(path, require_mpp=False)
+    return slide_layer(slide)
+
+
+def reader_info() -> dict[str, Any]:
+    """What this reader accepts (for documentation and tests)."""
+    return {"suffixes": SLIDE_SUFFIXES, "directories": "zarr / OME-Zarr"}

@@ -1,0 +1,188 @@
+"""The state one viewer's widgets share: the current model, its recipe, open slides, the running job.
+
+napari creates each dock widget on its own, so the Model, Train and Predict widgets meet here: the
+Model widget sets the recipe or loads a checkpoint, the Train widget trains ``session.model`` and the
+Predict widget predicts with it. Only one job (building, training or predicting) uses the model at
+a time; :meth:`Session.claim` enforces that, so the GUI never trains and predicts the same weights
+concurrently. Lives as long as its viewer (weak reference), touched only on the GUI thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import weakref
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from psygnal import Signal
+
+from ._sample_data import cache_dir
+
+DEFAULT_CLASSES = ("background", "tissue")
+
+
+class BusyError(RuntimeError):
+    """Another job already uses the model."""
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """Everything of a ``ModelConfig`` except the classes, which come from the annotations."""
+
+    backbone: str = "uni_v1"
+    weights: str | None = None
+    tiny: bool = False
+    strategy: str = "frozen"
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    lora_mlp: bool = False
+    adapter_channels: tuple[int, int, int] = (32, 64, 128)
+    adapter_depth: int = 2
+    head: str = "multilevel"
+    input_size: int = 224
+    mpp: float | None = 0.5
+
+    def model_config(self, class_names: tuple[str, ...] | list[str], require_weights: bool = True) -> Any:
+        """The engine ``ModelConfig`` of this recipe for ``class_names`` (validated by the engine).
+
+        A full-size backbone without weights is refused: its random features would make every
+        annotation hour useless, and the message says where weights come from.
+        """
+        from pfmseg_engine import ModelConfig, TuningConfig, WeightsError, get_spec
+
+        if require_weights and not self.tiny and not self.weights:
+            spec = get_spec(self.backbone)
+            hub = f" or 'hf-hub:{spec.hf_hub_id}' (needs 'huggingface-cli login' and accepted terms)" \
+                if spec.hf_hub_id else ""
+            raise WeightsError(
+                f"No weights for {spec.title}: give the downloaded checkpoint file{hub} in the Model widget, "
+                "or tick 'tiny test model' to try the workflow with a small random-weight model."
+            )
+
+        tuning = TuningConfig(strategy=self.strategy, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                              lora_mlp=self.lora_mlp, adapter_channels=self.adapter_channels,
+                              adapter_depth=self.adapter_depth)
+        return ModelConfig(backbone=self.backbone, weights=self.weights or None, tiny=self.tiny,
+                           num_classes=len(class_names), class_names=tuple(class_names), tuning=tuning,
+                           head=self.head, input_size=self.input_size, mpp=self.mpp)
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelRecipe:
+        t = config.tuning
+        return cls(backbone=config.backbone, weights=config.weights, tiny=config.tiny, strategy=t.strategy,
+                   rank=t.rank, alpha=t.alpha, dropout=t.dropout, lora_mlp=t.lora_mlp,
+                   adapter_channels=tuple(t.adapter_channels), adapter_depth=t.adapter_depth, head=config.head,
+                   input_size=config.input_size, mpp=config.mpp)
+
+    def with_changes(self, **changes: Any) -> ModelRecipe:
+        return replace(self, **changes)
+
+
+@dataclass
+class ModelState:
+    """The model the widgets use and what is known about it."""
+
+    model: Any = None
+    source: str = ""
+    epochs_trained: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Session:
+    """Per-viewer shared state. Signals are emitted on the GUI thread only."""
+
+    model_changed = Signal(object)  # ModelState
+    recipe_changed = Signal(object)  # ModelRecipe
+    job_changed = Signal(str)  # "" when idle
+    predict_requested = Signal(str)  # prediction mode, e.g. "view" (train widget -> predict)
+
+    _counter = itertools.count(1)
+
+    def __init__(self, viewer: Any):
+        self._viewer = weakref.ref(viewer)
+        self.state = ModelState()
+        self.recipe = ModelRecipe()
+        self.device = "auto"
+        self.job = ""
+        self._slides: dict[tuple[str, float | None], Any] = {}
+        self.work_dir = cache_dir() / "sessions" / f"{os.getpid()}-{next(self._counter)}"
+        self.controllers: dict[str, Any] = {}
+        self.current_image: Any = None  # the slide layer the last job used
+        self.class_colours: dict[str, list[int]] = {}  # class name -> RGB chosen while annotating
+
+    @property
+    def viewer(self) -> Any:
+        viewer = self._viewer()
+        if viewer is None:
+            raise RuntimeError("The viewer of this pfmseg session was closed.")
+        return viewer
+
+    @property
+    def model(self) -> Any:
+        return self.state.model
+
+    # --- model -------------------------------------------------------------------------------------
+    def set_model(self, model: Any, source: str, epochs_trained: int = 0,
+                  metrics: dict[str, float] | None = None) -> None:
+        self.state = ModelState(model, source, epochs_trained, dict(metrics or {}))
+        if model is not None:
+            self.recipe = ModelRecipe.from_config(model.config)
+            self.recipe_changed.emit(self.recipe)
+        self.model_changed.emit(self.state)
+
+    def set_recipe(self, recipe: ModelRecipe) -> None:
+        self.recipe = recipe
+        self.recipe_changed.emit(recipe)
+
+    # --- jobs --------------------------------------------------------------------------------------
+    def claim(self, job: str) -> None:
+        """Mark ``job`` as using the model; raise :class:`BusyError` if another job does."""
+        if self.job:
+            raise BusyError(f"The model is busy ({self.job}); wait for it to finish or cancel it first.")
+        self.job = job
+        self.job_changed.emit(job)
+
+    def release(self, job: str) -> None:
+        if self.job == job:
+            self.job = ""
+            self.job_changed.emit("")
+
+    # --- slides ------------------------------------------------------------------------------------
+    def slide_for(self, layer: Any, mpp: float | None = None) -> Any:
+        """The engine :class:`Slide` behind an image layer (opened once per path and mpp)."""
+        from ._slides import slide_from_layer
+
+        meta = layer.metadata.get("pfmseg", {})
+        mpp = mpp or meta.get("mpp")
+        key = (meta.get("path") or f"layer:{id(layer.data)}", mpp)
+        if key not in self._slides:
+            self._slides[key] = slide_from_layer(layer, mpp)
+        return self._slides[key]
+
+    def output_dir(self, kind: str) -> Path:
+        path = self.work_dir / kind
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+    def shutdown(self) -> None:
+        """Stop running jobs (the viewer closed): training stops after its batch, prediction after its chunk."""
+        for controller in self.controllers.values():
+            cancel = getattr(controller, "cancel", None)
+            if callable(cancel):
+                cancel()
+
+
+_SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def session_for(viewer: Any) -> Session:
+    """The session of ``viewer`` (created on first use)."""
+    session = _SESSIONS.get(viewer)
+    if session is None:
+        session = _SESSIONS[viewer] = Session(viewer)
+        weakref.finalize(viewer, session.shutdown)
+    return session

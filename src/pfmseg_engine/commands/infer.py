@@ -1,0 +1,202 @@
+"""``infer``: predict an image set (seed form) or whole slides.
+
+Image set (flags as in the seed's ``scripts/infer.py``)::
+
+    python -m pfmseg_engine infer --checkpoint best.pt --input_json data.json --output_dir out \\
+        --input_size 512 --resize_or_windowslide windowslide --batch_size 8 --device cuda
+
+Whole slides::
+
+    python -m pfmseg_engine infer --slide a.svs b.ndpi --checkpoint best.pt --output_dir out \\
+        [--mpp 0.25] [--target_mpp 0.5] [--no-tissue] [--overlap 0.25] [--blend gaussian] \\
+        [--export ome-tiff geojson]
+
+Slides go to ``<output_dir>/<name>.ome.zarr`` (plus a tissue QC PNG); an interrupted run resumes
+when the same command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+EXPORTS = ("ome-tiff", "geojson")
+CHECKPOINT_NAMES = ("checkpoints/best.pt", "best.pt", "checkpoints/last.pt", "last.pt")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the best one inside a training output folder (as the seed allowed)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in CHECKPOINT_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(
+            f"No checkpoint in folder '{path}' (looked for {', '.join(CHECKPOINT_NAMES)})."
+        )
+    return path
+
+
+def load_model(args: argparse.Namespace):
+    from ..checkpoint import load_checkpoint
+
+    return load_checkpoint(resolve_checkpoint(args.checkpoint), weights=args.weights, device="cpu")
+
+
+def _seed_config(path: str | None) -> dict[str, Any]:
+    """The few keys inference takes from a seed/training YAML (the checkpoint describes the model)."""
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"Cannot read config '{path}': {exc}.") from exc
+    return raw if isinstance(raw, dict) else {}
+
+
+def run_image_set(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..inference.imageset import infer_image_set
+
+    if not args.input_json:
+        raise ConfigError("Give --input_json (image set) or --slide PATH (whole slides).")
+    config = _seed_config(args.config)
+    ignore_index = int((config.get("dataset") or {}).get("ignore_index", 255))
+    model = load_model(args)
+    input_size = args.input_size or model.config.input_size
+    bar = tqdm(desc="Inference Progress", unit="image")
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    result = infer_image_set(model, args.input_json, args.output_dir, input_size=input_size,
+                             mode=args.resize_or_windowslide, batch_size=args.batch_size, device=args.device,
+                             overlap=args.overlap, blend=args.blend, split=args.split,
+                             ignore_index=ignore_index, progress=progress)
+    bar.close()
+    if result.metrics:
+        summary = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()
+                            if "_Class_" not in k and v is not None)
+        print(f"Metrics: {summary}")
+    print(f"Wrote {result.count} masks to {Path(args.output_dir) / 'predictions_masks'}")
+    return 0
+
+
+def _report(result, exports: list[str] | None) -> None:
+    from ..inference.export_geojson import export_geojson
+    from ..inference.export_tiff import export_ome_tiff
+
+    exporters = {"ome-tiff": export_ome_tiff, "geojson": export_geojson}
+    tissue = f", tissue {result.tissue_fraction:.0%}" if result.tissue_fraction is not None else ""
+    print(f"{result.path}  ({result.shape[1]}x{result.shape[0]} px at {result.mpp:.4g} um/px, "
+          f"{result.chunks_run}/{result.chunks_total} chunks run{tissue})")
+    for name in exports or ():
+        print(f"  exported {exporters[name](result.path)}")
+
+
+def run_on_cluster(args: argparse.Namespace, config) -> int:
+    """One slide per task on the dask.distributed scheduler at ``--scheduler``."""
+    from ..distributed import predict_slides
+
+    try:
+        from distributed import Client
+    except ImportError as exc:
+        raise ConfigError('--scheduler needs the distributed package: pip install "dask[distributed]".'
+                          ) from exc
+    with Client(args.scheduler) as client:
+        predict_slides(resolve_checkpoint(args.checkpoint), args.slide, args.output_dir, config,
+                       client=client, weights=args.weights, mpp=args.mpp, device=args.device,
+                       on_done=lambda result: _report(result, args.export))
+    return 0
+
+
+def run_slides(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..inference.slide import SlideInferenceConfig, predict_slide
+
+    config = SlideInferenceConfig(
+        target_mpp=args.target_mpp, window=args.window or args.input_size, overlap=args.overlap,
+        blend=args.blend, batch_size=args.batch_size, chunk=args.chunk_size, tissue=args.tissue,
+        probabilities=args.probabilities, ngff=args.ngff,
+    )
+    if args.scheduler:
+        return run_on_cluster(args, config)
+    model = load_model(args)
+    for slide in args.slide:
+        bar = tqdm(desc=Path(slide).name, unit="chunk")
+
+        def update(chunk, bar=bar) -> None:
+            bar.total = chunk.total
+            bar.update(chunk.done - bar.n)
+
+        try:
+            result = predict_slide(model, slide, args.output_dir, config, callback=update, device=args.device,
+                                   mpp=args.mpp, overwrite=args.overwrite)
+        finally:
+            bar.close()
+        _report(result, args.export)
+    print("Open in napari: napari --plugin napari-pfmseg <slide> (or drag the .ome.zarr onto the viewer).")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..devices import resolve_device
+
+    if not getattr(args, "scheduler", None):  # on a cluster each worker resolves its own device
+        args.device = str(resolve_device(args.device))
+    return run_slides(args) if args.slide else run_image_set(args)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "infer", help="predict an image set (seed JSON) or whole slides",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = parser.add_argument_group("model and output")
+    common.add_argument("--checkpoint", required=True,
+                        help="pfmseg checkpoint file, or a training output folder")
+    common.add_argument("--weights", help="backbone weights file, if not where the checkpoint says")
+    common.add_argument("--output_dir", required=True, help="folder for the predictions")
+    common.add_argument("--device", default=None,
+                        help="auto, cuda, cuda:1, mps or cpu (default auto: cuda, then mps, then cpu)")
+    common.add_argument("--batch_size", type=int, default=8, help="windows per model call (default 8)")
+    common.add_argument("--input_size", type=int, default=None,
+                        help="window size / resize size in pixels (default: the model's training size)")
+    common.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
+    common.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian",
+                        help="weighting of overlapping windows (default gaussian)")
+    images = parser.add_argument_group("image set (seed form)")
+    images.add_argument("--config", help="seed/training YAML (only dataset.ignore_index is used)")
+    images.add_argument("--input_json", help="seed dataset JSON")
+    images.add_argument("--split", default="test", help="dataset split to predict (default test)")
+    images.add_argument("--resize_or_windowslide", choices=("resize", "windowslide"), default="windowslide",
+                        help="resize images to --input_size, or slide windows over them (default)")
+    slides = parser.add_argument_group("whole slides")
+    slides.add_argument("--slide", nargs="+", metavar="PATH", help="slide files (SVS, NDPI, TIFF, OME-TIFF, "
+                        "MRXS, PNG/JPEG, zarr)")
+    slides.add_argument("--mpp", type=float, help="level-0 microns per pixel, for slides without it")
+    slides.add_argument("--target_mpp", type=float,
+                        help="resolution to predict at (default: the model's training mpp, else level 0)")
+    slides.add_argument("--window", type=int, help="window size (default: --input_size or the model's)")
+    slides.add_argument("--tissue", action=argparse.BooleanOptionalAction, default=True,
+                        help="skip background found by tissue detection (default on)")
+    slides.add_argument("--chunk_size", type=int, default=1024, help="output chunk side (default 1024)")
+    slides.add_argument("--probabilities", action="store_true", help="also store class probabilities")
+    slides.add_argument("--ngff", choices=("0.4", "0.5"), default="0.4",
+                        help="OME-Zarr version (default 0.4)")
+    slides.add_argument("--export", nargs="+", choices=EXPORTS,
+                        help="also write pyramidal OME-TIFF / GeoJSON")
+    slides.add_argument("--overwrite", action="store_true", help="redo slides whose output is complete")
+    slides.add_argument("--scheduler", metavar="ADDRESS",
+                        help="dask.distributed scheduler: one slide per task (e.g. tcp://host:8786)")
+    parser.set_defaults(func=run)

@@ -1,0 +1,119 @@
+"""Running any segmentation model over batches of windows, with the details every caller needs.
+
+Inference accepts any ``nn.Module`` whose call maps float RGB ``(N, 3, H, W)`` in [0, 1] to logits
+``(N, C, H, W)`` and that has ``patch_size`` and ``num_classes`` attributes; class names and training
+resolution are read from ``model.config`` when it exists. Keeping this in one place lets tests drive
+the whole pipeline with an identity-like stand-in model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What inference needs to know about a model, whatever class it is."""
+
+    num_classes: int
+    patch_size: int
+    class_names: tuple[str, ...]
+    input_size: int | None
+    mpp: float | None
+
+
+def model_info(model) -> ModelInfo:
+    """Read classes, patch size, training window and resolution from a model (config when present)."""
+    for attr in ("num_classes", "patch_size"):
+        if not isinstance(getattr(model, attr, None), int):
+            raise ConfigError(
+                f"Model {type(model).__name__} has no integer '{attr}' attribute; inference needs "
+                "'num_classes' and 'patch_size' (SegmentationModel has both)."
+            )
+    config = getattr(model, "config", None)
+    names = tuple(getattr(config, "class_names", None) or getattr(model, "class_names", None) or ())
+    if len(names) != model.num_classes:
+        names = tuple(f"class_{i}" for i in range(model.num_classes))
+    input_size = getattr(config, "input_size", None)
+    mpp = getattr(config, "mpp", None)
+    return ModelInfo(model.num_classes, model.patch_size, names,
+                     int(input_size) if input_size else None, float(mpp) if mpp else None)
+
+
+def resolve_device(device: str | torch.device | None, model=None) -> torch.device:
+    """The device to run on: the one asked for (CUDA falls back to CPU if absent), else the model's."""
+    if device is None:
+        try:
+            return next(model.parameters()).device if model is not None else torch.device("cpu")
+        except (StopIteration, AttributeError):
+            return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        log.warning("CUDA device '%s' requested but CUDA is not available; running on the CPU.", device)
+        return torch.device("cpu")
+    return device
+
+
+class ModelRunner:
+    """Batches windows through a model in eval mode, with autocast on CUDA; returns float32 logits."""
+
+    def __init__(self, model, device=None, batch_size: int = 4, autocast: bool = True):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        self.info = model_info(model)
+        self.device = resolve_device(device, model)
+        self.model = model.to(self.device) if hasattr(model, "to") else model
+        if hasattr(self.model, "eval"):
+            self.model.eval()
+        self.batch_size = batch_size
+        self.autocast = autocast and self.device.type == "cuda"
+        # bfloat16 keeps float32's range (large ViTs overflow in float16); float16 on older GPUs
+        self.autocast_dtype = (torch.bfloat16 if self.autocast and torch.cuda.is_bf16_supported()
+                               else torch.float16)
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def patch_size(self) -> int:
+        return self.info.patch_size
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """(N, h, w, 3) uint8 or float [0, 1] windows -> (N, C, h, w) float32 logits."""
+        tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        tensor = tensor.permute(0, 3, 1, 2)
+        tensor = tensor.float().div_(255.0) if tensor.dtype == torch.uint8 else tensor.float()
+        context = (torch.autocast(device_type="cuda", dtype=self.autocast_dtype) if self.autocast
+                   else nullcontext())
+        with torch.inference_mode(), context:
+            logits = self.model(tensor)
+        if isinstance(logits, dict):  # seed-style models return {"out": logits}
+            logits = logits["out"]
+        if logits.shape[1] != self.num_classes or logits.shape[-2:] != tensor.shape[-2:]:
+            raise ConfigError(
+                f"Model returned logits of shape {tuple(logits.shape)} for input {tuple(tensor.shape)}; "
+                f"expected (N, {self.num_classes}, H, W) at the input size."
+            )
+        return logits.float().cpu().numpy()
+
+    def predict_windows(self, windows: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """Logits for each window of an iterable of same-shape (h, w, 3) windows, in order."""
+        batch: list[np.ndarray] = []
+        for window in windows:
+            batch.append(window)
+            if len(batch) == self.batch_size:
+                yield from self(np.stack(batch))
+                batch = []
+        if batch:
+            yield from self(np.stack(batch))

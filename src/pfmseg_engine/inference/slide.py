@@ -1,0 +1,418 @@
+"""Whole-slide prediction: chunk by chunk, tissue only, blended, resumable, streamed.
+
+For each output chunk (raster order) the predictor reads just the pixels its own windows cover
+(prefetched by reader threads while the model works), runs those windows through the model in
+batches, blends their logits with the window weight map, adds the spills its left/upper neighbours
+left for it, and writes uint8 labels (and optionally probabilities) into the OME-Zarr store. Memory
+is a few chunks whatever the slide size: no whole-slide array, no full-size float canvas, no
+``map_overlap``.
+
+Output appears as ``<name>.ome.zarr.partial`` and is renamed to ``<name>.ome.zarr`` only when
+complete. ``.pfmseg_work/`` inside it records finished chunks and holds the spills, so running the
+same command again resumes where it stopped and writes byte-identical output. Every finished chunk
+is reported (callback or iterator) so a viewer can show it at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..slides import Slide, detect_tissue, open_slide, plan_resolution, save_tissue_qc
+from ..slides.resolution import DEFAULT_TOLERANCE, ResolutionPlan
+from .grid import ChunkPlan, WindowGrid, raster_order
+from .omezarr import LabelStore
+from .runner import ModelRunner
+from .spills import OUTGOING, SpillStore, split_accumulator
+from .window import blend_weights, check_window, pad_to_window, softmax, stride_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW = 512
+WORK = ".pfmseg_work"
+SUFFIX = ".ome.zarr"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SlideInferenceConfig:
+    """Settings of one whole-slide run (all of them shape the output, so all are fingerprinted).
+
+    ``target_mpp``: output resolution (default: the model's training mpp, else slide level 0).
+    ``window``: window side in pixels (default: the model's input size, else 512); a multiple of the
+    model's patch size. ``chunk``: output chunk side (rounded up to the window). ``tissue_halo_um``:
+    tissue-mask dilation in micrometres (default: the window overlap, window - stride pixels).
+    ``pyramid``: label downsampling, "mode" (2x2 majority) or "nearest".
+    """
+
+    target_mpp: float | None = None
+    window: int | None = None
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    batch_size: int = 4
+    chunk: int = 1024
+    tissue: bool = True
+    tissue_halo_um: float | None = None
+    probabilities: bool = False
+    ngff: str = "0.4"
+    pyramid: str = "mode"
+    mpp_tolerance: float = DEFAULT_TOLERANCE
+    prefetch: int = 2
+    read_workers: int = 2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """One finished output chunk, as reported to callbacks and iterators.
+
+    ``box`` is (y0, y1, x0, x1) in output pixels (OME-Zarr level 0); ``level0_box`` the same region in
+    slide level-0 pixels (multiply by ``downsample``); ``labels`` uses 0 = no prediction, k = class k-1.
+    ``shape`` is the whole output's (H, W) and ``store`` the zarr store being written (the
+    ``.partial`` folder until the run completes), so a viewer can open it as a lazy layer.
+    """
+
+    index: tuple[int, int]
+    box: tuple[int, int, int, int]
+    labels: np.ndarray
+    downsample: float
+    computed: bool
+    done: int
+    total: int
+    shape: tuple[int, int] = (0, 0)
+    store: Path | None = None
+
+    @property
+    def level0_box(self) -> tuple[float, float, float, float]:
+        d = self.downsample
+        return tuple(v * d for v in self.box)  # type: ignore[return-value]
+
+
+@dataclass
+class SlideResult:
+    """Where the output is and what the run did."""
+
+    path: Path
+    name: str
+    shape: tuple[int, int]
+    mpp: float
+    class_names: tuple[str, ...]
+    plan: ResolutionPlan
+    tissue_fraction: float | None
+    qc_path: Path | None
+    chunks_total: int
+    chunks_run: int = 0
+    windows_run: int = 0
+    resumed: bool = False
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def model_fingerprint(model) -> str:
+    """A cheap identity of the model's weights, so a resumed run never mixes two models."""
+    digest = hashlib.sha1(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()) if hasattr(model, "state_dict") else []:
+        t = tensor.detach()
+        value = float(t.double().sum()) if t.is_floating_point() else float(t.sum())
+        digest.update(f"{name}{tuple(t.shape)}{value:.10e}".encode())
+    return digest.hexdigest()
+
+
+class _Run:
+    """State of one slide run; :func:`iter_predict_slide` drives it."""
+
+    def __init__(self, model, slide: Slide, output_dir: Path, config: SlideInferenceConfig, device, name):
+        self.config = config
+        self.slide = slide
+        self.runner = ModelRunner(model, device=device, batch_size=config.batch_size)
+        info = self.runner.info
+        if info.num_classes > 254:
+            raise ConfigError(f"{info.num_classes} classes do not fit uint8 labels (at most 254).")
+        self.class_names = info.class_names
+        self.plan = plan_resolution(slide, config.target_mpp or info.mpp, config.mpp_tolerance)
+        window = config.window or info.input_size or DEFAULT_WINDOW
+        self.window = check_window(window, info.patch_size)
+        self.stride = stride_for(self.window, config.overlap, info.patch_size)
+        self.weights = blend_weights(self.window, config.blend)
+        chunk = max(int(config.chunk), self.window)
+        self.grid = WindowGrid(self.plan.shape, self.window, self.stride, chunk)
+        self.source = self.plan.source(slide)
+        self.name = name or slide.name
+        self.final = Path(output_dir) / f"{self.name}{SUFFIX}"
+        self.partial = self.final.with_name(self.final.name + ".partial")
+        self.qc_path: Path | None = None
+        self.tissue = None
+        keep = None
+        if config.tissue:
+            halo = config.tissue_halo_um
+            halo = (self.window - self.stride) * self.plan.mpp if halo is None else halo
+            self.tissue = detect_tissue(slide, halo_um=halo)
+            ds = self.plan.downsample
+            keep = lambda b: self.tissue.any_in(b[0] * ds, b[1] * ds, b[2] * ds, b[3] * ds)  # noqa: E731
+        self.plans = self.grid.plan(keep)
+        self.order = list(raster_order(self.plans))
+        self.fingerprint = self._fingerprint(model)
+
+    # ---- bookkeeping -------------------------------------------------------------------------
+    def _fingerprint(self, model) -> dict[str, Any]:
+        slide = self.slide
+        source = {"name": slide.name, "path": str(slide.path) if slide.path else None,
+                  "size": slide.path.stat().st_size if slide.path and slide.path.is_file() else None,
+                  "mpp": slide.mpp, "dimensions": list(slide.dimensions)}
+        tissue = hashlib.sha1(np.packbits(self.tissue.mask).tobytes()).hexdigest() if self.tissue else None
+        return {"format": FORMAT_VERSION, "slide": source, "plan": self.plan.to_dict(), "window": self.window,
+                "stride": self.stride, "chunk": self.grid.chunk, "config": self.config.to_dict(),
+                "tissue": tissue, "model": model_fingerprint(model), "classes": list(self.class_names)}
+
+    def metadata(self) -> dict[str, Any]:
+        """What the OME-Zarr root records under "pfmseg" (deterministic: no timestamps)."""
+        from .. import __version__
+
+        slide = self.slide
+        return {
+            "version": __version__,
+            "class_names": list(self.class_names),
+            "label_values": {"0": "no prediction (outside tissue)", "k": "class k-1"},
+            "slide": {"name": slide.name, "path": str(slide.path) if slide.path else None, "mpp": slide.mpp,
+                      "dimensions": list(slide.dimensions), "bounds_offset": list(slide.bounds_offset)},
+            "resolution_plan": self.plan.to_dict(),
+            "window": self.window, "stride": self.stride, "overlap": self.config.overlap,
+            "blend": self.config.blend, "chunk": self.grid.chunk,
+            "tissue": None if self.tissue is None else {
+                "fraction": round(self.tissue.fraction, 6), "mpp": self.tissue.mpp,
+                "threshold": round(self.tissue.threshold, 6)},
+            "probabilities": self.config.probabilities,
+        }
+
+    def prepare_store(self) -> tuple[LabelStore, dict[tuple[int, int], bool], bool]:
+        """Open the partial store to resume it, or start a fresh one; returns (store, done, resumed)."""
+        work = self.partial / WORK
+        record = work / "run.json"
+        kwargs = {"shape": self.plan.shape, "chunk": self.grid.chunk, "num_classes": len(self.class_names),
+                  "probabilities": self.config.probabilities, "ngff": self.config.ngff}
+        if record.is_file():
+            try:
+                same = json.loads(record.read_text()) == json.loads(json.dumps(self.fingerprint))
+            except json.JSONDecodeError:
+                same = False
+            if same:
+                return LabelStore(self.partial, create=False, **kwargs), self._read_done(), True
+            log.warning("Discarding '%s': it was made with other settings, model or slide.", self.partial)
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        store = LabelStore(self.partial, create=True, **kwargs)
+        work.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.fingerprint, indent=1))
+        os.replace(tmp, record)
+        return store, {}, False
+
+    def _read_done(self) -> dict[tuple[int, int], bool]:
+        done: dict[tuple[int, int], bool] = {}
+        path = self.partial / WORK / "done.jsonl"
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a torn last line from a crash: that chunk reruns
+                    continue
+                done[tuple(entry["chunk"])] = bool(entry["nonempty"])
+        return done
+
+    def mark_done(self, index: tuple[int, int], nonempty: bool) -> None:
+        with open(self.partial / WORK / "done.jsonl", "a") as handle:
+            handle.write(json.dumps({"chunk": list(index), "nonempty": nonempty}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    # ---- the work of one chunk ---------------------------------------------------------------
+    def read(self, plan: ChunkPlan) -> np.ndarray:
+        y0, y1, x0, x1 = self.grid.read_box(plan)
+        return np.asarray(self.source[y0:y1, x0:x1])
+
+    def accumulate(self, plan: ChunkPlan, region: np.ndarray | None) -> np.ndarray:
+        """(C + 1, h, w) weighted logit sums + weight sum over the chunk and what its windows reach."""
+        ay0, ay1, ax0, ax1 = self.grid.accumulator_box(plan)
+        k = len(self.class_names)
+        acc = np.zeros((k + 1, ay1 - ay0, ax1 - ax0), np.float32)
+        if region is None:
+            return acc
+        ry0, _, rx0, _ = self.grid.read_box(plan)
+        boxes = [self.grid.footprint(y, x) for y, x in plan.windows]
+        crops = (pad_to_window(region[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0], self.window)
+                 for y0, y1, x0, x1 in boxes)
+        for (y0, y1, x0, x1), logits in zip(boxes, self.runner.predict_windows(crops), strict=True):
+            h, w = y1 - y0, x1 - x0
+            weights = self.weights[:h, :w]
+            target = acc[:, y0 - ay0:y1 - ay0, x0 - ax0:x1 - ax0]
+            target[:k] += logits[:, :h, :w] * weights
+            target[k] += weights
+        return acc
+
+    def finish(self, plan: ChunkPlan, acc: np.ndarray, spills: SpillStore
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Add incoming spills, hand on outgoing ones, return (labels, probabilities or None)."""
+        y0, y1, x0, x1 = plan.box
+        h, w = y1 - y0, x1 - x0
+        total = acc[:, :h, :w].copy()
+        for direction in plan.senders:
+            part = spills.get(plan.index, direction)
+            total[:, : part.shape[1], : part.shape[2]] += part
+        cy, cx = plan.index
+        outgoing = split_accumulator(acc, (h, w))
+        for direction, dy, dx in OUTGOING:
+            receiver = self.plans.get((cy + dy, cx + dx))
+            if receiver is not None and direction in receiver.senders and direction in outgoing:
+                spills.put(receiver.index, direction, outgoing[direction])
+        k = len(self.class_names)
+        wsum = total[k]
+        covered = wsum > 0
+        logits = total[:k] / np.where(covered, wsum, 1.0)
+        labels = np.where(covered, logits.argmax(0) + 1, 0).astype(np.uint8)
+        probs = None
+        if self.config.probabilities:
+            probs = np.where(covered, np.round(softmax(logits) * 255.0), 0).astype(np.uint8)
+        return labels, probs
+
+
+def _prefetched(run: _Run, todo: list[ChunkPlan], pool: ThreadPoolExecutor
+                ) -> Generator[tuple[ChunkPlan, np.ndarray | None], None, None]:
+    """Chunks in order with their pixels, reading up to ``prefetch`` computing chunks ahead."""
+    pending: deque[tuple[ChunkPlan, Future | None]] = deque()
+    queue = iter(todo)
+    ahead = max(1, run.config.prefetch)
+
+    def fill() -> None:
+        while sum(1 for _, f in pending if f is not None) < ahead:
+            plan = next(queue, None)
+            if plan is None:
+                return
+            pending.append((plan, pool.submit(run.read, plan) if plan.computes else None))
+
+    fill()
+    while pending:
+        plan, future = pending.popleft()
+        fill()
+        yield plan, (future.result() if future is not None else None)
+
+
+def iter_predict_slide(
+    model,
+    slide: Slide | str | Path,
+    output_dir: str | Path,
+    config: SlideInferenceConfig | None = None,
+    *,
+    device=None,
+    name: str | None = None,
+    mpp: float | None = None,
+    overwrite: bool = False,
+) -> Generator[ChunkResult, None, SlideResult]:
+    """Predict a slide, yielding each finished chunk; the generator's return value is the result.
+
+    ``slide`` is a :class:`Slide` or a path (``mpp`` then overrides missing metadata). An existing
+    complete output is returned untouched unless ``overwrite``; a ``.partial`` one is resumed.
+    """
+    start = time.perf_counter()
+    config = config or SlideInferenceConfig()
+    own_slide = not isinstance(slide, Slide)
+    if own_slide:
+        slide = open_slide(slide, mpp=mpp)
+    try:
+        run = _Run(model, slide, Path(output_dir), config, device, name)
+        result = SlideResult(path=run.final, name=run.name, shape=run.plan.shape, mpp=run.plan.mpp,
+                             class_names=run.class_names, plan=run.plan,
+                             tissue_fraction=run.tissue.fraction if run.tissue else None, qc_path=None,
+                             chunks_total=len(run.order))
+        if run.final.exists():
+            if not overwrite:
+                log.info("'%s' is complete already; pass overwrite=True (--overwrite) to redo it.", run.final)
+                return result
+            shutil.rmtree(run.final)
+        run.final.parent.mkdir(parents=True, exist_ok=True)
+        if run.tissue is not None:
+            result.qc_path = save_tissue_qc(run.tissue, run.final.with_name(f"{run.name}_tissue.png"))
+        store, done, result.resumed = run.prepare_store()
+        spills = SpillStore(run.partial / WORK / "spills")
+        todo = [p for p in run.order if p.index not in done]
+        count = len(run.order) - len(todo)
+        with ThreadPoolExecutor(max(1, config.read_workers), thread_name_prefix="pfmseg-read") as pool:
+            for plan, region in _prefetched(run, todo, pool):
+                labels, probs = run.finish(plan, run.accumulate(plan, region), spills)
+                nonempty = bool(labels.any())
+                if nonempty:
+                    store.write(plan.box, labels, probs)
+                run.mark_done(plan.index, nonempty)
+                spills.drop(plan.index)
+                done[plan.index] = nonempty
+                count += 1
+                result.chunks_run += 1
+                result.windows_run += len(plan.windows)
+                yield ChunkResult(plan.index, plan.box, labels, run.plan.downsample, plan.computes, count,
+                                  len(run.order), run.plan.shape, run.partial)
+        store.finalize({i for i, filled in done.items() if filled}, name=run.name, mpp=run.plan.mpp,
+                       slide_mpp=slide.require_mpp(), class_names=run.class_names, extra=run.metadata(),
+                       method=config.pyramid)
+        shutil.rmtree(run.partial / WORK)
+        os.replace(run.partial, run.final)
+        result.seconds = time.perf_counter() - start
+        return result
+    finally:
+        if own_slide:
+            slide.close()
+
+
+def predict_slide(
+    model,
+    slide: Slide | str | Path,
+    output_dir: str | Path,
+    config: SlideInferenceConfig | None = None,
+    *,
+    callback: Callable[[ChunkResult], Any] | None = None,
+    device=None,
+    name: str | None = None,
+    mpp: float | None = None,
+    overwrite: bool = False,
+    **options: Any,
+) -> SlideResult:
+    """Predict a whole slide into ``<output_dir>/<name>.ome.zarr``; ``callback`` sees every chunk.
+
+    Settings come from ``config`` or as keyword ``options`` (fields of :class:`SlideInferenceConfig`).
+    An exception raised by ``callback`` stops the run; the ``.partial`` output then resumes on the
+    next call with the same arguments.
+    """
+    if options:
+        unknown = sorted(set(options) - set(SlideInferenceConfig.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"Unknown slide inference option '{unknown[0]}'; options are "
+                              f"{', '.join(SlideInferenceConfig.__dataclass_fields__)}.")
+        config = SlideInferenceConfig(**{**(config.to_dict() if config else {}), **options})
+    generator = iter_predict_slide(model, slide, output_dir, config, device=device, name=name, mpp=mpp,
+                                   overwrite=overwrite)
+    try:
+        while True:
+            chunk = next(generator)
+            if callback is not None:
+                callback(chunk)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        generator.close()
+
+
+__all__ = ["ChunkResult", "SlideInferenceConfig", "SlideResult", "iter_predict_slide",
+           "predict_slide"]

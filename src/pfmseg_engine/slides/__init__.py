@@ -1,0 +1,11 @@
+"""Whole-slide images as lazy pyramids with physical resolution, and tissue detection."""
+
+from __future__ import annotations
+
+from .formats import open_slide
+from .resolution import ResolutionPlan, plan_resolution
+from .slide import Slide
+from .tissue import TissueMask, detect_tissue, save_tissue_qc
+
+__all__ = ["ResolutionPlan", "Slide", "TissueMask", "detect_tissue", "open_slide", "plan_resolution",
+           "save_tissue_qc"]

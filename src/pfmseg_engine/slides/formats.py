@@ -1,0 +1,257 @@
+"""``open_slide``: one opener per file family, chosen from a table keyed by file suffix.
+
+* TIFF family (SVS, NDPI, generic tiled TIFF, OME-TIFF, MRXS/SCN/BIF where tiffslide reads them):
+  tiffslide, no native OpenSlide needed; mpp and bounds from its normalised properties.
+* PNG/JPEG: PIL (no region reads: decoded once per process; no trustworthy mpp, so give one).
+* zarr / OME-Zarr (NGFF 0.4 and 0.5 multiscales): each dataset a level; mpp from the scale
+  transformation of level 0 when its axis unit is known.
+
+Any failure to open becomes a :class:`SlideError` that names the file and what to do about it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from ..errors import SlideError
+from .readers import ArrayReader, PILReader, ThreadLocalHandles, TiffLevelReader
+from .slide import Slide, lazy_level
+
+log = logging.getLogger(__name__)
+
+#: Plausible microns per pixel for histology; metadata outside this range is ignored as bogus.
+MPP_RANGE = (0.01, 100.0)
+
+#: Length units of NGFF axes, in micrometres.
+UNIT_TO_UM = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "nanometer": 1e-3, "nm": 1e-3,
+              "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4, "meter": 1e6}
+
+
+def _plausible(mpp: Any, source: str) -> float | None:
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(value) or not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
+        log.warning("Ignoring implausible microns-per-pixel %r from %s.", mpp, source)
+        return None
+    return value
+
+
+def _fail(path: Path, exc: BaseException, kind: str) -> SlideError:
+    return SlideError(
+        f"Cannot open '{path}' as a {kind} slide ({type(exc).__name__}: {exc}). The file may be truncated, "
+        f"corrupt or of another format; supported: {', '.join(sorted(SUFFIXES))}."
+    )
+
+
+# ---- TIFF family ------------------------------------------------------------------------------
+def _ome_mpp(description: Any) -> float | None:
+    """PhysicalSizeX of the first image in OME-XML (tiffslide does not read it), in micrometres."""
+    if not isinstance(description, str) or "<OME" not in description:
+        return None
+    size = re.search(r'<Pixels[^>]*\bPhysicalSizeX="([^"]+)"', description)
+    if size is None:
+        return None
+    unit = re.search(r'<Pixels[^>]*\bPhysicalSizeXUnit="([^"]+)"', description)
+    factor = UNIT_TO_UM.get(unit.group(1) if unit else "µm")
+    try:
+        return float(size.group(1)) * factor if factor else None
+    except ValueError:
+        return None
+
+
+def _open_tiff(path: Path) -> dict[str, Any]:
+    import tiffslide
+
+    try:
+        handle = tiffslide.TiffSlide(path)
+        props = dict(handle.properties)
+        level_dims = list(handle.level_dimensions)
+        downsamples = [float(d) for d in handle.level_downsamples]
+    except Exception as exc:
+        raise _fail(path, exc, "TIFF-family") from exc
+    bx, by = (int(props.get(f"tiffslide.bounds-{k}") or 0) for k in "xy")
+    bw = props.get("tiffslide.bounds-width") or level_dims[0][0] - bx
+    bh = props.get("tiffslide.bounds-height") or level_dims[0][1] - by
+    handles = ThreadLocalHandles(lambda: tiffslide.TiffSlide(path))
+    handles.adopt(handle)
+    token = tokenize(str(path), path.stat().st_mtime_ns, path.stat().st_size)
+    readers, levels = [], []
+    for i, ((width, height), ds) in enumerate(zip(level_dims, downsamples, strict=True)):
+        ox, oy = round(bx / ds), round(by / ds)
+        shape = (min(round(int(bh) / ds), height - oy), min(round(int(bw) / ds), width - ox))
+        reader = TiffLevelReader(path, i, shape, (oy, ox), handles)
+        tile = props.get(f"tiffslide.level[{i}].tile-width")
+        readers.append(reader)
+        levels.append(lazy_level(reader, tile, f"pfmseg-tiff-{token}-{i}"))
+    return {
+        "levels": levels, "readers": readers, "downsamples": downsamples,
+        "mpp": _plausible(props.get("tiffslide.mpp-x") or _ome_mpp(props.get("tiff.ImageDescription")),
+                          f"'{path}' metadata"),
+        "bounds_offset": (bx, by),
+        "properties": {k: v for k, v in props.items()
+                       if isinstance(v, (str, int, float)) and k != "tiffslide.comment"},
+    }
+
+
+# ---- PNG / JPEG -------------------------------------------------------------------------------
+def _open_pil(path: Path) -> dict[str, Any]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+        reader = PILReader(path, (height, width))
+        reader[0:1, 0:1]  # decode now: a truncated file fails here, not mid-inference
+    except SlideError:
+        raise
+    except Exception as exc:
+        raise _fail(path, exc, "PNG/JPEG") from exc
+    token = tokenize(str(path), path.stat().st_mtime_ns)
+    return {"levels": [lazy_level(reader, None, f"pfmseg-pil-{token}")], "readers": [reader],
+            "downsamples": [1.0], "mpp": None, "bounds_offset": (0, 0), "properties": {}}
+
+
+# ---- zarr / OME-Zarr --------------------------------------------------------------------------
+def _guess_axes(shape: tuple[int, ...]) -> list[str]:
+    if len(shape) == 2:
+        return ["y", "x"]
+    if len(shape) == 3 and shape[-1] in (1, 3, 4):
+        return ["y", "x", "c"]
+    if len(shape) == 3 and shape[0] in (1, 3, 4):
+        return ["c", "y", "x"]
+    raise SlideError(
+        f"Cannot tell the axes of a zarr array of shape {shape}; store it as (y, x, c) or OME-Zarr."
+    )
+
+
+def _to_yxc(array: da.Array, axes: list[str]) -> da.Array:
+    """Reorder any NGFF axis layout (t, c, z, y, x in any order) to (y, x, 3)."""
+    index = tuple(slice(None) if a in ("y", "x", "c") else 0 for a in axes)
+    array = array[index]
+    kept = [a for a in axes if a in ("y", "x", "c")]
+    if "c" not in kept:
+        array, kept = array[..., None], [*kept, "c"]
+    array = array.transpose([kept.index(a) for a in ("y", "x", "c")])
+    if array.shape[2] == 1:
+        array = da.concatenate([array] * 3, axis=2)
+    if array.dtype != np.uint8:
+        raise SlideError(f"zarr slide data must be uint8 RGB, got {array.dtype}; convert it to 8-bit first.")
+    return array[:, :, :3]
+
+
+def _multiscales(attrs: dict[str, Any]) -> list[dict[str, Any]] | None:
+    return attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+
+
+def _open_zarr(path: Path) -> dict[str, Any]:
+    import zarr
+
+    try:
+        root = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise _fail(path, exc, "zarr") from exc
+    mpp, downsamples = None, [1.0]
+    if isinstance(root, zarr.Array):
+        arrays, axes = [root], _guess_axes(root.shape)
+    else:
+        multiscales = _multiscales(dict(root.attrs))
+        if not multiscales:
+            if "0" not in root:
+                raise SlideError(f"'{path}' is a zarr group without OME multiscales metadata or a '0' array.")
+            arrays = [root["0"]]
+            axes = _guess_axes(arrays[0].shape)
+        else:
+            meta = multiscales[0]
+            arrays = [root[d["path"]] for d in meta["datasets"]]
+            raw_axes = meta.get("axes") or ["t", "c", "z", "y", "x"][-arrays[0].ndim:]
+            axes = [a["name"] if isinstance(a, dict) else a for a in raw_axes]
+            scales = [_scale(d, len(axes)) for d in meta["datasets"]]
+            ix = axes.index("x")
+            downsamples = [s[ix] / scales[0][ix] for s in scales]
+            unit = raw_axes[ix].get("unit") if isinstance(raw_axes[ix], dict) else None
+            if unit in UNIT_TO_UM:
+                mpp = _plausible(scales[0][ix] * UNIT_TO_UM[unit], f"'{path}' multiscales")
+    levels = [_to_yxc(da.from_zarr(a), axes) for a in arrays]
+    return {"levels": levels, "readers": [ArrayReader(level) for level in levels],
+            "downsamples": downsamples, "mpp": mpp, "bounds_offset": (0, 0), "properties": {}}
+
+
+def _scale(dataset: dict[str, Any], ndim: int) -> list[float]:
+    for transform in dataset.get("coordinateTransformations", []):
+        if transform.get("type") == "scale":
+            return [float(v) for v in transform["scale"]]
+    return [1.0] * ndim
+
+
+OPENERS = {"tiff": _open_tiff, "pil": _open_pil, "zarr": _open_zarr}
+SUFFIXES = {
+    ".svs": "tiff", ".ndpi": "tiff", ".tif": "tiff", ".tiff": "tiff", ".mrxs": "tiff", ".scn": "tiff",
+    ".bif": "tiff", ".svslide": "tiff", ".qptiff": "tiff",
+    ".png": "pil", ".jpg": "pil", ".jpeg": "pil",
+    ".zarr": "zarr",
+}
+
+
+def slide_kind(path: Path) -> str:
+    """Which opener handles ``path`` (a directory holding zarr metadata is zarr whatever its name)."""
+    if path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zarray")):
+        return "zarr"
+    kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise SlideError(
+            f"Unsupported slide file type '{path.suffix}' ('{path}'); "
+            f"supported: {', '.join(sorted(SUFFIXES))}."
+        )
+    return kind
+
+
+def slide_name(path: Path) -> str:
+    """File name without its format suffix (``a.ome.tif`` -> ``a``, ``b.svs`` -> ``b``)."""
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", path.suffix):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def open_slide(path: str | Path, mpp: float | None = None, *, require_mpp: bool = True) -> Slide:
+    """Open a whole-slide image (or plain image, or zarr) as a :class:`Slide` of lazy levels.
+
+    ``mpp`` overrides the level-0 microns per pixel (needed when the file has none). Without it and
+    without metadata, a :class:`SlideError` says so, unless ``require_mpp=False`` (viewing only).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SlideError(f"Slide '{path}' does not exist.")
+    kind = slide_kind(path)
+    parts = OPENERS[kind](path)
+    if mpp is not None:
+        if not (math.isfinite(float(mpp)) and float(mpp) > 0):
+            raise SlideError(f"--mpp must be a positive number of microns per pixel, got {mpp}.")
+        if parts["mpp"] and abs(parts["mpp"] - float(mpp)) > 0.01 * parts["mpp"]:
+            log.warning("Overriding '%s' metadata mpp %.4g with %.4g.", path.name, parts["mpp"], float(mpp))
+        parts["mpp"] = float(mpp)
+    slide = Slide(path=path, name=slide_name(path), **parts)
+    if kind == "tiff":
+        _probe(slide)
+    if require_mpp:
+        slide.require_mpp()
+    return slide
+
+
+def _probe(slide: Slide) -> None:
+    """Decode one tile of the coarsest level, so a corrupt file fails at open, not hours later."""
+    last = slide.readers[-1]
+    height, width = last.shape[:2]
+    if height and width:
+        last[height // 2:height // 2 + 1, width // 2:width // 2 + 1]

@@ -1,0 +1,199 @@
+"""Array-like readers of one slide level: ``shape``, ``dtype`` and ``reader[y0:y1, x0:x1]``.
+
+They are what :class:`~pfmseg_engine.slides.slide.Slide` wraps in lazy dask arrays, and what
+whole-slide inference reads regions from directly (tile-granular, no read amplification from dask
+chunk boundaries). File handles are never shared: each process and each thread opens its own on
+first use (tiffslide/tifffile handles are unsafe across threads and forks), and pickling drops them
+so a reader can travel to dask workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SlideError
+
+
+def _bounds(key: Any, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of a basic 2-D slice key (what dask and callers pass)."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    key = key + (slice(None),) * (2 - len(key[:2]))
+    out = []
+    for part, size in zip(key[:2], shape[:2], strict=True):
+        if isinstance(part, (int, np.integer)):
+            part = slice(int(part), int(part) + 1)
+        if not isinstance(part, slice) or part.step not in (None, 1):
+            raise IndexError(f"Slide readers take contiguous slices, got {part!r}.")
+        start, stop, _ = part.indices(size)
+        out += [start, max(start, stop)]
+    return out[0], out[1], out[2], out[3]
+
+
+def _channel_key(key: Any) -> Any:
+    return key[2] if isinstance(key, tuple) and len(key) > 2 else slice(None)
+
+
+def to_rgb(array: np.ndarray) -> np.ndarray:
+    """Gray -> RGB, RGBA -> RGB; slides are always handed on as (h, w, 3) uint8."""
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape[-1] == 1:
+        return np.repeat(array, 3, axis=-1)
+    return array[..., :3]
+
+
+class ThreadLocalHandles:
+    """One opened handle per (process, thread); all closed together by :meth:`close`."""
+
+    def __init__(self, opener):
+        self._opener = opener
+        self._local = threading.local()
+        self._all: list[Any] = []
+        self._lock = threading.Lock()
+
+    def adopt(self, handle: Any) -> None:
+        """Use an already opened handle for the calling thread (the one that opened the slide)."""
+        self._local.handle, self._local.pid = handle, os.getpid()
+        with self._lock:
+            self._all.append(handle)
+
+    def get(self) -> Any:
+        handle = getattr(self._local, "handle", None)
+        if handle is None or getattr(self._local, "pid", None) != os.getpid():
+            handle = self._opener()
+            self._local.handle, self._local.pid = handle, os.getpid()
+            with self._lock:
+                self._all.append(handle)
+        return handle
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._all = self._all, []
+        for handle in handles:
+            with contextlib.suppress(Exception):  # closing is best effort
+                handle.close()
+        self._local = threading.local()
+
+
+class TiffLevelReader:
+    """One pyramid level of a TIFF-family slide read through tiffslide's tile-granular zarr store.
+
+    ``offset`` (y, x) crops the level to the slide's bounds (MRXS/NDPI report where the scanned
+    area lies in the full frame).
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, path: Path, level: int, shape: tuple[int, int], offset: tuple[int, int] = (0, 0),
+                 handles: ThreadLocalHandles | None = None):
+        self.path = Path(path)
+        self.level = level
+        self.shape = (int(shape[0]), int(shape[1]), 3)
+        self.offset = (int(offset[0]), int(offset[1]))
+        self._handles = handles or ThreadLocalHandles(self._open)
+
+    def _open(self):
+        import tiffslide
+
+        return tiffslide.TiffSlide(self.path)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._handles = ThreadLocalHandles(self._open)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        y0, y1, x0, x1 = _bounds(key, self.shape)
+        oy, ox = self.offset
+        try:
+            array = self._handles.get().zarr_group[str(self.level)]
+            data = np.asarray(array[y0 + oy:y1 + oy, x0 + ox:x1 + ox])
+        except Exception as exc:
+            raise SlideError(
+                f"Reading region y={y0}:{y1}, x={x0}:{x1} of level {self.level} of '{self.path}' failed "
+                f"({type(exc).__name__}: {exc}). The file is probably truncated or corrupt; re-copy or "
+                "re-export it."
+            ) from exc
+        return to_rgb(data)[:, :, _channel_key(key)]
+
+    def close(self) -> None:
+        if self._handles is not None:
+            self._handles.close()
+
+
+class ArrayReader:
+    """Any in-memory or lazy (H, W[, C]) array presented as an (H, W, 3) uint8 reader."""
+
+    ndim = 3
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, array: Any):
+        shape = tuple(int(s) for s in array.shape)
+        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
+            raise SlideError(f"Slide arrays must be (H, W) or (H, W, 1|3|4), got shape {shape}.")
+        if np.dtype(array.dtype) != np.uint8:
+            raise SlideError(f"Slide arrays must be uint8, got {array.dtype}; scale to 0..255 first.")
+        self.array = array
+        self.shape = (shape[0], shape[1], 3)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        y0, y1, x0, x1 = _bounds(key, self.shape)
+        return to_rgb(np.asarray(self.array[y0:y1, x0:x1]))[:, :, _channel_key(key)]
+
+    def close(self) -> None:
+        pass
+
+
+class PILReader:
+    """A PNG/JPEG image, decoded once per process on first access (PIL cannot read regions)."""
+
+    ndim = 3
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, path: Path, shape: tuple[int, int]):
+        self.path = Path(path)
+        self.shape = (int(shape[0]), int(shape[1]), 3)
+        self._cache: tuple[int, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "shape": self.shape}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["shape"][:2])
+
+    def _pixels(self) -> np.ndarray:
+        with self._lock:
+            if self._cache is None or self._cache[0] != os.getpid():
+                from PIL import Image
+
+                Image.MAX_IMAGE_PIXELS = None  # slides are big on purpose
+                try:
+                    with Image.open(self.path) as img:
+                        pixels = np.asarray(img.convert("RGB"))
+                except Exception as exc:
+                    raise SlideError(
+                        f"Decoding image '{self.path}' failed ({type(exc).__name__}: {exc}); the file is "
+                        "truncated or corrupt."
+                    ) from exc
+                self._cache = (os.getpid(), pixels)
+            return self._cache[1]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        y0, y1, x0, x1 = _bounds(key, self.shape)
+        return self._pixels()[y0:y1, x0:x1][:, :, _channel_key(key)]
+
+    def close(self) -> None:
+        self._cache = None

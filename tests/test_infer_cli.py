@@ -1,0 +1,88 @@
+"""``python -m pfmseg_engine infer``: the seed's image-set form and the whole-slide form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pfmseg_engine.cli import main
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+LUAD = DATA / "wsss4luad" / "dataset.json"
+CLASSES = ("tumor", "stroma", "normal", "background")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random-weight model saved the way training saves it (checkpoints/best.pt)."""
+    from pfmseg_engine.checkpoint import save_checkpoint
+    from pfmseg_engine.model import ModelConfig, build_model
+    from pfmseg_engine.tuning import TuningConfig
+
+    config = ModelConfig(backbone="kaiko-vits16", tiny=True, num_classes=4, class_names=CLASSES,
+                         tuning=TuningConfig(strategy="cnn_adapter"), head="multilevel", input_size=64)
+    folder = tmp_path_factory.mktemp("run")
+    path = folder / "checkpoints" / "best.pt"
+    save_checkpoint(path, build_model(config))
+    return path
+
+
+def test_image_set_windowslide(checkpoint, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("dataset:\n  ignore_index: 255\n")
+    code = main(["infer", "--config", str(config), "--checkpoint", str(checkpoint.parent.parent),
+                 "--input_json", str(LUAD), "--output_dir", str(tmp_path / "out"), "--input_size", "64",
+                 "--resize_or_windowslide", "windowslide", "--batch_size", "4", "--device", "cpu"])
+    assert code == 0
+    masks = sorted((tmp_path / "out" / "predictions_masks").glob("*.png"))
+    tests = json.loads(LUAD.read_text())["data"]["test"]
+    assert [m.name for m in masks] == sorted(Path(t["image_path"]).stem + ".png" for t in tests)
+    for mask_path, entry in zip(masks, sorted(tests, key=lambda t: t["image_path"]), strict=True):
+        image = Image.open(LUAD.parent / entry["image_path"])
+        mask = np.asarray(Image.open(mask_path))
+        assert mask.shape == image.size[::-1] and mask.max() < 4
+        overlay = Image.open(tmp_path / "out" / "predictions_overlays" / mask_path.name)
+        assert overlay.size == (2 * image.size[0], image.size[1])  # label | prediction
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert {"mIoU", "Pixel_Accuracy", "Mean_Dice", "IoU_Class_0"} <= set(metrics)
+    assert 0 <= metrics["Pixel_Accuracy"] <= 1
+    assert "Metrics: mIoU" in capsys.readouterr().out
+
+
+def test_image_set_resize_restores_size(checkpoint, tmp_path):
+    code = main(["infer", "--checkpoint", str(checkpoint), "--input_json", str(LUAD), "--output_dir",
+                 str(tmp_path), "--input_size", "64", "--resize_or_windowslide", "resize",
+                 "--batch_size", "8"])
+    assert code == 0
+    for mask_path in (tmp_path / "predictions_masks").glob("*.png"):
+        image = Image.open(LUAD.parent / "images" / mask_path.name)
+        assert Image.open(mask_path).size == image.size
+
+
+def test_slide_form_with_exports(checkpoint, tmp_path, capsys):
+    code = main(["infer", "--slide", str(DATA / "slides" / "CMU-1-Small-Region.svs"), "--checkpoint",
+                 str(checkpoint), "--output_dir", str(tmp_path), "--target_mpp", "4.0", "--input_size", "64",
+                 "--overlap", "0.5", "--blend", "constant", "--export", "ome-tiff", "geojson"])
+    assert code == 0
+    zarr_path = tmp_path / "CMU-1-Small-Region.ome.zarr"
+    assert zarr_path.is_dir() and (tmp_path / "CMU-1-Small-Region_tissue.png").is_file()
+    assert (tmp_path / "CMU-1-Small-Region.labels.ome.tif").is_file()
+    geojson = json.loads((tmp_path / "CMU-1-Small-Region.geojson").read_text())
+    assert {f["properties"]["classification"]["name"] for f in geojson["features"]} <= set(CLASSES)
+    meta = json.loads((zarr_path / ".zattrs").read_text())["pfmseg"]
+    assert meta["class_names"] == list(CLASSES) and meta["blend"] == "constant"
+    assert meta["resolution_plan"]["factor"] == 8
+    assert "chunks run" in capsys.readouterr().out
+
+
+def test_slide_form_errors_are_clear(checkpoint, tmp_path, capsys):
+    code = main(["infer", "--slide", str(DATA / "slides" / "TCGA-CR-7395-01A-01-TS1.svs"), "--checkpoint",
+                 str(checkpoint), "--output_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--mpp" in err and "Traceback" not in err
+    assert main(["infer", "--checkpoint", str(checkpoint), "--output_dir", str(tmp_path)]) == 2
+    assert "--input_json" in capsys.readouterr().err

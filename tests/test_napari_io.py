@@ -1,0 +1,172 @@
+"""napari plugin I/O: manifest, reader (real slides, demo sample, engine outputs), writers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("npe2")
+
+from napari_pfmseg._reader import napari_get_reader
+
+pytestmark = pytest.mark.gui
+
+SLIDES = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    """Demo slide and session files go to a temporary cache, never the user's."""
+    monkeypatch.setenv("PFMSEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "pfmseg-cache"))
+
+
+def test_manifest_validates_and_imports():
+    """``npe2 validate pfmseg --imports``: the installed distribution's manifest and every python_name."""
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest._from_package_or_name("pfmseg")
+    manifest.validate_imports()
+    contributions = manifest.contributions
+    assert {w.display_name for w in contributions.widgets} == {"Model", "Annotate", "Train", "Predict"}
+    patterns = set(contributions.readers[0].filename_patterns)
+    assert {"*.svs", "*.ndpi", "*.tif", "*.tiff", "*.ome.tif", "*.ome.tiff", "*.zarr"} <= patterns
+    assert {tuple(w.layer_types) for w in contributions.writers} == {("labels",)}
+    assert "napari/layers/segment" in contributions.menus
+    assert [s.key for s in contributions.sample_data] == ["demo_slide"]
+
+
+def test_reader_declines_other_files(tmp_path):
+    import tifffile
+
+    assert napari_get_reader(str(tmp_path / "image.png")) is None
+    assert napari_get_reader(str(tmp_path / "slide.svs")) is not None
+    tifffile.imwrite(tmp_path / "stack.tif", np.zeros((4, 16, 16), np.uint16))  # not a slide: other readers
+    assert napari_get_reader(str(tmp_path / "stack.tif")) is None
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((16, 16, 3), np.uint8))
+    assert napari_get_reader(str(tmp_path / "rgb.tif")) is not None
+
+
+@pytest.mark.parametrize(("name", "levels", "mpp"), [
+    ("CMU-1-Small-Region.svs", 1, 0.499),
+    ("TCGA-CR-7395-01A-01-TS1.svs", 2, None),
+])
+def test_real_slides_open_lazily(make_napari_viewer, name, levels, mpp):
+    import tiffslide
+
+    path = SLIDES / name
+    if not path.is_file():
+        pytest.fail(f"Shared slide {path} missing; the repo must sit beside shared/.")
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(path), plugin="pfmseg")
+    assert layer.rgb
+    arrays = list(layer.data) if layer.multiscale else [layer.data]
+    assert len(arrays) == levels and all(isinstance(a, da.Array) for a in arrays)
+    meta = layer.metadata["pfmseg"]
+    assert meta["path"] == str(path)
+    if mpp:
+        assert layer.scale[-1] == pytest.approx(mpp, rel=1e-3) and str(layer.units[-1]) == "micrometer"
+    else:  # no calibration in the file: pixels until the user gives one
+        assert meta["mpp"] is None and tuple(layer.scale) == (1.0, 1.0)
+    with tiffslide.TiffSlide(path) as slide:
+        expected = np.asarray(slide.read_region((64, 32), 0, (48, 40)).convert("RGB"))
+    assert np.array_equal(np.asarray(arrays[0][32:72, 64:112]), expected)
+
+
+def test_demo_sample_is_a_pyramidal_tiff(make_napari_viewer):
+    from napari_pfmseg._sample_data import DEMO_MPP, demo_image, demo_slide_path
+
+    viewer = make_napari_viewer()
+    [layer] = viewer.open_sample("pfmseg", "demo_slide")
+    assert layer.multiscale and [a.shape[:2] for a in layer.data] == [(512, 512), (256, 256), (128, 128)]
+    assert layer.scale[-1] == pytest.approx(DEMO_MPP)
+    assert demo_slide_path().suffix == ".tif"
+    assert np.array_equal(np.asarray(layer.data[0]), demo_image())
+
+
+def _annotation(viewer):
+    from napari_pfmseg._annotations import new_annotation_layer
+    from napari_pfmseg._session import session_for
+
+    [image] = viewer.open_sample("pfmseg", "demo_slide")
+    slide = session_for(viewer).slide_for(image)
+    data, kwargs = new_annotation_layer(image, slide, 1.0, ["gland", "stroma", "lumen"],
+                                        [[200, 0, 0], [0, 200, 0], [0, 0, 200]])
+    data[10:40, 20:60] = 1
+    data[100:140, 100:130] = 3
+    return image, viewer.add_labels(data, **kwargs)
+
+
+def test_labels_round_trip_through_ome_zarr(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    _, labels = _annotation(viewer)
+    assert labels.data.shape == (256, 256) and labels.scale[-1] == pytest.approx(1.0)
+    assert labels.translate[-1] == pytest.approx(0.25)  # pixel centre of a 2x2 block of 0.5 um pixels
+    [written] = labels.save(str(tmp_path / "annotations.ome.zarr"), plugin="pfmseg")
+    [reopened] = viewer.open(written, plugin="pfmseg")
+    assert reopened.__class__.__name__ == "Labels"
+    base = reopened.data[0] if reopened.multiscale else reopened.data
+    assert np.array_equal(np.asarray(base), labels.data)
+    assert reopened.scale[-1] == pytest.approx(labels.scale[-1])
+    assert reopened.translate[-1] == pytest.approx(labels.translate[-1])
+    assert reopened.metadata["pfmseg"]["class_names"] == ["gland", "stroma", "lumen"]
+    assert np.allclose(reopened.colormap.map(3)[:3], [0, 0, 200 / 255], atol=1e-3)
+
+
+def test_labels_to_pyramidal_tiff(make_napari_viewer, tmp_path):
+    import tifffile
+
+    viewer = make_napari_viewer()
+    _, labels = _annotation(viewer)
+    [written] = labels.save(str(tmp_path / "annotations.ome.tif"), plugin="pfmseg")
+    with tifffile.TiffFile(written) as tif:
+        series = tif.series[0]
+        assert np.array_equal(series.levels[0].asarray(), labels.data)
+        assert tif.pages[0].is_tiled
+
+
+def test_engine_output_opens_as_labels(make_napari_viewer, tmp_path):
+    """A store written by the engine (here its label store) opens as coloured multiscale labels."""
+    from napari_pfmseg._engine_adapter import write_label_store
+
+    labels = np.zeros((1100, 900), np.uint8)
+    labels[:600, :500] = 1
+    labels[700:, 300:] = 2
+    store = write_label_store(tmp_path / "slide.ome.zarr", labels, class_names=["tumour", "stroma"],
+                              colours={1: [255, 0, 0], 2: [0, 0, 255]}, mpp=1.0, slide_mpp=0.5, chunk=256)
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(store), plugin="pfmseg")
+    assert layer.__class__.__name__ == "Labels" and layer.multiscale
+    assert np.array_equal(np.asarray(layer.data[0]), labels)
+    assert layer.scale[-1] == pytest.approx(1.0) and layer.translate[-1] == pytest.approx(0.25)
+    assert np.allclose(layer.colormap.map(1)[:3], [1, 0, 0])
+    assert list(layer.features["class"]) == ["no prediction", "tumour", "stroma"]
+
+
+def test_streamed_pyramid_redraws_every_level(make_napari_viewer, qtbot):
+    """Chunks written while a prediction runs show up zoomed in and zoomed out (no stale caches)."""
+    from napari_pfmseg._layers import label_colormap
+    from napari_pfmseg._stream import StreamingPyramid, refresh_layer
+
+    viewer = make_napari_viewer(show=True)
+    pyramid = StreamingPyramid((1024, 1024), 256)
+    layer = viewer.add_labels(pyramid.data(), multiscale=True, colormap=label_colormap({1: [255, 0, 0]}))
+    viewer.camera.zoom = 0.05  # the coarsest level is on screen (napari keeps it cached in memory)
+    qtbot.wait(50)
+    assert layer.data_level == len(pyramid.levels) - 1 == 2
+    empty = layer.thumbnail.copy()
+    pyramid.add((0, 256, 0, 256), np.ones((256, 256), np.uint8))
+    refresh_layer(layer)
+    assert np.asarray(layer._slice.image.raw).any()  # what the canvas draws now
+    assert not np.array_equal(layer.thumbnail, empty)
+    assert np.asarray(layer.data[2])[:64, :64].all() and not np.asarray(layer.data[2])[64:].any()
+    viewer.camera.zoom = 4.0  # and zoomed in, level 0
+    viewer.camera.center = (128, 128)
+    qtbot.wait(50)
+    assert layer.data_level == 0 and np.asarray(layer._slice.image.raw).any()
+    viewer.layers.clear()
+    pyramid.close()
+    assert not pyramid.folder.exists()

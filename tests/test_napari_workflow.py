@@ -1,0 +1,379 @@
+"""The plugin end to end in a real viewer: annotate, train in a worker, stream predictions, cancel.
+
+Uses the demo sample (built from scikit-image's IHC image) and a tiny random-weight backbone, so
+everything runs on a CPU in seconds. Predictions are compared with the engine's direct output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+
+import torch
+
+pytestmark = pytest.mark.gui
+
+TIMEOUT_MS = 180_000
+#: Tiny backbone (patch 16), 32 px windows at 1 um/px: a 256 x 256 working image.
+TINY = {"backbone": "kaiko-vits16", "tiny": True, "input_size": 32, "mpp": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PFMSEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "pfmseg-cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small CI machines: leave a core to the GUI thread
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def notes():
+    """Every napari notification shown during the test (messages)."""
+    from napari.utils.notifications import notification_manager
+
+    seen: list[str] = []
+
+    def record(notification):
+        seen.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(record)
+    yield seen
+    notification_manager.notification_ready.disconnect(record)
+
+
+class App:
+    """A viewer with the demo slide and the four widgets docked."""
+
+    def __init__(self, viewer):
+        from napari_pfmseg._annotate_widget import AnnotateWidget
+        from napari_pfmseg._model_widget import ModelWidget
+        from napari_pfmseg._predict_widget import PredictWidget
+        from napari_pfmseg._session import session_for
+        from napari_pfmseg._train_widget import TrainWidget
+
+        self.viewer = viewer
+        [self.image] = viewer.open_sample("pfmseg", "demo_slide")
+        self.model, self.annotate = ModelWidget(viewer), AnnotateWidget(viewer)
+        self.train, self.predict = TrainWidget(viewer), PredictWidget(viewer)
+        for widget in (self.model, self.annotate, self.train, self.predict):
+            viewer.window.add_dock_widget(widget, tabify=True)
+        viewer.window._qt_window.resize(1400, 900)
+        self.session = session_for(viewer)
+        self.set_recipe(**TINY)
+
+    def set_recipe(self, **fields):
+        self.session.set_recipe(self.session.recipe.with_changes(**fields))
+
+    def annotations(self, paint: bool = True):
+        self.annotate.target_mpp.setValue(1.0)
+        layer = self.annotate.create_layer()
+        if paint:
+            paint_strokes(layer)
+        return layer
+
+    def predict_settings(self, **changes):
+        p = self.predict
+        p.window.setValue(changes.pop("window", 32))
+        p.chunk.setValue(changes.pop("chunk", 128))
+        p.batch.setValue(changes.pop("batch", 16))
+        p.view_first.setChecked(changes.pop("view_first", False))
+        p.set_mode(changes.pop("mode", "slide"))
+        assert not changes
+
+
+@pytest.fixture
+def app(make_napari_viewer):
+    return App(make_napari_viewer(show=True))
+
+
+def paint_strokes(layer) -> None:
+    """Scribbles as an annotator would paint them (napari's brush, so paint events fire)."""
+    layer.brush_size = 6
+    for x in range(30, 110, 3):
+        layer.paint((60, x), 1)
+        layer.paint((200, x + 100), 1)
+    for y in range(120, 180, 3):
+        layer.paint((y, 40), 2)
+        layer.paint((y, 220), 2)
+
+
+def wait_for(qtbot, controller) -> None:
+    qtbot.waitUntil(lambda: not controller.running, timeout=TIMEOUT_MS)
+    qtbot.wait(20)
+
+
+def direct_prediction(model, slide_or_path, out: Path, name: str, **config):
+    """The engine's own whole-slide prediction, for comparison with what the layer shows."""
+    from pfmseg_engine.inference.omezarr import LabelOutput
+    from pfmseg_engine.inference.slide import SlideInferenceConfig, predict_slide
+
+    result = predict_slide(model, slide_or_path, out, SlideInferenceConfig(**config), name=name)
+    return [np.asarray(level) for level in LabelOutput(result.path).levels]
+
+
+def layer_levels(layer) -> list[np.ndarray]:
+    return [np.asarray(level) for level in (layer.data if layer.multiscale else [layer.data])]
+
+
+def test_annotate_train_and_predict_the_whole_slide(app, qtbot, tmp_path):
+    labels = app.annotations()
+    counts = app.annotate.counts()
+    assert counts == [int((labels.data == 1).sum()), int((labels.data == 2).sum())] and min(counts) > 100
+    assert labels.data.shape == (256, 256) and labels.scale[-1] == pytest.approx(1.0)
+
+    app.train.epochs.setValue(2)
+    app.train.samples.setValue(16)
+    app.train.batch.setValue(4)
+    finished = []
+    app.train.controller.finished.connect(finished.append)
+    assert app.train.train() is not None
+    assert not app.train.train_button.isEnabled()
+    wait_for(qtbot, app.train.controller)
+    assert finished[-1].status == "completed", finished[-1].message
+    assert app.train.progress.value() == app.train.progress.maximum() > 0
+    assert len(app.train.curve.values("step")) == app.train.progress.maximum()
+    assert len(app.train.curve.values("train")) == 2
+    state = app.session.state
+    assert state.model is not None and state.epochs_trained == 2
+    assert state.model.config.class_names == ("background", "tissue")
+
+    app.predict_settings(mode="slide", chunk=128)
+    chunks = []
+    app.predict.controller.progress.connect(lambda done, total: chunks.append((done, total)))
+    assert app.predict.predict() is not None
+    wait_for(qtbot, app.predict.controller)
+    outcome = app.predict.controller.last
+    assert outcome.status == "completed", outcome.message
+    assert len(chunks) > 1 and chunks[-1][0] == chunks[-1][1]  # streamed chunk by chunk
+    layer = outcome.layer
+    assert layer.metadata["pfmseg"]["store"] == str(outcome.path) and not layer.editable
+    expected = direct_prediction(state.model, app.image.metadata["pfmseg"]["path"], tmp_path, "direct",
+                                 window=32, chunk=128, batch_size=16)
+    shown = layer_levels(layer)
+    assert len(shown) == len(expected)
+    for got, want in zip(shown, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert set(np.unique(shown[0])) <= {0, 1, 2} and (shown[0] > 0).any()
+    assert layer.scale[-1] == pytest.approx(1.0) and layer.translate[-1] == pytest.approx(0.25)
+
+
+def test_retraining_continues_from_the_current_model(app, qtbot):
+    app.annotations()
+    app.train.epochs.setValue(1)
+    app.train.samples.setValue(8)
+    app.train.val_fraction.setValue(0.0)
+    app.train.train()
+    wait_for(qtbot, app.train.controller)
+    first = app.session.model
+    assert first is not None
+    labels = app.annotate.annotations.layer()
+    labels.paint((240, 240), 2)  # more annotations, then train again, and predict the view when done
+    app.train.predict_after.setChecked(True)
+    app.predict_settings(mode="view", chunk=128)
+    app.train.train()
+    wait_for(qtbot, app.train.controller)
+    assert app.session.model is first and app.session.state.epochs_trained == 2
+    qtbot.waitUntil(lambda: app.predict.controller.last is not None and not app.predict.controller.running,
+                    timeout=TIMEOUT_MS)
+    assert app.predict.controller.last.status == "completed"
+    assert any(layer.name.endswith("prediction") for layer in app.viewer.layers)
+
+
+def test_cancel_training_keeps_a_consistent_model(app, qtbot):
+    app.annotations()
+    app.train.epochs.setValue(200)
+    app.train.samples.setValue(8)
+    app.train.batch.setValue(2)
+    finished = []
+    controller = app.train.controller
+    controller.finished.connect(finished.append)
+    steps = []
+    controller.step.connect(steps.append)
+    app.train.train()
+    qtbot.waitUntil(lambda: len(steps) >= 2, timeout=TIMEOUT_MS)
+    controller.pause()
+    assert app.train.pause_button.text() == "Resume"
+    count = len(steps)
+    qtbot.wait(400)
+    assert len(steps) <= count + 1  # at most the batch already running when paused
+    controller.resume()
+    qtbot.waitUntil(lambda: len(steps) >= count + 2, timeout=TIMEOUT_MS)
+    app.train.cancel_button.click()
+    wait_for(qtbot, controller)
+    outcome = finished[-1]
+    assert outcome.status == "cancelled" and outcome.epochs < 200
+    assert app.session.job == "" and app.train.train_button.isEnabled()
+    model = app.session.model
+    assert model is not None and not model.training
+    with torch.inference_mode():
+        assert torch.isfinite(model(torch.rand(1, 3, 32, 32))).all()
+
+
+def test_cancel_prediction_then_resume(app, qtbot, tmp_path):
+    from napari_pfmseg._layers import META
+
+    app.model.build()
+    qtbot.waitUntil(lambda: app.session.model is not None and not app.session.job, timeout=TIMEOUT_MS)
+    app.predict_settings(mode="slide", chunk=64)
+    app.predict.tissue.setChecked(False)
+    controller = app.predict.controller
+    seen = []
+    controller.progress.connect(lambda done, total: (seen.append(done), done == 1 and controller.cancel()))
+    app.predict.predict()
+    wait_for(qtbot, controller)
+    first = controller.last
+    assert first.status == "cancelled" and 1 <= len(seen) < 16
+    assert app.session.job == "" and app.predict.predict_button.isEnabled()
+    partial = first.layer
+    assert partial.metadata[META]["status"] == "cancelled"
+    out_dir = app.session.output_dir("predictions")
+    assert any(p.name.endswith(".partial") for p in out_dir.iterdir())
+
+    controller.progress.disconnect()
+    app.predict.predict()  # same settings: the engine resumes the partial output
+    wait_for(qtbot, controller)
+    second = controller.last
+    assert second.status == "completed" and second.chunks < 16
+    expected = direct_prediction(app.session.model, app.image.metadata["pfmseg"]["path"], tmp_path, "direct",
+                                 window=32, chunk=64, batch_size=16, tissue=False)
+    for got, want in zip(layer_levels(second.layer), expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # what the cancelled layer shows is exactly the chunks that had finished
+    streamed = layer_levels(partial)[0]
+    done = streamed > 0
+    assert done.any() and np.array_equal(streamed[done], expected[0][done])
+
+
+def test_visible_area_region_and_view_first(app, qtbot, tmp_path):
+    from napari_pfmseg._engine_adapter import crop_slide
+
+    app.model.build()
+    qtbot.waitUntil(lambda: app.session.model is not None and not app.session.job, timeout=TIMEOUT_MS)
+    viewer = app.viewer
+    viewer.camera.center = (64, 64)  # um: the top-left quarter of the 256 um slide
+    viewer.camera.zoom = 8.0
+    qtbot.wait(50)
+    app.predict_settings(mode="view", chunk=64)
+    app.predict.predict()
+    wait_for(qtbot, app.predict.controller)
+    view = app.predict.controller.last
+    assert view.status == "completed", view.message
+    offset = view.layer.metadata["pfmseg"]["offset_px"]
+    assert offset[0] > 0 and offset[1] > 0  # a region, placed where it lies on the slide
+    assert view.layer.translate[-1] == pytest.approx(offset[1] * 0.5 + 0.25)
+    box = (offset[0], offset[0] + layer_levels(view.layer)[0].shape[0] * 2,
+           offset[1], offset[1] + layer_levels(view.layer)[0].shape[1] * 2)
+    slide = app.session.slide_for(app.image)
+    region, _ = crop_slide(slide, box)
+    expected = direct_prediction(app.session.model, region, tmp_path, "view", window=32, chunk=64, batch_size=16)
+    np.testing.assert_array_equal(layer_levels(view.layer)[0], expected[0])
+
+    shapes = viewer.add_shapes([[[20, 150], [20, 240], [90, 240], [90, 150]]], shape_type="rectangle")
+    app.predict.shapes.set_layer(shapes)
+    app.predict_settings(mode="region", chunk=64)
+    app.predict.predict()
+    wait_for(qtbot, app.predict.controller)
+    region = app.predict.controller.last
+    extent = region.layer.extent.world[:, -2:]
+    assert extent[0] == pytest.approx([20, 150], abs=3) and extent[1] == pytest.approx([90, 240], abs=3)
+    [reopened] = viewer.open(str(region.path), plugin="pfmseg")  # the saved region lands in the same place
+    assert tuple(reopened.translate) == pytest.approx(tuple(region.layer.translate))
+
+    added = []
+    viewer.layers.events.inserted.connect(lambda event: added.append(event.value.name))
+    app.predict_settings(mode="slide", chunk=128, view_first=True)
+    app.predict.predict()
+    wait_for(qtbot, app.predict.controller)
+    assert [name.split()[-1] for name in added] == ["preview", "prediction"]
+    assert not any(layer.name.endswith("preview") for layer in viewer.layers)  # replaced when done
+
+
+def test_viewer_stays_responsive(app, qtbot):
+    """A 20 ms timer keeps ticking (longest gap < 200 ms) while training and predicting run."""
+    from qtpy.QtCore import QElapsedTimer, QTimer
+
+    app.annotations()
+    app.train.epochs.setValue(1)
+    app.train.samples.setValue(24)
+    clock, gaps, last = QElapsedTimer(), [], [0]
+    timer = QTimer()
+    timer.setInterval(20)
+
+    def tick():
+        now = clock.elapsed()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    timer.timeout.connect(tick)
+
+    def measure(controller, start) -> float:
+        gaps.clear()
+        clock.start()
+        last[0] = 0
+        timer.start()
+        start()
+        wait_for(qtbot, controller)
+        timer.stop()
+        return max(gaps[1:])
+
+    train_gap = measure(app.train.controller, app.train.train)
+    app.predict_settings(mode="slide", chunk=64)
+    predict_gap = measure(app.predict.controller, app.predict.predict)
+    assert app.predict.controller.last.status == "completed"
+    print(f"longest GUI gap: {train_gap} ms while training, {predict_gap} ms while predicting")
+    assert train_gap < 200, f"GUI blocked for {train_gap} ms while training"
+    assert predict_gap < 200, f"GUI blocked for {predict_gap} ms while predicting"
+
+
+def test_errors_are_notifications_with_the_fix(app, qtbot, notes, tmp_path, monkeypatch):
+    # empty annotations
+    app.annotations(paint=False)
+    assert app.train.train() is None
+    assert "paint at least one class" in notes[-1]
+    assert app.session.job == ""
+
+    # no weights for a full-size backbone
+    app.set_recipe(backbone="uni_v1", tiny=False, weights=None, input_size=224)
+    app.model._show_recipe(app.session.recipe)
+    assert app.model.build() is None
+    assert "hf-hub:MahmoodLab/UNI" in notes[-1] and "tiny test model" in notes[-1]
+
+    # a file that is not a pfmseg checkpoint, and one trained on other backbone weights
+    bogus = tmp_path / "bogus.pt"
+    torch.save({"weights": torch.zeros(2)}, bogus)
+    app.model.load(bogus)
+    qtbot.waitUntil(lambda: not app.session.job, timeout=TIMEOUT_MS)
+    assert "not a pfmseg checkpoint" in notes[-1]
+    from pfmseg_engine import ModelConfig, build_model, save_checkpoint
+
+    model = build_model(ModelConfig(backbone="kaiko-vits16", tiny=True, num_classes=2, input_size=32))
+    path = save_checkpoint(tmp_path / "model.pt", model)
+    payload = torch.load(path, weights_only=True)
+    payload["backbone_fingerprint"] += 1.0
+    torch.save(payload, path)
+    app.model.load(path)
+    qtbot.waitUntil(lambda: not app.session.job, timeout=TIMEOUT_MS)
+    assert "differ from those checkpoint" in notes[-1]
+
+    # out of memory while training
+    app.set_recipe(**TINY)
+    paint_strokes(app.annotate.annotations.layer())
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("pfmseg_engine.training.build_annotation_trainer", out_of_memory)
+    app.train.train()
+    wait_for(qtbot, app.train.controller)
+    assert "ran out of memory" in notes[-1] and "batch size" in notes[-1]
+    assert app.session.job == ""
+
+    # predicting without a model
+    app.session.set_model(None, "")
+    assert app.predict.predict() is None
+    assert "No model yet" in notes[-1]
