@@ -19,7 +19,7 @@ def test_demo_slide_is_a_pyramidal_tiff_with_resolution(tmp_path):
     slide = open_slide(path)
     try:
         assert slide.mpp == pytest.approx(DEMO_MPP)
-        assert [lvl.shape[:2] for lvl in slide.levels] == [(1024, 1024), (512, 512), (256, 256)]
+        assert [lvl.shape[:2] for lvl in slide.levels] == [(512, 512), (256, 256), (128, 128)]
         assert np.array_equal(np.asarray(slide.levels[0].compute()), demo_image())
     finally:
         slide.close()
@@ -41,7 +41,7 @@ def test_demo_annotation_separates_stains():
 def test_demo_command_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--output_dir", str(tmp_path), "--epochs", "2", "--no-progress", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    for expected in ("mIoU", "unannotated half", "whole slide", "majority class", "randomly initialised",
+    for expected in ("mIoU", "held-out half", "whole slide", "majority class", "randomly initialised",
                      "napari --plugin napari-pfmseg"):
         assert expected in out
     assert (tmp_path / "demo_overlay.png").is_file()
@@ -52,7 +52,7 @@ def test_demo_command_runs_end_to_end(tmp_path, capsys):
 
     output = LabelOutput(zarr_path)
     labels = np.asarray(output.levels[0][:])
-    assert labels.shape == (1024, 1024)
+    assert labels.shape == (512, 512)
     assert output.class_names == ["background", "DAB-negative tissue", "DAB-positive tissue"]
     truth = demo_annotation(demo_image())
     prediction = np.where(labels > 0, labels.astype(int) - 1, 0)

@@ -77,7 +77,7 @@ def test_real_slides_open_lazily(make_napari_viewer, name, levels, mpp):
 
 
 def test_demo_sample_is_a_pyramidal_tiff(make_napari_viewer):
-    from napari_pfmseg._sample_data import DEMO_MPP, demo_image, demo_slide_path
+    from pfmseg_engine.demo import DEMO_MPP, demo_image, demo_slide_path
 
     viewer = make_napari_viewer()
     [layer] = viewer.open_sample("pfmseg", "demo_slide")

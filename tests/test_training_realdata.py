@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from pfmseg_engine.data import SegmentationDataset, load_seed_json
 from pfmseg_engine.training import FunctionCallback, config_from_dict, train_from_config
@@ -12,13 +11,6 @@ from pfmseg_engine.training.metrics import ConfusionMeter
 
 STEPS = 300
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def majority_baseline(json_file) -> tuple[int, float]:

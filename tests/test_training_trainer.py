@@ -26,15 +26,6 @@ from pfmseg_engine.training.runner import build_datasets, build_model_for
 from pfmseg_engine.training.validation import validate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run several times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_dataset(root, n_train=4, n_val=2, size=(40, 48)):
     """Random RGB tiles whose class is decided by the red channel (learnable, cheap)."""
     (root / "img").mkdir(parents=True)

@@ -1,55 +1,44 @@
 """pfmseg engine: pathology foundation models for whole-slide segmentation, without a GUI.
 
-The public API is re-exported here; importing it never imports napari or Qt.
+The public API is re-exported here, lazily: ``import pfmseg_engine`` is instant and pulls in torch,
+timm or torchvision only when a name that needs them is first used, so readers, exporters and the
+napari plugin start fast. Importing it never imports napari or Qt.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from .backbones import BackboneSpec, build_backbone, get_spec, list_backbones
-from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from .devices import DEVICES, resolve_device
-from .errors import CheckpointError, ConfigError, DataError, PfmsegError, SlideError, WeightsError
-from .model import ModelConfig, SegmentationModel, build_model
-from .training import (
-    CancelToken,
-    TrainConfig,
-    Trainer,
-    build_annotation_trainer,
-    load_config,
-    train_from_config,
-    train_on_annotations,
-)
-from .tuning import STRATEGIES, TuningConfig
+# public name -> submodule that defines it
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(("BackboneSpec", "build_backbone", "get_spec", "list_backbones"), "backbones"),
+    **dict.fromkeys(("load_checkpoint", "read_checkpoint", "save_checkpoint"), "checkpoint"),
+    **dict.fromkeys(("DEVICES", "resolve_device"), "devices"),
+    **dict.fromkeys(("CheckpointError", "ConfigError", "DataError", "PfmsegError", "SlideError", "WeightsError"),
+                    "errors"),
+    **dict.fromkeys(("ModelConfig", "SegmentationModel", "build_model"), "model"),
+    **dict.fromkeys(("CancelToken", "TrainConfig", "Trainer", "build_annotation_trainer", "load_config",
+                     "train_from_config", "train_on_annotations"), "training"),
+    **dict.fromkeys(("STRATEGIES", "TuningConfig"), "tuning"),
+    **dict.fromkeys(("Slide", "open_slide", "detect_tissue"), "slides"),
+    **dict.fromkeys(("SlideInferenceConfig", "export_geojson", "export_ome_tiff", "infer_image_set",
+                     "iter_predict_slide", "predict_image", "predict_slide"), "inference"),
+}
 
-__all__ = [
-    "DEVICES",
-    "STRATEGIES",
-    "BackboneSpec",
-    "CancelToken",
-    "CheckpointError",
-    "ConfigError",
-    "DataError",
-    "ModelConfig",
-    "PfmsegError",
-    "SegmentationModel",
-    "SlideError",
-    "TrainConfig",
-    "Trainer",
-    "TuningConfig",
-    "WeightsError",
-    "__version__",
-    "build_annotation_trainer",
-    "build_backbone",
-    "build_model",
-    "get_spec",
-    "list_backbones",
-    "load_checkpoint",
-    "load_config",
-    "read_checkpoint",
-    "resolve_device",
-    "save_checkpoint",
-    "train_from_config",
-    "train_on_annotations",
-]
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pfmseg_engine' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -37,10 +37,10 @@ DEMO_TRAINING: dict[str, Any] = {
         "scheduler": {"type": "cosine", "warmup_epochs": 1},
         "loss": {"type": "ce_dice"},
     },
-    "validation": {"eval_interval": 5, "batch_size": 8, "augmentation": {"ResizedSize": 256}},
+    "validation": {"eval_interval": 5, "batch_size": 8, "augmentation": {"ResizedSize": 128}},
     "visualization": {"save_interval": 5, "num_vis_samples": 1},
 }
-SLIDE_SETTINGS: dict[str, Any] = {"window": 256, "overlap": 0.25, "batch_size": 8, "chunk": 512}
+SLIDE_SETTINGS: dict[str, Any] = {"window": 128, "overlap": 0.25, "batch_size": 8, "chunk": 256}
 
 
 @dataclass
@@ -89,7 +89,7 @@ def run_demo(output_dir: str | Path, *, epochs: int | None = None, device: str =
     truth = demo_annotation(image)
     half = image.shape[0] // 2
     annotation = truth + 1  # napari convention: 0 = not annotated, k = class k-1
-    annotation[half:] = 0  # annotate the top half only (the bottom half is its mirror image)
+    annotation[half:] = 0  # annotate the top half only; the bottom half is held out
 
     config = training_config(output_dir, epochs, device)
     start = time.perf_counter()
@@ -113,7 +113,7 @@ def run_demo(output_dir: str | Path, *, epochs: int | None = None, device: str =
     colours = palette(len(DEMO_CLASS_NAMES))
     overlay_path = save_panel(output_dir / "demo_overlay.png", image, truth, prediction, colours)
     metrics = {
-        "unannotated half": _scores(prediction[half:], truth[half:]),
+        "held-out half": _scores(prediction[half:], truth[half:]),
         "whole slide": _scores(prediction, truth),
     }
     majority = np.bincount(truth[half:].ravel(), minlength=len(DEMO_CLASS_NAMES)).max() / truth[half:].size

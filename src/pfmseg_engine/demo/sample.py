@@ -1,9 +1,8 @@
 """A demo slide any install can build offline, and an annotation derived from its stains.
 
 The pixels are scikit-image's immunohistochemistry image (colonic glands, DAB + haematoxylin, no
-known copyright restrictions), which ships inside scikit-image. It is mirrored into a 1024 x 1024
-mosaic so whole-slide code sees several chunks, and written as a tiled pyramidal TIFF so the demo
-goes through the same slide reader, resolution plan and tiling as a real slide. Its microns per
+known copyright restrictions), which ships inside scikit-image. It is written as a tiled pyramidal
+TIFF so the demo goes through the same slide reader, resolution plan and tiling as a real slide. Its microns per
 pixel are nominal: the source image carries no calibration.
 
 The annotation comes from colour deconvolution, so the demo can be scored without any manual
@@ -21,7 +20,7 @@ DEMO_MPP = 0.5
 DEMO_NAME = "pfmseg-demo-ihc"
 DEMO_CLASS_NAMES = ("background", "DAB-negative tissue", "DAB-positive tissue")
 DEMO_VERSION = 1
-TILE = 256
+TILE = 128
 
 
 def cache_dir() -> Path:
@@ -33,12 +32,10 @@ def cache_dir() -> Path:
 
 
 def demo_image() -> np.ndarray:
-    """(1024, 1024, 3) uint8: the scikit-image IHC image mirrored 2 x 2 (seamless borders)."""
+    """(512, 512, 3) uint8: the immunohistochemistry image bundled with scikit-image."""
     from skimage import data
 
-    tile = np.ascontiguousarray(data.immunohistochemistry())
-    top = np.concatenate([tile, tile[:, ::-1]], axis=1)
-    return np.ascontiguousarray(np.concatenate([top, top[::-1]], axis=0))
+    return np.ascontiguousarray(data.immunohistochemistry())
 
 
 def demo_annotation(image: np.ndarray) -> np.ndarray:
