@@ -129,14 +129,14 @@ def test_labels_to_pyramidal_tiff(make_napari_viewer, tmp_path):
 
 
 def test_engine_output_opens_as_labels(make_napari_viewer, tmp_path):
-    """A store written by the engine (here its label store) opens as coloured multiscale labels."""
-    from napari_pfmseg._engine_adapter import write_label_store
+    """A store written by the engine (here its labels writer) opens as coloured multiscale labels."""
+    from pfmseg_engine.inference import write_labels
 
     labels = np.zeros((1100, 900), np.uint8)
     labels[:600, :500] = 1
     labels[700:, 300:] = 2
-    store = write_label_store(tmp_path / "slide.ome.zarr", labels, class_names=["tumour", "stroma"],
-                              colours={1: [255, 0, 0], 2: [0, 0, 255]}, mpp=1.0, slide_mpp=0.5, chunk=256)
+    store = write_labels(tmp_path / "slide.ome.zarr", labels, class_names=["tumour", "stroma"],
+                         class_colors=[[255, 0, 0], [0, 0, 255]], mpp=1.0, slide_mpp=0.5, chunk=256)
     viewer = make_napari_viewer()
     [layer] = viewer.open(str(store), plugin="pfmseg")
     assert layer.__class__.__name__ == "Labels" and layer.multiscale
@@ -146,19 +146,24 @@ def test_engine_output_opens_as_labels(make_napari_viewer, tmp_path):
     assert list(layer.features["class"]) == ["no prediction", "tumour", "stroma"]
 
 
-def test_streamed_pyramid_redraws_every_level(make_napari_viewer, qtbot):
-    """Chunks written while a prediction runs show up zoomed in and zoomed out (no stale caches)."""
+def test_streamed_pyramid_redraws_every_level(make_napari_viewer, qtbot, tmp_path):
+    """Chunks the engine writes while a prediction runs show up zoomed in and zoomed out (no stale caches)."""
+    import zarr
+
     from napari_pfmseg._layers import label_colormap
-    from napari_pfmseg._stream import StreamingPyramid, refresh_layer
+    from napari_pfmseg._stream import refresh_layer
+    from pfmseg_engine.inference import LabelStore
 
     viewer = make_napari_viewer(show=True)
-    pyramid = StreamingPyramid((1024, 1024), 256)
-    layer = viewer.add_labels(pyramid.data(), multiscale=True, colormap=label_colormap({1: [255, 0, 0]}))
+    store = LabelStore(tmp_path / "s.ome.zarr", shape=(1024, 1024), chunk=256, num_classes=1, probabilities=False)
+    root = zarr.open_group(str(store.path), mode="r")  # what the plugin shows: the store, read-only
+    levels = [root[str(i)] for i in range(len(store.levels))]
+    layer = viewer.add_labels(levels, multiscale=True, colormap=label_colormap({1: [255, 0, 0]}))
     viewer.camera.zoom = 0.05  # the coarsest level is on screen (napari keeps it cached in memory)
     qtbot.wait(50)
-    assert layer.data_level == len(pyramid.levels) - 1 == 2
+    assert layer.data_level == len(levels) - 1 == 2
     empty = layer.thumbnail.copy()
-    pyramid.add((0, 256, 0, 256), np.ones((256, 256), np.uint8))
+    store.write((0, 256, 0, 256), np.ones((256, 256), np.uint8))
     refresh_layer(layer)
     assert np.asarray(layer._slice.image.raw).any()  # what the canvas draws now
     assert not np.array_equal(layer.thumbnail, empty)
@@ -168,5 +173,3 @@ def test_streamed_pyramid_redraws_every_level(make_napari_viewer, qtbot):
     qtbot.wait(50)
     assert layer.data_level == 0 and np.asarray(layer._slice.image.raw).any()
     viewer.layers.clear()
-    pyramid.close()
-    assert not pyramid.folder.exists()

@@ -112,7 +112,8 @@ def direct_prediction(model, slide_or_path, out: Path, name: str, **config):
     from pfmseg_engine.inference.omezarr import LabelOutput
     from pfmseg_engine.inference.slide import SlideInferenceConfig, predict_slide
 
-    result = predict_slide(model, slide_or_path, out, SlideInferenceConfig(**config), name=name)
+    region = config.pop("region", None)
+    result = predict_slide(model, slide_or_path, out, SlideInferenceConfig(**config), name=name, region=region)
     return [np.asarray(level) for level in LabelOutput(result.path).levels]
 
 
@@ -243,15 +244,13 @@ def test_cancel_prediction_then_resume(app, qtbot, tmp_path):
                                  window=32, chunk=64, batch_size=16, tissue=False)
     for got, want in zip(layer_levels(second.layer), expected, strict=True):
         np.testing.assert_array_equal(got, want)
-    # what the cancelled layer shows is exactly the chunks that had finished
+    # the cancelled layer showed the engine's partial store; once resumed and renamed, it shows the result
     streamed = layer_levels(partial)[0]
     done = streamed > 0
     assert done.any() and np.array_equal(streamed[done], expected[0][done])
 
 
 def test_visible_area_region_and_view_first(app, qtbot, tmp_path):
-    from napari_pfmseg._engine_adapter import crop_slide
-
     app.model.build()
     qtbot.waitUntil(lambda: app.session.model is not None and not app.session.job, timeout=TIMEOUT_MS)
     viewer = app.viewer
@@ -269,8 +268,8 @@ def test_visible_area_region_and_view_first(app, qtbot, tmp_path):
     box = (offset[0], offset[0] + layer_levels(view.layer)[0].shape[0] * 2,
            offset[1], offset[1] + layer_levels(view.layer)[0].shape[1] * 2)
     slide = app.session.slide_for(app.image)
-    region, _ = crop_slide(slide, box)
-    expected = direct_prediction(app.session.model, region, tmp_path, "view", window=32, chunk=64, batch_size=16)
+    expected = direct_prediction(app.session.model, slide, tmp_path, "view", window=32, chunk=64, batch_size=16,
+                                 region=(box[2], box[0], box[3] - box[2], box[1] - box[0]))
     np.testing.assert_array_equal(layer_levels(view.layer)[0], expected[0])
 
     shapes = viewer.add_shapes([[[20, 150], [20, 240], [90, 240], [90, 150]]], shape_type="rectangle")
@@ -289,8 +288,9 @@ def test_visible_area_region_and_view_first(app, qtbot, tmp_path):
     app.predict_settings(mode="slide", chunk=128, view_first=True)
     app.predict.predict()
     wait_for(qtbot, app.predict.controller)
-    assert [name.split()[-1] for name in added] == ["preview", "prediction"]
-    assert not any(layer.name.endswith("preview") for layer in viewer.layers)  # replaced when done
+    assert [name.split()[-1] for name in added] == ["prediction"]  # one run, the area in view first
+    whole = app.predict.controller.last
+    assert whole.status == "completed" and whole.layer.metadata["pfmseg"]["offset_px"] == [0.0, 0.0]
 
 
 def test_viewer_stays_responsive(app, qtbot):

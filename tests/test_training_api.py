@@ -312,14 +312,14 @@ def test_annotation_trainer_holds_out_a_validation_share(tmp_path):
 
 # --- one device resolver -----------------------------------------------------------------------------
 def test_one_device_resolver_everywhere(monkeypatch):
+    import napari_pfmseg._session as plugin_session
     import pfmseg_engine
     import pfmseg_engine.benchmarking as benchmarking
     import pfmseg_engine.training.trainer as trainer
-    from napari_pfmseg import _engine_adapter
     from pfmseg_engine.devices import resolve_device
 
     assert benchmarking.resolve_device is resolve_device is trainer.resolve_device is pfmseg_engine.resolve_device
-    assert not hasattr(_engine_adapter, "resolve_device")
+    assert not hasattr(plugin_session, "resolve_device") or plugin_session.resolve_device is resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu") == resolve_device(None) == resolve_device("CPU")

@@ -84,7 +84,7 @@ def label_colormap(colours: dict[int, Sequence[int]]) -> dict[int | None, list[f
 
 def default_colours(num_classes: int) -> list[list[int]]:
     """Class colours (RGB 0..255) shared with the engine's outputs, so annotations match predictions."""
-    from pfmseg_engine.inference.colors import class_palette
+    from pfmseg_engine.colors import class_palette
 
     return [[int(v) for v in rgb] for rgb in class_palette(num_classes)]
 
@@ -119,8 +119,8 @@ def prediction_layer(path: str | Path, name: str | None = None, world: tuple[flo
     from pfmseg_engine.inference.omezarr import LabelOutput
 
     output = LabelOutput(path)
-    if tuple(offset_px) == (0.0, 0.0):  # a region predicted in napari remembers where it lies
-        offset_px = tuple(dict(output.root.attrs).get("napari_pfmseg", {}).get("offset_px", offset_px))
+    if tuple(offset_px) == (0.0, 0.0):  # a region prediction records where it lies on its slide
+        offset_px = output.region_offset
     slide_mpp = output.pfmseg.get("slide", {}).get("mpp") or output.mpp / output.downsample
     unit, units = world or world_units(slide_mpp)
     colours = output.colours() or {i + 1: c for i, c in enumerate(default_colours(len(output.class_names)))}

@@ -1,12 +1,12 @@
 """Prediction of the visible area, a drawn region or the whole slide, streamed into a labels layer.
 
 The engine's ``iter_predict_slide`` runs in a napari ``thread_worker`` generator and yields every
-finished chunk; the GUI thread writes it into the layer's display pyramid (:mod:`._stream`) and
-refreshes the layer, so results appear while the slide is processed. For a whole slide, the area in
-view is predicted first (a quick region run shown underneath), then the whole slide replaces it.
-When a run completes, the layer switches to the engine's OME-Zarr output, which is what exports
-and the reader use. Cancelling stops after the current chunk and leaves the finished chunks shown
-and the engine's ``.partial`` output resumable.
+finished chunk; the layer shows the engine's own (partial) store, whose coarser levels the engine keeps
+up to date, and the GUI thread only refreshes it, so results appear while the slide is processed,
+zoomed in or out. Regions are the engine's ``region=``; for a whole slide, the area in view is
+computed first (the engine's ``priority_box=``). When a run completes, the layer switches to the
+engine's finished OME-Zarr output, which is what exports and the reader use. Cancelling stops after
+the current chunk and leaves the finished chunks shown and the engine's ``.partial`` output resumable.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from ._notify import Failure, guarded_generator, notify_error, notify_info
 MODES = ("view", "region", "slide")
 #: Layers are redrawn at most this often while chunks stream in (each redraw re-reads the view).
 REFRESH_MS = 200
-#: A view covering more than this fraction of the slide is predicted as the whole slide directly.
-VIEW_FIRST_MAX_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -46,14 +44,14 @@ class Target:
     """One engine run: which slide (or region of it) and where its layer goes."""
 
     slide: Any
-    offset_px: tuple[float, float]
     name: str
-    plan: Any
-    window: int
     chunk: int
-    role: str = "main"  # or "preview"
+    region: tuple[float, float, float, float] | None = None  # (x, y, w, h) level-0 pixels
+    priority_box: tuple[float, float, float, float] | None = None
+    class_colors: dict[str, list[int]] = field(default_factory=dict)
+    image: Any = None
     layer: Any = None
-    pyramid: Any = None
+    store_shown: bool = False
     result: Any = None
 
 
@@ -75,7 +73,8 @@ def _run(model: Any, targets: list[Target], config: Any, device: str, out_dir: P
     results = []
     for index, target in enumerate(targets):
         generator = iter_predict_slide(model, target.slide, out_dir, replace(config, chunk=target.chunk),
-                                       device=device, name=target.name)
+                                       device=device, name=target.name, region=target.region,
+                                       priority_box=target.priority_box, class_colors=target.class_colors)
         try:
             while True:
                 try:
@@ -166,7 +165,7 @@ class PredictionController:
         out_dir.mkdir(parents=True, exist_ok=True)
         for target in targets:
             target.name = _free_name(out_dir, target.name)
-            self._add_layer(image, target, model, out_dir)
+            self._add_layer(target, config)
         self.targets = targets
         self.cancel_event = threading.Event()
         worker = create_worker(_run, model, targets, config, device, out_dir, self.cancel_event,
@@ -184,67 +183,87 @@ class PredictionController:
     def _targets(self, image: Any, slide: Any, settings: PredictSettings, shapes: Any, model: Any, config: Any
                  ) -> list[Target]:
         from pfmseg_engine import ConfigError
+        from pfmseg_engine.inference.slide import DEFAULT_WINDOW
 
-        from ._engine_adapter import crop_slide
         from ._slides import box_area, shapes_box, visible_box
 
         height, width = slide.levels[0].shape[:2]
         whole = float(height * width)
+        region = priority = None
         if settings.mode == "region":
             if shapes is None:
                 raise ConfigError("Region prediction needs a shapes layer: draw a rectangle, then choose that layer.")
-            boxes = [("region", shapes_box(shapes, image))]
+            region = shapes_box(shapes, image)
         elif settings.mode == "view":
-            boxes = [("view", visible_box(self.session.viewer, image))]
-        else:
-            view = visible_box(self.session.viewer, image)
-            small = 0 < box_area(view) < VIEW_FIRST_MAX_FRACTION * whole
-            boxes = [("preview", view)] if settings.view_first and small else []
-            boxes.append(("slide", None))
-        targets = []
-        for role, box in boxes:
-            if box is not None and box_area(box) <= 0:
-                raise ConfigError("The region to predict is empty or outside the slide; pan to the slide or redraw.")
-            if box is None or box_area(box) >= 0.999 * whole:
-                part, offset, name = slide, (0.0, 0.0), slide.name
-            else:
-                part, aligned = crop_slide(slide, box)
-                offset, name = (float(aligned[0]), float(aligned[2])), part.name
-            targets.append(self._target(part, offset, name, model, config, "preview" if role == "preview" else "main"))
-        return targets
+            region = visible_box(self.session.viewer, image)
+        elif settings.view_first:
+            priority = visible_box(self.session.viewer, image)
+        if region is not None and box_area(region) <= 0:
+            raise ConfigError("The region to predict is empty or outside the slide; pan to the slide or redraw.")
+        if region is not None and box_area(region) >= 0.999 * whole:
+            region = None
+        window = int(config.window or model.config.input_size or DEFAULT_WINDOW)
+        names = list(model.config.class_names)
+        chosen = {n: list(self.session.class_colours[n]) for n in names if self.session.class_colours.get(n)}
+        target = Target(slide, slide.name, max(int(config.chunk), window), class_colors=chosen, image=image,
+                        region=_xywh(region) if region is not None else None,
+                        priority_box=_xywh(priority) if priority is not None and box_area(priority) > 0 else None)
+        if target.region is not None:
+            x, y, w, h = (round(v) for v in target.region)
+            target.name = f"{slide.name}_x{x}_y{y}_{w}x{h}"
+        return [target]
 
-    @staticmethod
-    def _target(slide: Any, offset: tuple[float, float], name: str, model: Any, config: Any, role: str) -> Target:
-        from pfmseg_engine.inference.slide import DEFAULT_WINDOW
+    def _add_layer(self, target: Target, config: Any) -> None:
+        """The run's layer, made before it starts (adding a layer is slow: never while chunks stream).
+
+        It holds empty placeholders of the output's shape until the first chunk arrives, then the
+        engine's partial store (:meth:`_show_store`), whose every level the engine keeps up to date.
+        """
+        import dask.array as da
+
+        from pfmseg_engine.inference.pyramid import pyramid_shapes
+        from pfmseg_engine.inference.schedule import output_region
         from pfmseg_engine.slides import plan_resolution
 
-        plan = plan_resolution(slide, config.target_mpp or model.config.mpp, config.mpp_tolerance)
-        window = int(config.window or model.config.input_size or DEFAULT_WINDOW)
-        return Target(slide, offset, name, plan, window, max(int(config.chunk), window), role)
+        from ._layers import class_features, default_colours
 
-    def _add_layer(self, image: Any, target: Target, model: Any, out_dir: Path) -> None:
-        from ._layers import default_colours
-        from ._stream import StreamingPyramid
-
+        image, model = target.image, self.session.model
+        plan = plan_resolution(target.slide, config.target_mpp or model.config.mpp, config.mpp_tolerance)
+        ds = plan.downsample
+        y0, y1, x0, x1 = (output_region(target.region, ds, plan.shape) if target.region is not None
+                          else (0, plan.shape[0], 0, plan.shape[1]))
+        levels = [da.zeros(shape, dtype="uint8", chunks=target.chunk)
+                  for shape in pyramid_shapes((y1 - y0, x1 - x0), target.chunk)]
         names = list(model.config.class_names)
-        chosen = self.session.class_colours
-        colours = {i + 1: chosen.get(n) or c for i, (n, c) in enumerate(zip(names, default_colours(len(names)),
-                                                                             strict=True))}
-        target.pyramid = StreamingPyramid(tuple(target.plan.shape), target.chunk, folder=out_dir)
+        colours = {i + 1: target.class_colors.get(n) or c
+                   for i, (n, c) in enumerate(zip(names, default_colours(len(names)), strict=True))}
         unit = float(image.scale[-1])
         origin = [float(t) / unit for t in image.translate[-2:]]
-        offset = (origin[0] + target.offset_px[0], origin[1] + target.offset_px[1])
-        meta = prediction_metadata(None, names, colours, target.plan.downsample, target.offset_px,
-                                   status="running", role=target.role, image=image.name)
-        from ._layers import class_features
-
+        offset = (origin[0] + y0 * ds, origin[1] + x0 * ds)
+        meta = prediction_metadata(None, names, colours, ds, (y0 * ds, x0 * ds), status="running",
+                                   image=image.name)
         layer = self.session.viewer.add_labels(
-            target.pyramid.data(), name=f"{target.name} {'preview' if target.role == 'preview' else 'prediction'}",
-            multiscale=len(target.pyramid.levels) > 1, colormap=label_colormap(colours), opacity=0.6,
+            levels if len(levels) > 1 else levels[0], name=f"{target.name} prediction",
+            multiscale=len(levels) > 1, colormap=label_colormap(colours), opacity=0.6,
             units=tuple(image.units[-2:]), features=class_features(names, "no prediction"),
-            metadata={META: meta}, **placement(unit, target.plan.downsample, offset))
+            metadata={META: meta}, **placement(unit, ds, offset))
         keep_read_only(layer)
         target.layer = layer
+
+    @staticmethod
+    def _show_store(target: Target, chunk: Any) -> None:
+        """Swap the placeholders for the engine's partial store (read-only zarr: no stale dask cache)."""
+        import zarr
+
+        root = zarr.open_group(str(chunk.store), mode="r")
+        levels = []
+        while str(len(levels)) in root:
+            levels.append(root[str(len(levels))])
+        layer = target.layer
+        layer.data = levels if len(levels) > 1 else levels[0]
+        meta = layer.metadata.get(META, {})
+        layer.metadata = {**layer.metadata, META: {**meta, "partial": str(chunk.store)}}
+        target.store_shown = True
 
     # --- control -------------------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -257,10 +276,10 @@ class PredictionController:
     def _on_chunk(self, event: tuple[int, Any]) -> None:
         index, chunk = event
         target = self.targets[index]
-        target.pyramid.add(chunk.box, chunk.labels)
+        if not target.store_shown:
+            self._show_store(target, chunk)
         self._schedule_refresh(index)
-        if target.role == "main":
-            self.progress.emit(chunk.done, chunk.total)
+        self.progress.emit(chunk.done, chunk.total)
 
     def _schedule_refresh(self, index: int) -> None:
         """Redraw streamed layers at most every ``REFRESH_MS``: a redraw re-reads every chunk in view."""
@@ -291,16 +310,13 @@ class PredictionController:
         main = None
         for target, result in zip(self.targets, results, strict=False):
             target.result = result
-            if target.role == "preview":
-                if status == "completed":
-                    self._drop(target)
-                continue
             self._attach_output(target, result)
             main = target
         for target in self.targets[len(results):]:  # cancelled: keep what was streamed
-            meta = target.layer.metadata.get(META, {})
-            target.layer.metadata = {**target.layer.metadata, META: {**meta, "status": "cancelled"}}
-            main = main or (target if target.role == "main" else None)
+            if target.layer is not None:
+                meta = target.layer.metadata.get(META, {})
+                target.layer.metadata = {**target.layer.metadata, META: {**meta, "status": "cancelled"}}
+            main = main or target
         path = main.result.path if main is not None and main.result is not None else None
         self.last = PredictOutcome(status, path, main.layer if main else None,
                                    sum(r.chunks_run for r in results))
@@ -308,31 +324,18 @@ class PredictionController:
             notify_info(f"Prediction finished: {path}")
 
     def _attach_output(self, target: Target, result: Any) -> None:
-        """Point the layer at the engine's finished store and drop the display pyramid."""
+        """Point the layer at the engine's finished store (the partial one it showed was renamed)."""
         from pfmseg_engine.inference.omezarr import LabelOutput
 
-        from ._engine_adapter import set_store_attrs, set_store_colours
-
-        layer = target.layer
-        meta = layer.metadata.get(META, {})
-        colours = {int(k): list(v) for k, v in meta.get("colours", {}).items()}
-        set_store_colours(result.path, colours)  # exports and the reader show the annotation colours
-        set_store_attrs(result.path, {"napari_pfmseg": {"offset_px": list(target.offset_px)}})
-        output = LabelOutput(result.path)
-        levels = list(output.levels)
-        if len(levels) == len(target.pyramid.levels):
-            layer.data = levels if len(levels) > 1 else levels[0]
-        layer.metadata = {**layer.metadata, META: {**meta, "store": str(result.path), "status": "completed",
-                                                   "colours": {int(k): list(v) for k, v in colours.items()}}}
-        if len(levels) == len(target.pyramid.levels):
-            target.pyramid.close()
-        layer.refresh()
-
-    def _drop(self, target: Target) -> None:
-        viewer = self.session.viewer
-        if target.layer in viewer.layers:
-            viewer.layers.remove(target.layer)
-        target.pyramid.close()
+        levels = list(LabelOutput(result.path).levels)
+        data = levels if len(levels) > 1 else levels[0]
+        partial = f"{result.path}.partial"  # renamed now: layers of earlier, cancelled runs showed it too
+        for layer in list(self.session.viewer.layers):
+            meta = layer.metadata.get(META, {})
+            if layer is target.layer or (meta.get("kind") == "prediction" and meta.get("partial") == partial):
+                layer.data = data
+                layer.metadata = {**layer.metadata, META: {**meta, "store": str(result.path), "status": "completed"}}
+                layer.refresh()
 
     def _on_error(self, exc: BaseException) -> None:
         self.last = PredictOutcome("failed", message=notify_error(exc, "Prediction"))
@@ -410,3 +413,9 @@ def export_prediction(layer: Any, path: str | Path, kind: str) -> Path:
 
         return export_geojson(store, path)
     raise ConfigError(f"Unknown export format '{kind}'; choose zarr, tiff or geojson.")
+
+
+def _xywh(box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """The plugin's (y0, y1, x0, x1) level-0 box as the engine's (x, y, width, height)."""
+    y0, y1, x0, x1 = box
+    return x0, y0, x1 - x0, y1 - y0

@@ -79,14 +79,20 @@ def class_polygons(mask: np.ndarray, min_area: float = 4.0) -> list[list[np.ndar
 
 def export_geojson(store: str | Path, path: str | Path | None = None, *, level: int | None = None,
                    max_side: int = 8192, min_area: float = 4.0, add_bounds_offset: bool = True) -> Path:
-    """Write a GeoJSON FeatureCollection of per-class polygons (default ``<name>.geojson`` beside it)."""
+    """Write a GeoJSON FeatureCollection of per-class polygons (default ``<name>.geojson`` beside it).
+
+    Coordinates are slide level-0 pixels: a region's offset is always added (the polygons belong where
+    the region lies), the file frame's ``bounds_offset`` when ``add_bounds_offset`` (QuPath's frame).
+    """
     output = LabelOutput(store)
     name = output.path.name.removesuffix(".ome.zarr")
     path = Path(path) if path else output.path.with_name(f"{name}.geojson")
     chosen = _pick_level(output, level, max_side)
     labels = np.asarray(output.levels[chosen][:])
     scale = output.downsample * 2**chosen
-    ox, oy = output.bounds_offset if add_bounds_offset else (0, 0)
+    ry, rx = output.region_offset
+    bx, by = output.bounds_offset if add_bounds_offset else (0, 0)
+    ox, oy = bx + rx, by + ry
     colours = output.colours()
     features: list[dict[str, Any]] = []
     for k, class_name in enumerate(output.class_names, start=1):

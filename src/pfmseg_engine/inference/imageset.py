@@ -22,12 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.images import read_image
-from ..data.masks import read_mask
-from ..data.seed_json import Sample, load_seed_json
+from ..colors import class_palette, overlay
 from ..errors import ConfigError
-from ..training.metrics import confusion_matrix, metrics_from_confusion
-from .colors import class_palette, overlay
 from .runner import ModelRunner
 from .window import check_window, predict_image
 
@@ -120,6 +116,13 @@ def infer_image_set(
         )
     runner_info = ModelRunner(model, device=device, batch_size=batch_size).info
     check_window(input_size, runner_info.patch_size)
+    # imported here: the data and training packages pull in torchvision, which slide inference,
+    # readers and the napari plugin must not pay for when they import this package
+    from ..data.images import read_image
+    from ..data.masks import read_mask
+    from ..data.seed_json import load_seed_json
+    from ..training.metrics import confusion_matrix, metrics_from_confusion
+
     dataset = load_seed_json(input_json)
     if dataset.num_classes != runner_info.num_classes:
         raise ConfigError(
@@ -136,7 +139,7 @@ def infer_image_set(
     scored = 0
     group = batch_size if mode == "resize" else 1
     for start in range(0, len(samples), group):
-        batch: list[Sample] = list(samples[start:start + group])
+        batch: list = list(samples[start:start + group])
         images = [read_image(s.image_path) for s in batch]
         predictions = MODES[mode](model, images, input_size=input_size, overlap=overlap, blend=blend,
                                   batch_size=batch_size, device=device)

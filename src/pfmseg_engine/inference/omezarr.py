@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from ..colors import ClassColors, class_palette, label_colors
 from ..errors import ConfigError
-from .colors import label_colors
-from .pyramid import downsample_level, pyramid_shapes
+from .pyramid import pyramid_shapes, update_levels
 
 NGFF: dict[str, dict[str, Any]] = {
     "0.4": {"zarr_format": 2, "array_kwargs": {"chunk_key_encoding": {"name": "v2", "separator": "/"}},
@@ -54,64 +54,80 @@ def multiscales(name: str, axes: list[dict[str, str]], scales: list[list[float]]
 
 
 class LabelStore:
-    """Create or reopen the label (and probability) arrays and write them chunk by chunk."""
+    """Create or reopen the label (and probability) pyramids and write them chunk by chunk.
+
+    Every level exists from the start and :meth:`write` keeps the coarser ones up to date, so a
+    viewer can open the (partial) store and show a zoomed-out view while chunks stream in; zarr writes
+    each chunk file atomically, so a reader never sees a torn one. ``method`` is the label
+    downsampling ("mode" or "nearest"); probabilities always use the 2x2 mean.
+    """
 
     def __init__(self, path: Path, *, shape: tuple[int, int], chunk: int, num_classes: int,
-                 probabilities: bool, ngff: str = "0.4", create: bool = True):
+                 probabilities: bool, ngff: str = "0.4", create: bool = True, method: str = "mode"):
         import zarr
 
+        if method not in ("mode", "nearest"):
+            raise ConfigError(f"Label pyramids use 'mode' or 'nearest' downsampling, not '{method}'.")
         self.path = Path(path)
         self.shape, self.chunk, self.num_classes = tuple(shape), int(chunk), int(num_classes)
-        self.ngff = ngff
+        self.ngff, self.method = ngff, method
         spec = _ngff(ngff)
+        shapes = pyramid_shapes(self.shape, self.chunk)
         if create:
             root = zarr.open_group(str(self.path), mode="w", zarr_format=spec["zarr_format"])
-            root.create_array("0", shape=self.shape, chunks=(self.chunk, self.chunk), dtype="uint8",
-                              fill_value=0, **spec["array_kwargs"])
+            for level, level_shape in enumerate(shapes):
+                root.create_array(str(level), shape=level_shape, chunks=(self.chunk, self.chunk), dtype="uint8",
+                                  fill_value=0, **spec["array_kwargs"])
             if probabilities:
                 group = root.create_group(PROBS)
-                group.create_array("0", shape=(self.num_classes, *self.shape),
-                                   chunks=(1, self.chunk, self.chunk), dtype="uint8", fill_value=0,
-                                   **spec["array_kwargs"])
+                for level, level_shape in enumerate(shapes):
+                    group.create_array(str(level), shape=(self.num_classes, *level_shape),
+                                       chunks=(1, self.chunk, self.chunk), dtype="uint8", fill_value=0,
+                                       **spec["array_kwargs"])
         self.root = zarr.open_group(str(self.path), mode="r+")
-        self.labels = self.root["0"]
-        self.probabilities = self.root[f"{PROBS}/0"] if probabilities else None
+        self.levels = [self.root[str(level)] for level in range(len(shapes))]
+        self.labels = self.levels[0]
+        self.prob_levels = [self.root[f"{PROBS}/{level}"] for level in range(len(shapes))] if probabilities else []
+        self.probabilities = self.prob_levels[0] if probabilities else None
 
     def write(self, box: tuple[int, int, int, int], labels: np.ndarray,
               probs: np.ndarray | None = None) -> None:
+        """Write one box (y0, y1, x0, x1) of level 0 and bring every coarser level up to date."""
         y0, y1, x0, x1 = box
         self.labels[y0:y1, x0:x1] = labels
+        update_levels(self.levels, box, self.method)
         if self.probabilities is not None and probs is not None:
             self.probabilities[:, y0:y1, x0:x1] = probs
+            update_levels(self.prob_levels, box, "mean")
 
-    def finalize(self, nonempty: set[tuple[int, int]], *, name: str, mpp: float, slide_mpp: float,
-                 class_names: Sequence[str], extra: dict[str, Any], method: str = "mode") -> None:
-        """Build the pyramids and write all metadata (the last step before the rename)."""
+    def finalize(self, *, name: str, mpp: float, slide_mpp: float, class_names: Sequence[str],
+                 extra: dict[str, Any], class_colors: ClassColors | None = None,
+                 offset: tuple[float, float] = (0.0, 0.0)) -> None:
+        """Write all metadata (the last step before the rename); the pyramids are already complete.
+
+        ``offset`` is the (y, x) slide level-0 pixel where this store's pixel (0, 0) starts (a region),
+        recorded in the NGFF translation so the store overlays the slide where it belongs.
+        ``class_colors`` (list by class, or class name -> RGB) go into image-label ``colors``.
+        """
         spec = _ngff(self.ngff)
-        shapes = pyramid_shapes(self.shape, self.chunk)
-        if method not in ("mode", "nearest"):
-            raise ConfigError(f"Label pyramids use 'mode' or 'nearest' downsampling, not '{method}'.")
-        label_arrays = self._pyramid(self.root, shapes, method, nonempty, channels=None)
         space = {"type": "space", "unit": "micrometer"}
         yx_axes = [{"name": "y", **space}, {"name": "x", **space}]
-        levels = range(len(label_arrays))
+        levels = range(len(self.levels))
         # pixel centres: level k pixel i covers slide level-0 pixels [i*d, (i+1)*d), d in level-0 px
         d0 = mpp / slide_mpp
         scales = [[mpp * 2**k] * 2 for k in levels]
-        shifts = [[round((d0 * 2**k - 1) / 2 * slide_mpp, 9)] * 2 for k in levels]
-        image_label = {"colors": label_colors(class_names),
+        shifts = [[round((float(o) + (d0 * 2**k - 1) / 2) * slide_mpp, 9) for o in offset] for k in levels]
+        image_label = {"colors": label_colors(class_names, class_colors=class_colors),
                        "properties": [{"label-value": 0, "class": "no prediction"}]
                        + [{"label-value": i + 1, "class": n} for i, n in enumerate(class_names)]}
-        ome = {"multiscales": [multiscales(name, yx_axes, scales, shifts, method, self.ngff)],
+        ome = {"multiscales": [multiscales(name, yx_axes, scales, shifts, self.method, self.ngff)],
                "image-label": {"version": self.ngff, **image_label} if spec["versioned"] else image_label}
         self._write_attrs(self.root, ome, {"pfmseg": extra})
         if self.probabilities is not None:
             group = self.root[PROBS]
-            prob_arrays = self._pyramid(group, shapes, "mean", nonempty, channels=self.num_classes)
             c_axis = [{"name": "c", "type": "channel"}]
             ome_p = {"multiscales": [multiscales(f"{name} probabilities", c_axis + yx_axes,
-                                                 [[1.0, *s] for s in scales[: len(prob_arrays)]],
-                                                 [[0.0, *t] for t in shifts[: len(prob_arrays)]],
+                                                 [[1.0, *s] for s in scales], [[0.0, *t] for t in shifts],
                                                  "mean", self.ngff)],
                      "omero": {"channels": [{"label": n, "active": True, "color": "FFFFFF",
                                              "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
@@ -124,18 +140,54 @@ class LabelStore:
         else:
             group.attrs.update({"ome": {"version": self.ngff, **ome}, **extra})
 
-    def _pyramid(self, group, shapes: list[tuple[int, int]], method: str,
-                 nonempty: set[tuple[int, int]], channels: int | None) -> list[Any]:
-        spec = _ngff(self.ngff)
-        arrays = [group["0"]]
-        for level, shape in enumerate(shapes[1:], start=1):
-            full = shape if channels is None else (channels, *shape)
-            chunks = (self.chunk, self.chunk) if channels is None else (1, self.chunk, self.chunk)
-            target = group.create_array(str(level), shape=full, chunks=chunks, dtype="uint8", fill_value=0,
-                                        overwrite=True, **spec["array_kwargs"])
-            nonempty = downsample_level(arrays[-1], target, method, nonempty, self.chunk)
-            arrays.append(target)
-        return arrays
+
+def write_labels(path: str | Path, labels: Any, *, class_names: Sequence[str], mpp: float,
+                 slide_mpp: float | None = None, class_colors: ClassColors | None = None,
+                 offset: tuple[float, float] = (0.0, 0.0), chunk: int = 1024, ngff: str = "0.4",
+                 method: str = "mode", extra: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
+    """Write an (H, W) integer labels array (0 = none, k = class k-1) as an OME-Zarr label store.
+
+    The same layout whole-slide inference writes (pyramid, classes, colours, micrometre scale), so a
+    napari labels layer or any array of annotations opens in QuPath, napari and the exporters like a
+    prediction. ``mpp`` is the labels' resolution, ``slide_mpp`` the slide's level 0 (default: the
+    same), ``offset`` the (y, x) slide level-0 pixel of the array's pixel (0, 0). The array is read
+    one chunk at a time (zarr and dask arrays work without loading them whole).
+    """
+    import shutil
+
+    path = Path(path)
+    if path.exists():
+        if not overwrite:
+            raise ConfigError(f"'{path}' exists already; pass overwrite=True or choose another path.")
+        shutil.rmtree(path)
+    if len(labels.shape) != 2:
+        raise ConfigError(f"write_labels takes an (H, W) labels array, got shape {tuple(labels.shape)}.")
+    slide_mpp = float(slide_mpp or mpp)
+    height, width = (int(v) for v in labels.shape)
+    store = LabelStore(path, shape=(height, width), chunk=chunk, num_classes=max(1, len(class_names)),
+                       probabilities=False, ngff=ngff, create=True, method=method)
+    for y in range(0, height, chunk):
+        for x in range(0, width, chunk):
+            block = np.asarray(labels[y:y + chunk, x:x + chunk])
+            if not block.any():
+                continue
+            if block.min() < 0 or block.max() > 255:
+                from ..errors import DataError
+
+                raise DataError(f"Labels hold values outside 0..255 (max {block.max()}, min {block.min()}); "
+                                "OME-Zarr label stores are uint8: relabel first.")
+            store.write((y, y + block.shape[0], x, x + block.shape[1]), block.astype(np.uint8))
+    ds = mpp / slide_mpp
+    plan = {"level": 0, "level_mpp": slide_mpp, "target_mpp": mpp, "factor": ds, "mpp": mpp,
+            "shape": [height, width], "downsample": ds}
+    metadata = {"class_names": list(class_names),
+                "label_values": {"0": "not annotated / no prediction", "k": "class k-1"},
+                "resolution_plan": plan, "region_offset": [float(o) for o in offset],
+                "class_colors": [list(c) for c in class_palette(len(class_names), class_colors, class_names).tolist()],
+                **(extra or {})}
+    store.finalize(name=path.name.split(".")[0], mpp=mpp, slide_mpp=slide_mpp, class_names=class_names,
+                   extra=metadata, class_colors=class_colors, offset=offset)
+    return path
 
 
 class LabelOutput:
@@ -168,6 +220,12 @@ class LabelOutput:
     def downsample(self) -> float:
         """Slide level-0 pixels per label level-0 pixel."""
         return float(self.pfmseg.get("resolution_plan", {}).get("downsample", 1.0))
+
+    @property
+    def region_offset(self) -> tuple[float, float]:
+        """(y, x) slide level-0 pixel where this output's pixel (0, 0) lies (non-zero for regions)."""
+        y, x = self.pfmseg.get("region_offset", (0.0, 0.0))
+        return float(y), float(x)
 
     @property
     def bounds_offset(self) -> tuple[int, int]:

@@ -1,12 +1,16 @@
 """Multiscale pyramids of chunked zarr arrays, built chunk by chunk (memory: a few chunks).
 
 Labels are downsampled by the 2x2 mode (ties go to the top-left pixel), which keeps thin classes
-visible and never invents a label that is not present; probabilities by the 2x2 mean. Only chunks
-whose sources hold data are computed, so an 80 % empty slide costs 20 % of the work.
+visible and never invents a label that is not present; probabilities by the 2x2 mean.
+:func:`update_levels` keeps every coarser level up to date as each box of level 0 is written, so a
+viewer reading the store while a prediction streams in sees a zoomed-out view too; since each update
+recomputes the coarse pixels from their full 2x2 sources, the end result equals downsampling the
+finished level 0, whatever order the boxes came in.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -51,6 +55,23 @@ def pyramid_shapes(shape: tuple[int, int], chunk: int, min_side: int = 256) -> l
         h, w = shapes[-1]
         shapes.append((-(-h // 2), -(-w // 2)))
     return shapes  # type: ignore[return-value]
+
+
+def update_levels(levels: list, box: tuple[int, int, int, int], method: str) -> None:
+    """Recompute the coarser ``levels[1:]`` (zarr arrays, each half the one before) over level-0 ``box``.
+
+    ``box`` is (y0, y1, x0, x1) of ``levels[0]`` just written; leading axes (channels) are kept.
+    """
+    reduce = DOWNSAMPLERS[method]
+    y0, y1, x0, x1 = (int(v) for v in box)
+    for source, target in itertools.pairwise(levels):
+        lead = (slice(None),) * (source.ndim - 2)
+        sh, sw = source.shape[-2:]
+        th, tw = target.shape[-2:]
+        y0, x0 = y0 // 2, x0 // 2
+        y1, x1 = min(th, -(-y1 // 2)), min(tw, -(-x1 // 2))
+        block = np.asarray(source[(*lead, slice(2 * y0, min(2 * y1, sh)), slice(2 * x0, min(2 * x1, sw)))])
+        target[(*lead, slice(y0, y1), slice(x0, x1))] = reduce(block)[..., : y1 - y0, : x1 - x0]
 
 
 def downsample_level(source, target, method: str, nonempty: set[tuple[int, int]], chunk: int

@@ -8,7 +8,6 @@ the whole pipeline with an identity-like stand-in model.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -51,17 +48,17 @@ def model_info(model) -> ModelInfo:
 
 
 def resolve_device(device: str | torch.device | None, model=None) -> torch.device:
-    """The device to run on: the one asked for (CUDA falls back to CPU if absent), else the model's."""
+    """The device to run on: the model's own when none is given (a model already placed stays put),
+    else the shared :func:`pfmseg_engine.devices.resolve_device` ("auto", "cuda:1"...: one meaning and
+    one clear error everywhere)."""
     if device is None:
         try:
             return next(model.parameters()).device if model is not None else torch.device("cpu")
         except (StopIteration, AttributeError):
             return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        log.warning("CUDA device '%s' requested but CUDA is not available; running on the CPU.", device)
-        return torch.device("cpu")
-    return device
+    from ..devices import resolve_device as resolve_named
+
+    return resolve_named(device)
 
 
 class ModelRunner:

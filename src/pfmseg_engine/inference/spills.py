@@ -16,6 +16,8 @@ import numpy as np
 
 #: Where a sender's spill goes, relative to the sender: direction name as seen by the receiver.
 OUTGOING = (("left", 0, 1), ("top", 1, 0), ("topleft", 1, 1))
+#: A chunk computed before it can be finished keeps its own accumulator under this name.
+SELF = "self"
 
 
 class SpillStore:
@@ -45,7 +47,7 @@ class SpillStore:
         return np.load(path)
 
     def drop(self, target: tuple[int, int]) -> None:
-        for direction, _, _ in OUTGOING:
+        for direction in (*(d for d, _, _ in OUTGOING), SELF):
             self._path(target, direction).unlink(missing_ok=True)
 
 

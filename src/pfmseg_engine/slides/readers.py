@@ -20,8 +20,11 @@ import numpy as np
 from ..errors import SlideError
 
 
-def _bounds(key: Any, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) of a basic 2-D slice key (what dask and callers pass)."""
+def slice_bounds(key: Any, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) of a basic 2-D slice key (what dask and callers pass).
+
+    Public so every array-like reader (here, in inference, in the napari plugin) clips keys the same way.
+    """
     if not isinstance(key, tuple):
         key = (key,)
     key = key + (slice(None),) * (2 - len(key[:2]))
@@ -115,7 +118,7 @@ class TiffLevelReader:
         self._handles = ThreadLocalHandles(self._open)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        y0, y1, x0, x1 = _bounds(key, self.shape)
+        y0, y1, x0, x1 = slice_bounds(key, self.shape)
         oy, ox = self.offset
         try:
             array = self._handles.get().zarr_group[str(self.level)]
@@ -149,7 +152,7 @@ class ArrayReader:
         self.shape = (shape[0], shape[1], 3)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        y0, y1, x0, x1 = _bounds(key, self.shape)
+        y0, y1, x0, x1 = slice_bounds(key, self.shape)
         return to_rgb(np.asarray(self.array[y0:y1, x0:x1]))[:, :, _channel_key(key)]
 
     def close(self) -> None:
@@ -192,8 +195,27 @@ class PILReader:
             return self._cache[1]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        y0, y1, x0, x1 = _bounds(key, self.shape)
+        y0, y1, x0, x1 = slice_bounds(key, self.shape)
         return self._pixels()[y0:y1, x0:x1][:, :, _channel_key(key)]
 
     def close(self) -> None:
         self._cache = None
+
+
+class OffsetReader:
+    """A (height, width) window of another array-like reader, starting at (y0, x0) of it.
+
+    Region prediction reads through this, so the region is an ordinary image to the chunk grid while
+    every read lands at the right place of the full slide (no copy, no second file handle).
+    """
+
+    ndim = 3
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, reader: Any, y0: int, x0: int, height: int, width: int):
+        self.reader, self.y0, self.x0 = reader, int(y0), int(x0)
+        self.shape = (int(height), int(width), 3)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        y0, y1, x0, x1 = slice_bounds(key, self.shape)
+        return np.asarray(self.reader[self.y0 + y0:self.y0 + y1, self.x0 + x0:self.x0 + x1])

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SlideError
-from .readers import _bounds
+from .readers import slice_bounds
 from .slide import Slide
 
 DEFAULT_TOLERANCE = 0.1
@@ -100,7 +100,7 @@ class ResampledReader:
         self.shape = (int(shape[0]), int(shape[1]), 3)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        y0, y1, x0, x1 = _bounds(key, self.shape)
+        y0, y1, x0, x1 = slice_bounds(key, self.shape)
         if y1 <= y0 or x1 <= x0:
             return np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
         if self.factor.is_integer():

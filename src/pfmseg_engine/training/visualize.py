@@ -7,26 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-IGNORE_COLOUR = (40, 40, 40)
+from ..colors import IGNORE_COLOUR, class_palette, colourise
 
 
 def palette(num_classes: int, class_colors: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """(num_classes, 3) uint8 colours: the dataset's own, else matplotlib's tab10/tab20."""
-    if class_colors:
-        return np.asarray(class_colors, dtype=np.uint8)[:num_classes]
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if num_classes <= 10 else "tab20"]
-    return (np.asarray([cmap(i % cmap.N)[:3] for i in range(num_classes)]) * 255).astype(np.uint8)
+    """(num_classes, 3) uint8 colours: the dataset's own, else the shared class palette."""
+    return class_palette(num_classes, class_colors)
 
 
 def colorize(mask: np.ndarray, colours: np.ndarray) -> np.ndarray:
     """Class-index mask -> RGB; values outside the palette (ignore) are dark grey."""
-    out = np.empty((*mask.shape, 3), dtype=np.uint8)
-    out[:] = IGNORE_COLOUR
-    valid = (mask >= 0) & (mask < len(colours))
-    out[valid] = colours[mask[valid]]
-    return out
+    return colourise(mask, colours, ignore_index=None, ignore_colour=IGNORE_COLOUR)
 
 
 def save_panel(path: Path, image: np.ndarray, target: np.ndarray | None, prediction: np.ndarray,
