@@ -84,12 +84,13 @@ def _canvas_world_box(viewer: Any) -> tuple[float, float, float, float]:
     The camera model is up to date as soon as it is set (vispy's own transforms only after the next
     draw), so a view set programmatically is honoured at once.
     """
-    centre = np.asarray(viewer.camera.center[-2:], float)
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 moved it
+    centre = np.asarray(camera.center[-2:], float)
     try:
         height, width = (float(v) for v in viewer.window._qt_viewer.canvas.size)
     except Exception:  # no Qt window (headless viewer model)
         height, width = 600.0, 800.0
-    half = np.asarray((height, width)) / float(viewer.camera.zoom) / 2.0
+    half = np.asarray((height, width)) / float(camera.zoom) / 2.0
     return centre[0] - half[0], centre[0] + half[0], centre[1] - half[1], centre[1] + half[1]
 
 
