@@ -42,7 +42,7 @@ def test_demo_command_runs_end_to_end(tmp_path, capsys):
     assert main(["demo", "--output_dir", str(tmp_path), "--epochs", "2", "--no-progress", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for expected in ("mIoU", "held-out half", "whole slide", "majority class", "randomly initialised",
-                     "napari --plugin napari-pfmseg"):
+                     "napari --plugin pfmseg"):
         assert expected in out
     assert (tmp_path / "demo_overlay.png").is_file()
     assert (tmp_path / "training" / "training_history.png").is_file()

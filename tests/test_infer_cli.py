@@ -79,6 +79,19 @@ def test_slide_form_with_exports(checkpoint, tmp_path, capsys):
     assert "chunks run" in capsys.readouterr().out
 
 
+def test_slide_form_predicts_a_region(checkpoint, tmp_path):
+    code = main(["infer", "--slide", str(DATA / "slides" / "CMU-1-Small-Region.svs"), "--checkpoint",
+                 str(checkpoint), "--output_dir", str(tmp_path), "--target_mpp", "4.0", "--input_size", "64",
+                 "--region", "800", "400", "640", "512"])
+    assert code == 0
+    from pfmseg_engine.inference import LabelOutput
+
+    [zarr_path] = tmp_path.glob("*.ome.zarr")
+    output = LabelOutput(zarr_path)
+    assert output.levels[0].shape == (512 // 8, 640 // 8)
+    assert output.region_offset == (400.0, 800.0)  # (y, x) of the region in level-0 pixels
+
+
 def test_slide_form_errors_are_clear(checkpoint, tmp_path, capsys):
     code = main(["infer", "--slide", str(DATA / "slides" / "TCGA-CR-7395-01A-01-TS1.svs"), "--checkpoint",
                  str(checkpoint), "--output_dir", str(tmp_path)])

@@ -113,6 +113,8 @@ def run_on_cluster(args: argparse.Namespace, config) -> int:
     except ImportError as exc:
         raise ConfigError('--scheduler needs the distributed package: pip install "dask[distributed]".'
                           ) from exc
+    if args.region:
+        raise ConfigError("--region predicts part of one slide; run it without --scheduler.")
     with Client(args.scheduler) as client:
         predict_slides(resolve_checkpoint(args.checkpoint), args.slide, args.output_dir, config,
                        client=client, weights=args.weights, mpp=args.mpp, device=args.device,
@@ -142,11 +144,12 @@ def run_slides(args: argparse.Namespace) -> int:
 
         try:
             result = predict_slide(model, slide, args.output_dir, config, callback=update, device=args.device,
-                                   mpp=args.mpp, overwrite=args.overwrite)
+                                   mpp=args.mpp, overwrite=args.overwrite,
+                                   region=tuple(args.region) if args.region else None)
         finally:
             bar.close()
         _report(result, args.export)
-    print("Open in napari: napari --plugin napari-pfmseg <slide> (or drag the .ome.zarr onto the viewer).")
+    print("Open in napari: napari --plugin pfmseg <slide> (or drag the .ome.zarr onto the viewer).")
     return 0
 
 
@@ -197,6 +200,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slides.add_argument("--export", nargs="+", choices=EXPORTS,
                         help="also write pyramidal OME-TIFF / GeoJSON")
     slides.add_argument("--overwrite", action="store_true", help="redo slides whose output is complete")
+    slides.add_argument("--region", nargs=4, type=int, metavar=("X", "Y", "W", "H"),
+                        help="predict only this level-0 pixel rectangle (output keeps the offset)")
     slides.add_argument("--scheduler", metavar="ADDRESS",
                         help="dask.distributed scheduler: one slide per task (e.g. tcp://host:8786)")
     parser.set_defaults(func=run)

@@ -172,7 +172,7 @@ def format_report(result: DemoResult) -> str:
         f"                     slide          {result.slide}",
         "",
         "Look at it in napari (pip install 'pfmseg[napari]'):",
-        f"  napari --plugin napari-pfmseg {result.slide} {result.prediction}",
+        f"  napari --plugin pfmseg {result.slide} {result.prediction}",
         "",
         f"NOTE: this demo uses a small, randomly initialised {DEMO_BACKBONE} backbone because no pretrained",
         "weights can be assumed offline; the CNN adapter does the learning. Real use needs a pathology",
