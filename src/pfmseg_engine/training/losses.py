@@ -12,6 +12,7 @@ logits' device at call time, so a loss built on the CPU works on any device.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,7 +64,7 @@ class CrossEntropyLoss(SegmentationLoss):
         return F.cross_entropy(logits, target.long(), weight=self.weights_for(logits), ignore_index=self.ignore_index)
 
 
-class _OverlapLoss(SegmentationLoss):
+class _OverlapLoss(SegmentationLoss, abc.ABC):
     """Soft Dice / IoU from softmax probabilities, pooled over the batch per class.
 
     Ignored pixels are removed from both the probabilities and the one-hot targets. A class absent
@@ -74,8 +75,9 @@ class _OverlapLoss(SegmentationLoss):
         super().__init__(ignore_index, class_weights)
         self.smooth = float(smooth)
 
+    @abc.abstractmethod
     def overlap(self, intersection: torch.Tensor, cardinality: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Per-class overlap score in [0, 1] (1 = perfect) from soft intersection and cardinality."""
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits, valid, safe = self.split(logits, target)
