@@ -18,11 +18,6 @@ pytestmark = pytest.mark.gui
 SLIDES = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    """Demo slide and session files go to a temporary cache, never the user's."""
-    monkeypatch.setenv("PFMSEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "pfmseg-cache"))
-
 
 def test_manifest_validates_and_imports():
     """``npe2 validate pfmseg --imports``: the installed distribution's manifest and every python_name."""

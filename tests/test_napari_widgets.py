@@ -16,14 +16,6 @@ pytestmark = pytest.mark.gui
 TIMEOUT_MS = 180_000
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("PFMSEG_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "pfmseg-cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small CI machines: leave a core to the GUI thread
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def viewer(make_napari_viewer):
