@@ -87,6 +87,13 @@ def test_tissue_blank_and_blob():
     assert tissue.any_in(1000, 1100, 2000, 2100) and not tissue.any_in(3000, 3900, 100, 900)
 
 
+def test_tissue_in_a_small_crop_is_not_erased_as_noise():
+    """A 100 um object on a 512 um crop is far below the whole-slide noise floor (20,000 um^2)."""
+    tissue = detect_tissue(Slide.from_array(_virtual(512, 512, (200, 300, 200, 300)), mpp=1.0))
+    assert tissue.any_in(220, 280, 220, 280)
+    assert tissue.fraction == pytest.approx(100 * 100 / 512**2, abs=0.03)
+
+
 def test_resolution_plan():
     cmu = open_slide(CMU)
     assert plan_resolution(cmu).factor == 1 and plan_resolution(cmu, 0.5).level == 0  # within tolerance

@@ -106,7 +106,8 @@ def tissue_from_thumbnail(thumb: np.ndarray, mpp: float) -> tuple[np.ndarray, fl
     mask = sat > threshold
     mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool), iterations=2, border_value=0)
     mask = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool), iterations=1)
-    min_px = max(1, int(MIN_AREA_UM2 / (mpp * mpp)))
+    # a fixed floor would erase every object of a small crop or biopsy: cap it at 1 % of the image
+    min_px = max(1, int(min(MIN_AREA_UM2 / (mpp * mpp), 0.01 * mask.size)))
     mask = _drop_small(mask, min_px)
     mask = ~_drop_small(~mask, min_px)  # fill small holes
     return mask, threshold
