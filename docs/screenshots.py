@@ -1,6 +1,6 @@
 """Drive the napari plugin under a virtual display and save the README screenshots.
 
-    python docs/screenshots.py [--out docs/images] [--epochs 6]
+    python docs/screenshots.py [--out docs/images] [--epochs 15]
 
 Opens the demo slide, paints annotations, fine-tunes a model in the Train widget, and streams a
 whole-slide prediction, saving ``annotations.png``, ``training.png``, ``prediction_streaming.png``
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TINY = {"backbone": "kaiko-vits16", "tiny": True, "input_size": 32, "mpp": 1.0, "strategy": "full"}
+TINY = {"backbone": "kaiko-vits16", "tiny": True, "input_size": 64, "mpp": 1.0, "strategy": "cnn_adapter"}
 CLASSES = (["stained gland", "stroma"], [[235, 125, 20], [40, 170, 70]])
 
 
@@ -66,7 +66,7 @@ def paint(layer) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "images")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=15)
     args = parser.parse_args()
     ensure_display()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def main() -> None:
     docks["Train"].raise_()
     train = widgets["Train"]
     train.epochs.setValue(args.epochs)
-    train.samples.setValue(32)
+    train.samples.setValue(64)
     train.batch.setValue(4)
     train.train()
     wait(lambda: not train.controller.running)
