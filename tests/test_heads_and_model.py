@@ -111,3 +111,11 @@ def test_input_must_be_rgb_batch():
     model = build_model(ModelConfig(backbone="kaiko-vits16", tiny=True, num_classes=2, input_size=64))
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         model(torch.rand(3, 64, 64))
+
+
+def test_unknown_config_keys_name_the_closest_valid_key():
+    config = ModelConfig(backbone="uni_v1", num_classes=2).to_dict()
+    with pytest.raises(ConfigError, match=r"Unknown model setting 'num_clases'. Did you mean 'num_classes'"):
+        ModelConfig.from_dict({**config, "num_clases": 2})
+    with pytest.raises(ConfigError, match=r"Unknown tuning setting 'rnak'. Did you mean 'rank'"):
+        TuningConfig.from_dict({"rnak": 4})

@@ -48,3 +48,13 @@ def closest(name: str, choices: Iterable[str]) -> str:
     lowered = {c.lower(): c for c in choices}
     match = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.5)
     return f" Did you mean '{lowered[match[0]]}'?" if match else ""
+
+
+def reject_unknown_keys(data: Iterable[str], known: Iterable[str], what: str) -> None:
+    """Raise a :class:`ConfigError` naming the first key of ``data`` not in ``known`` and its closest match."""
+    known = sorted(known)
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        raise ConfigError(
+            f"Unknown {what} '{unknown[0]}'.{closest(unknown[0], known)} Valid: {', '.join(known)}."
+        )

@@ -11,7 +11,7 @@ from torch import nn
 from .backbones.backbone import build_backbone
 from .backbones.registry import get_spec
 from .backbones.specs import BackboneSpec
-from .errors import ConfigError, closest
+from .errors import ConfigError, reject_unknown_keys
 from .heads import build_head
 from .tuning import STRATEGIES, Encoder, TuningConfig, apply_strategy
 
@@ -74,10 +74,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise ConfigError(f"Unknown model setting '{unknown[0]}'.{closest(unknown[0], known)}")
+        reject_unknown_keys(data, (f.name for f in fields(cls)), "model setting")
         data = dict(data)
         data["tuning"] = TuningConfig.from_dict(data.get("tuning") or {})
         data["class_names"] = tuple(data.get("class_names") or ())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..errors import ConfigError, closest
+from ..errors import ConfigError, closest, reject_unknown_keys
 
 
 @dataclass(frozen=True)
@@ -67,12 +67,7 @@ class TuningConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TuningConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = [k for k in data if k not in known]
-        if unknown:
-            raise ConfigError(
-                f"Unknown tuning setting '{unknown[0]}'.{closest(unknown[0], known)} Valid: {', '.join(sorted(known))}."
-            )
+        reject_unknown_keys(data, (f.name for f in fields(cls)), "tuning setting")
         data = dict(data)
         if "adapter_channels" in data:
             data["adapter_channels"] = tuple(data["adapter_channels"])
