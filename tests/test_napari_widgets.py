@@ -155,3 +155,19 @@ def test_plugin_modules_import_without_torch():
             "napari_pfmseg._predict_widget; print(sorted({'torch', 'pfmseg_engine'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_model_recipe_round_trips_every_tuning_setting():
+    from napari_pfmseg._session import ModelRecipe
+    from pfmseg_engine import ModelConfig, TuningConfig
+
+    tuning = TuningConfig(strategy="transformer_adapter", adapter_depth=3, adapter_mlp_ratio=2.0,
+                          adapter_drop_path_rate=0.1, adapter_qk_norm=True)
+    config = ModelConfig(backbone="kaiko-vits16", tiny=True, num_classes=2, class_names=("a", "b"),
+                         tuning=tuning, input_size=64, mpp=1.0)
+    recipe = ModelRecipe.from_config(config)
+    assert recipe.model_config(["a", "b"]) == config
+    changed = recipe.with_changes(strategy="lora", rank=4, input_size=96)
+    assert changed.strategy == "lora" and changed.input_size == 96
+    assert changed.tuning_config() == TuningConfig(**{**tuning.to_dict(), "strategy": "lora", "rank": 4,
+                                                      "adapter_channels": tuple(tuning.adapter_channels)})

@@ -147,12 +147,17 @@ class ModelWidget(QWidget):
     def recipe(self) -> ModelRecipe:
         """The settings in the form, as a recipe (not validated yet)."""
         channels = tuple(int(c) for c in self.channels.text().replace(",", " ").split() if c.strip())
+        tuning = {  # settings the form does not show (e.g. from a loaded checkpoint) are kept
+            **self.session.recipe.tuning,
+            "strategy": self.strategy.currentText(), "rank": self.rank.value(), "alpha": self.alpha.value(),
+            "dropout": self.dropout.value(), "lora_mlp": self.lora_mlp.isChecked(),
+            "adapter_channels": list(channels) if len(channels) == 3 else [32, 64, 128],
+            "adapter_depth": self.depth.value(),
+        }
         return ModelRecipe(
             backbone=self.backbone.currentText(), weights=self.weights.text().strip() or None,
-            tiny=self.tiny.isChecked(), strategy=self.strategy.currentText(), rank=self.rank.value(),
-            alpha=self.alpha.value(), dropout=self.dropout.value(), lora_mlp=self.lora_mlp.isChecked(),
-            adapter_channels=channels if len(channels) == 3 else (32, 64, 128), adapter_depth=self.depth.value(),
-            head=self.head.currentText(), input_size=self.input_size.value(), mpp=self.mpp.value(),
+            tiny=self.tiny.isChecked(), tuning=tuning, head=self.head.currentText(),
+            input_size=self.input_size.value(), mpp=self.mpp.value(),
         )
 
     def _show_recipe(self, recipe: ModelRecipe) -> None:
@@ -162,13 +167,14 @@ class ModelWidget(QWidget):
         self.backbone.setCurrentText(recipe.backbone)
         self.weights.setText(recipe.weights or "")
         self.tiny.setChecked(recipe.tiny)
-        self.strategy.setCurrentText(recipe.strategy)
-        self.rank.setValue(recipe.rank)
-        self.alpha.setValue(recipe.alpha)
-        self.dropout.setValue(recipe.dropout)
-        self.lora_mlp.setChecked(recipe.lora_mlp)
-        self.channels.setText(", ".join(str(c) for c in recipe.adapter_channels))
-        self.depth.setValue(recipe.adapter_depth)
+        tuning = recipe.tuning_config()
+        self.strategy.setCurrentText(tuning.strategy)
+        self.rank.setValue(tuning.rank)
+        self.alpha.setValue(tuning.alpha)
+        self.dropout.setValue(tuning.dropout)
+        self.lora_mlp.setChecked(tuning.lora_mlp)
+        self.channels.setText(", ".join(str(c) for c in tuning.adapter_channels))
+        self.depth.setValue(tuning.adapter_depth)
         self.head.setCurrentText(recipe.head)
         self.input_size.setValue(recipe.input_size)
         self.mpp.setValue(recipe.mpp or 0.5)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,21 +29,30 @@ class BusyError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    """Everything of a ``ModelConfig`` except the classes, which come from the annotations."""
+    """Everything of a ``ModelConfig`` except the classes, which come from the annotations.
+
+    ``tuning`` holds the engine's ``TuningConfig`` settings as plain data (``TuningConfig.to_dict``
+    keys; missing keys take the engine's defaults), so a recipe round-trips any model's settings
+    without the plugin repeating the engine's field list, and without importing torch to hold one.
+    """
 
     backbone: str = "uni_v1"
     weights: str | None = None
     tiny: bool = False
-    strategy: str = "frozen"
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    lora_mlp: bool = False
-    adapter_channels: tuple[int, int, int] = (32, 64, 128)
-    adapter_depth: int = 2
+    tuning: dict[str, Any] = field(default_factory=lambda: {"strategy": "frozen"})
     head: str = "multilevel"
     input_size: int = 224
     mpp: float | None = 0.5
+
+    @property
+    def strategy(self) -> str:
+        return str(self.tuning.get("strategy", "frozen"))
+
+    def tuning_config(self) -> Any:
+        """The engine ``TuningConfig`` (validated: unknown settings are a clear error)."""
+        from pfmseg_engine import TuningConfig
+
+        return TuningConfig.from_dict(self.tuning)
 
     def model_config(self, class_names: tuple[str, ...] | list[str], require_weights: bool = True) -> Any:
         """The engine ``ModelConfig`` of this recipe for ``class_names`` (validated by the engine).
@@ -51,7 +60,7 @@ class ModelRecipe:
         A full-size backbone without weights is refused: its random features would make every
         annotation hour useless, and the message says where weights come from.
         """
-        from pfmseg_engine import ModelConfig, TuningConfig, WeightsError, get_spec
+        from pfmseg_engine import ModelConfig, WeightsError, get_spec
 
         if require_weights and not self.tiny and not self.weights:
             spec = get_spec(self.backbone)
@@ -61,24 +70,23 @@ class ModelRecipe:
                 f"No weights for {spec.title}: give the downloaded checkpoint file{hub} in the Model widget, "
                 "or tick 'tiny test model' to try the workflow with a small random-weight model."
             )
-
-        tuning = TuningConfig(strategy=self.strategy, rank=self.rank, alpha=self.alpha, dropout=self.dropout,
-                              lora_mlp=self.lora_mlp, adapter_channels=self.adapter_channels,
-                              adapter_depth=self.adapter_depth)
         return ModelConfig(backbone=self.backbone, weights=self.weights or None, tiny=self.tiny,
-                           num_classes=len(class_names), class_names=tuple(class_names), tuning=tuning,
-                           head=self.head, input_size=self.input_size, mpp=self.mpp)
+                           num_classes=len(class_names), class_names=tuple(class_names),
+                           tuning=self.tuning_config(), head=self.head, input_size=self.input_size, mpp=self.mpp)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelRecipe:
-        t = config.tuning
-        return cls(backbone=config.backbone, weights=config.weights, tiny=config.tiny, strategy=t.strategy,
-                   rank=t.rank, alpha=t.alpha, dropout=t.dropout, lora_mlp=t.lora_mlp,
-                   adapter_channels=tuple(t.adapter_channels), adapter_depth=t.adapter_depth, head=config.head,
-                   input_size=config.input_size, mpp=config.mpp)
+        return cls(backbone=config.backbone, weights=config.weights, tiny=config.tiny,
+                   tuning=config.tuning.to_dict(), head=config.head, input_size=config.input_size, mpp=config.mpp)
 
     def with_changes(self, **changes: Any) -> ModelRecipe:
-        return replace(self, **changes)
+        """A copy with recipe fields and/or tuning settings (e.g. ``strategy=``, ``rank=``) changed."""
+        own = {f.name for f in fields(self)}
+        tuning = {k: v for k, v in changes.items() if k not in own}
+        recipe = {k: v for k, v in changes.items() if k in own}
+        if tuning:
+            recipe["tuning"] = {**recipe.get("tuning", self.tuning), **tuning}
+        return replace(self, **recipe)
 
 
 @dataclass
