@@ -54,3 +54,11 @@ def test_engine_errors_print_one_line_and_exit_2(capsys):
     assert main(["benchmark", "--backbone", "uni_v3"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: Unknown backbone 'uni_v3'") and "Traceback" not in err
+
+
+def test_parsing_the_command_line_and_reading_the_table_do_not_import_torch():
+    code = ("import sys; from pfmseg_engine.cli import build_parser; build_parser(); "
+            "from pfmseg_engine.backbones import SPECS, get_spec; get_spec('uni_v1'); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..tuning import STRATEGIES
-
 
 def run(args: argparse.Namespace) -> int:
     import torch
@@ -34,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backbone", default="kaiko-vits16")
     parser.add_argument("--weights", default=None, help="backbone weights (random weights time the same)")
     parser.add_argument("--tiny", action="store_true", help="use the small variant of the family")
-    parser.add_argument("--strategy", default="frozen", choices=list(STRATEGIES))
+    # validated by TuningConfig (with a "did you mean"), so the parser need not import torch
+    parser.add_argument("--strategy", default="frozen",
+                        help="frozen, full, lora, dora, cnn_adapter or transformer_adapter")
     parser.add_argument("--head", default="multilevel")
     parser.add_argument("--num_classes", type=int, default=3)
     parser.add_argument("--input_size", type=int, default=224)
