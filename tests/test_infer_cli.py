@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 
 from pfmseg_engine.cli import main
+from testdata import CMU, TCGA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-LUAD = DATA / "wsss4luad" / "dataset.json"
-CLASSES = ("tumor", "stroma", "normal", "background")
+CLASSES = ("background", "pale", "stained", "dark")
 
 
 @pytest.fixture(scope="module")
@@ -31,18 +30,19 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def test_image_set_windowslide(checkpoint, tmp_path, capsys):
+def test_image_set_windowslide(checkpoint, slide_tile_dataset, tmp_path, capsys):
+    tiles = slide_tile_dataset
     config = tmp_path / "config.yaml"
     config.write_text("dataset:\n  ignore_index: 255\n")
     code = main(["infer", "--config", str(config), "--checkpoint", str(checkpoint.parent.parent),
-                 "--input_json", str(LUAD), "--output_dir", str(tmp_path / "out"), "--input_size", "64",
+                 "--input_json", str(tiles), "--output_dir", str(tmp_path / "out"), "--input_size", "64",
                  "--resize_or_windowslide", "windowslide", "--batch_size", "4", "--device", "cpu"])
     assert code == 0
     masks = sorted((tmp_path / "out" / "predictions_masks").glob("*.png"))
-    tests = json.loads(LUAD.read_text())["data"]["test"]
+    tests = json.loads(tiles.read_text())["data"]["test"]
     assert [m.name for m in masks] == sorted(Path(t["image_path"]).stem + ".png" for t in tests)
     for mask_path, entry in zip(masks, sorted(tests, key=lambda t: t["image_path"]), strict=True):
-        image = Image.open(LUAD.parent / entry["image_path"])
+        image = Image.open(tiles.parent / entry["image_path"])
         mask = np.asarray(Image.open(mask_path))
         assert mask.shape == image.size[::-1] and mask.max() < 4
         overlay = Image.open(tmp_path / "out" / "predictions_overlays" / mask_path.name)
@@ -53,18 +53,21 @@ def test_image_set_windowslide(checkpoint, tmp_path, capsys):
     assert "Metrics: mIoU" in capsys.readouterr().out
 
 
-def test_image_set_resize_restores_size(checkpoint, tmp_path):
-    code = main(["infer", "--checkpoint", str(checkpoint), "--input_json", str(LUAD), "--output_dir",
+def test_image_set_resize_restores_size(checkpoint, slide_tile_dataset, tmp_path):
+    tiles = slide_tile_dataset
+    code = main(["infer", "--checkpoint", str(checkpoint), "--input_json", str(tiles), "--output_dir",
                  str(tmp_path), "--input_size", "64", "--resize_or_windowslide", "resize",
                  "--batch_size", "8"])
     assert code == 0
-    for mask_path in (tmp_path / "predictions_masks").glob("*.png"):
-        image = Image.open(LUAD.parent / "images" / mask_path.name)
+    masks = sorted((tmp_path / "predictions_masks").glob("*.png"))
+    assert len(masks) == len(json.loads(tiles.read_text())["data"]["test"])
+    for mask_path in masks:
+        image = Image.open(tiles.parent / "images" / mask_path.name)
         assert Image.open(mask_path).size == image.size
 
 
 def test_slide_form_with_exports(checkpoint, tmp_path, capsys):
-    code = main(["infer", "--slide", str(DATA / "slides" / "CMU-1-Small-Region.svs"), "--checkpoint",
+    code = main(["infer", "--slide", str(CMU), "--checkpoint",
                  str(checkpoint), "--output_dir", str(tmp_path), "--target_mpp", "4.0", "--input_size", "64",
                  "--overlap", "0.5", "--blend", "constant", "--export", "ome-tiff", "geojson"])
     assert code == 0
@@ -80,7 +83,7 @@ def test_slide_form_with_exports(checkpoint, tmp_path, capsys):
 
 
 def test_slide_form_predicts_a_region(checkpoint, tmp_path):
-    code = main(["infer", "--slide", str(DATA / "slides" / "CMU-1-Small-Region.svs"), "--checkpoint",
+    code = main(["infer", "--slide", str(CMU), "--checkpoint",
                  str(checkpoint), "--output_dir", str(tmp_path), "--target_mpp", "4.0", "--input_size", "64",
                  "--region", "800", "400", "640", "512"])
     assert code == 0
@@ -93,7 +96,7 @@ def test_slide_form_predicts_a_region(checkpoint, tmp_path):
 
 
 def test_slide_form_errors_are_clear(checkpoint, tmp_path, capsys):
-    code = main(["infer", "--slide", str(DATA / "slides" / "TCGA-CR-7395-01A-01-TS1.svs"), "--checkpoint",
+    code = main(["infer", "--slide", str(TCGA), "--checkpoint",
                  str(checkpoint), "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "--mpp" in err and "Traceback" not in err

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dask.array as da
 import numpy as np
 import pytest
@@ -12,10 +10,10 @@ pytest.importorskip("napari")
 pytest.importorskip("npe2")
 
 from napari_pfmseg._reader import napari_get_reader
+from testdata import SLIDES
 
 pytestmark = pytest.mark.gui
 
-SLIDES = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
 
 
 
@@ -53,8 +51,6 @@ def test_real_slides_open_lazily(make_napari_viewer, name, levels, mpp):
     import tiffslide
 
     path = SLIDES / name
-    if not path.is_file():
-        pytest.fail(f"Shared slide {path} missing; the repo must sit beside shared/.")
     viewer = make_napari_viewer()
     [layer] = viewer.open(str(path), plugin="pfmseg")
     assert layer.rgb

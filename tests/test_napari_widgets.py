@@ -127,11 +127,8 @@ def test_exports_of_a_finished_prediction(viewer, qtbot, tmp_path):
 
 
 def test_uncalibrated_slide_gets_its_mpp_from_the_annotate_widget(make_napari_viewer):
-    from pathlib import Path
-
     from napari_pfmseg._annotate_widget import AnnotateWidget
-
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "TCGA-CR-7395-01A-01-TS1.svs"
+    from testdata import TCGA as path
     viewer = make_napari_viewer()
     [image] = viewer.open(str(path), plugin="pfmseg")
     widget = AnnotateWidget(viewer)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pickle
 import shutil
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
@@ -16,10 +15,7 @@ from PIL import Image
 from pfmseg_engine.errors import SlideError
 from pfmseg_engine.slides import Slide, detect_tissue, open_slide, plan_resolution, save_tissue_qc
 from pfmseg_engine.slides.resolution import ResampledReader
-
-SLIDES = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
-CMU = SLIDES / "CMU-1-Small-Region.svs"
-TCGA = SLIDES / "TCGA-CR-7395-01A-01-TS1.svs"
+from testdata import CMU, TCGA
 
 
 def test_open_svs_lazily():

@@ -29,6 +29,7 @@ def majority_baseline(json_file) -> tuple[int, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.realdata
 def test_cnn_adapter_learns_monuseg_nuclei(shared_data, tmp_path):
     json_file = shared_data / "monuseg" / "dataset.json"
     majority, baseline = majority_baseline(json_file)

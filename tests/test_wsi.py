@@ -23,8 +23,7 @@ from pfmseg_engine.inference import (
 from pfmseg_engine.inference.window import stride_for
 from pfmseg_engine.slides import Slide
 from test_wsi_support import PixelModel, decided, pixel_labels, random_image
-
-SLIDES = Path(__file__).resolve().parents[2] / "shared" / "data" / "slides"
+from testdata import SLIDES
 
 
 def labels_of(result) -> np.ndarray:

@@ -1,8 +1,9 @@
 """``python -m pfmseg_engine``: the headless command line.
 
 Subcommands live in :mod:`pfmseg_engine.commands`, one module each, listed in :data:`COMMANDS`. Each
-module's ``register(subparsers)`` adds its parser; errors the engine raises on purpose are printed
-as one clear message (no traceback) with exit code 2.
+module's ``register(subparsers)`` adds its parser; errors the engine raises on purpose, and every
+file-system fault (``OSError``: disk full, permissions, a vanished file), are printed as one clear
+message (no traceback; ``--debug`` adds it) with exit code 2.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from . import __version__
 from .errors import PfmsegError
+from .storage import describe_os_error
 
 COMMANDS: tuple[str, ...] = ("models", "train", "evaluate", "infer", "demo", "benchmark")
 
@@ -40,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pfmseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in available_commands():
         importlib.import_module(f"pfmseg_engine.commands.{name}").register(subparsers)
@@ -59,11 +63,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PfmsegError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), args.debug)
+    except OSError as exc:  # a fault no engine code wrapped: still one sentence, never a traceback
+        return _fail(describe_os_error(exc, action="accessing"), args.debug)
     except KeyboardInterrupt:
         print("interrupted: completed work is kept; run the same command again to resume.", file=sys.stderr)
         return 130
+
+
+def _fail(message: str, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

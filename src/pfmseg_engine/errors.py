@@ -42,6 +42,10 @@ class SlideError(PfmsegError):
     """A slide cannot be opened or read."""
 
 
+class StorageError(PfmsegError):
+    """An output cannot be written (disk full, permissions, a file in the way, another writer)."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str:
     """Return a ' Did you mean ...?' hint for a mistyped name, or an empty string."""
     choices = list(choices)

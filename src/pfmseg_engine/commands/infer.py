@@ -145,7 +145,7 @@ def run_slides(args: argparse.Namespace) -> int:
         try:
             result = predict_slide(model, slide, args.output_dir, config, callback=update, device=args.device,
                                    mpp=args.mpp, overwrite=args.overwrite,
-                                   region=tuple(args.region) if args.region else None)
+                                   region=tuple(args.region) if args.region else None, wait=args.wait)
         finally:
             bar.close()
         _report(result, args.export)
@@ -155,7 +155,9 @@ def run_slides(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..devices import resolve_device
+    from ..storage import ensure_output_dir
 
+    ensure_output_dir(args.output_dir)  # a file in the way or a read-only folder fails before any work
     if not getattr(args, "scheduler", None):  # on a cluster each worker resolves its own device
         args.device = str(resolve_device(args.device))
     return run_slides(args) if args.slide else run_image_set(args)
@@ -200,6 +202,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slides.add_argument("--export", nargs="+", choices=EXPORTS,
                         help="also write pyramidal OME-TIFF / GeoJSON")
     slides.add_argument("--overwrite", action="store_true", help="redo slides whose output is complete")
+    slides.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="if another process is writing the same output, wait this long for it (then reuse "
+                             "its result) instead of stopping at once (default 0)")
     slides.add_argument("--region", nargs=4, type=int, metavar=("X", "Y", "W", "H"),
                         help="predict only this level-0 pixel rectangle (output keeps the offset)")
     slides.add_argument("--scheduler", metavar="ADDRESS",

@@ -42,7 +42,9 @@ def predict_one(checkpoint: str, slide: str, output_dir: str, config: dict[str, 
 
     device = str(resolve_device(device))  # resolved here, on the worker that owns the GPU
     model = (model_loader or _model)(checkpoint, weights, device)
-    return predict_slide(model, slide, output_dir, SlideInferenceConfig(**config), device=device, mpp=mpp)
+    # wait=None: a retry that starts while an earlier attempt still writes waits for it, then reuses it
+    return predict_slide(model, slide, output_dir, SlideInferenceConfig(**config), device=device, mpp=mpp,
+                         wait=None)
 
 
 def task_key(slide: str | Path, output_dir: str | Path) -> str:

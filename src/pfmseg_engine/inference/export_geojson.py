@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..storage import writing
 from .omezarr import LabelOutput
 
 
@@ -108,8 +109,13 @@ def export_geojson(store: str | Path, path: str | Path | None = None, *, level: 
                            "classification": {"name": class_name, "color": rgb}, "isLocked": False},
         })
     collection = {"type": "FeatureCollection", "features": features}
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(collection))
-    tmp.replace(path)
+    with writing(path, "the GeoJSON export"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.write_text(json.dumps(collection))
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        tmp.replace(path)
     return path

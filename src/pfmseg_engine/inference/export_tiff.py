@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..storage import writing
 from .omezarr import LabelOutput
 
 
@@ -39,17 +40,22 @@ def export_ome_tiff(store: str | Path, path: str | Path | None = None, *, tile: 
     metadata = {"axes": "YX", "PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": mpp,
                 "PhysicalSizeYUnit": "µm", "Name": name,
                 "Description": f"pfmseg labels: 0=no prediction; {classes}"}
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     options = {"tile": (tile, tile), "compression": compression, "photometric": "minisblack",
                "dtype": np.uint8}
-    with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
-        base = output.levels[0]
-        tif.write(_tiles(base, tile), shape=base.shape, subifds=len(output.levels) - 1, metadata=metadata,
-                  resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", **options)
-        for level, array in enumerate(output.levels[1:], start=1):
-            scale = mpp * 2**level
-            tif.write(_tiles(array, tile), shape=array.shape, subfiletype=1, metadata=None,
-                      resolution=(1e4 / scale, 1e4 / scale), resolutionunit="CENTIMETER", **options)
-    tmp.replace(path)
+    with writing(path, "the OME-TIFF export"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tif:
+                base = output.levels[0]
+                tif.write(_tiles(base, tile), shape=base.shape, subifds=len(output.levels) - 1, metadata=metadata,
+                          resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", **options)
+                for level, array in enumerate(output.levels[1:], start=1):
+                    scale = mpp * 2**level
+                    tif.write(_tiles(array, tile), shape=array.shape, subfiletype=1, metadata=None,
+                              resolution=(1e4 / scale, 1e4 / scale), resolutionunit="CENTIMETER", **options)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # never leave a torn export behind
+            raise
+        tmp.replace(path)
     return path

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 
 from ..colors import class_palette, overlay
 from ..errors import ConfigError
+from ..storage import ensure_output_dir, writing
 from .runner import ModelRunner
 from .window import check_window, predict_image
 
@@ -130,9 +132,10 @@ def infer_image_set(
             f"{runner_info.num_classes}; use a checkpoint trained on this class list."
         )
     samples = dataset.split(split)
-    out = Path(output_dir)
-    (out / MASKS_DIR).mkdir(parents=True, exist_ok=True)
-    (out / OVERLAYS_DIR).mkdir(parents=True, exist_ok=True)
+    out = ensure_output_dir(output_dir)
+    with writing(out, "image-set predictions"):
+        (out / MASKS_DIR).mkdir(parents=True, exist_ok=True)
+        (out / OVERLAYS_DIR).mkdir(parents=True, exist_ok=True)
     palette = (np.asarray(dataset.class_colors, np.uint8) if dataset.class_colors
                else class_palette(dataset.num_classes))
     cm = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)
@@ -149,21 +152,30 @@ def infer_image_set(
                 mask = read_mask(sample.mask_path, dataset.num_classes, ignore_index, dataset.class_colors)
                 cm += confusion_matrix(prediction, mask, dataset.num_classes, ignore_index)
                 scored += 1
-            _save_png(out / MASKS_DIR / f"{sample.image_path.stem}.png", prediction)
-            _save_png(out / OVERLAYS_DIR / f"{sample.image_path.stem}.png",
-                      overlay_panel(image, prediction, mask, palette))
+            with writing(out, "image-set predictions"):
+                _save_png(out / MASKS_DIR / f"{sample.image_path.stem}.png", prediction)
+                _save_png(out / OVERLAYS_DIR / f"{sample.image_path.stem}.png",
+                          overlay_panel(image, prediction, mask, palette))
         if progress:
             progress(min(start + group, len(samples)), len(samples))
     metrics = None
     if scored:
         metrics = _finite(metrics_from_confusion(cm))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=4))
+        with writing(out / "metrics.json", "the metrics"):
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=4))
     log.info("Predicted %d images into %s%s.", len(samples), out,
              f"; mIoU {metrics['mIoU']}" if metrics else "")
     return ImageSetResult(out, len(samples), metrics)
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
+    """Write a PNG under a temporary name, then rename: a full disk never leaves a torn mask."""
     from PIL import Image
 
-    Image.fromarray(array).save(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..colors import ClassColors, class_palette, label_colors
 from ..errors import ConfigError
+from ..storage import writing
 from .pyramid import pyramid_shapes, update_levels
 
 NGFF: dict[str, dict[str, Any]] = {
@@ -73,17 +74,18 @@ class LabelStore:
         self.ngff, self.method = ngff, method
         spec = _ngff(ngff)
         shapes = pyramid_shapes(self.shape, self.chunk)
-        if create:
-            root = zarr.open_group(str(self.path), mode="w", zarr_format=spec["zarr_format"])
-            for level, level_shape in enumerate(shapes):
-                root.create_array(str(level), shape=level_shape, chunks=(self.chunk, self.chunk), dtype="uint8",
-                                  fill_value=0, **spec["array_kwargs"])
-            if probabilities:
-                group = root.create_group(PROBS)
+        with writing(self.path, "the OME-Zarr output"):
+            if create:
+                root = zarr.open_group(str(self.path), mode="w", zarr_format=spec["zarr_format"])
                 for level, level_shape in enumerate(shapes):
-                    group.create_array(str(level), shape=(self.num_classes, *level_shape),
-                                       chunks=(1, self.chunk, self.chunk), dtype="uint8", fill_value=0,
-                                       **spec["array_kwargs"])
+                    root.create_array(str(level), shape=level_shape, chunks=(self.chunk, self.chunk), dtype="uint8",
+                                      fill_value=0, **spec["array_kwargs"])
+                if probabilities:
+                    group = root.create_group(PROBS)
+                    for level, level_shape in enumerate(shapes):
+                        group.create_array(str(level), shape=(self.num_classes, *level_shape),
+                                           chunks=(1, self.chunk, self.chunk), dtype="uint8", fill_value=0,
+                                           **spec["array_kwargs"])
         self.root = zarr.open_group(str(self.path), mode="r+")
         self.levels = [self.root[str(level)] for level in range(len(shapes))]
         self.labels = self.levels[0]
@@ -94,11 +96,12 @@ class LabelStore:
               probs: np.ndarray | None = None) -> None:
         """Write one box (y0, y1, x0, x1) of level 0 and bring every coarser level up to date."""
         y0, y1, x0, x1 = box
-        self.labels[y0:y1, x0:x1] = labels
-        update_levels(self.levels, box, self.method)
-        if self.probabilities is not None and probs is not None:
-            self.probabilities[:, y0:y1, x0:x1] = probs
-            update_levels(self.prob_levels, box, "mean")
+        with writing(self.path, "the OME-Zarr output"):
+            self.labels[y0:y1, x0:x1] = labels
+            update_levels(self.levels, box, self.method)
+            if self.probabilities is not None and probs is not None:
+                self.probabilities[:, y0:y1, x0:x1] = probs
+                update_levels(self.prob_levels, box, "mean")
 
     def finalize(self, *, name: str, mpp: float, slide_mpp: float, class_names: Sequence[str],
                  extra: dict[str, Any], class_colors: ClassColors | None = None,
@@ -135,10 +138,9 @@ class LabelStore:
             self._write_attrs(group, ome_p, {"pfmseg": {"class_names": list(class_names), "scale": 255}})
 
     def _write_attrs(self, group, ome: dict[str, Any], extra: dict[str, Any]) -> None:
-        if _ngff(self.ngff)["versioned"]:
-            group.attrs.update({**ome, **extra})
-        else:
-            group.attrs.update({"ome": {"version": self.ngff, **ome}, **extra})
+        attrs = {**ome, **extra} if _ngff(self.ngff)["versioned"] else {"ome": {"version": self.ngff, **ome}, **extra}
+        with writing(self.path, "the OME-Zarr metadata"):
+            group.attrs.update(attrs)
 
 
 def write_labels(path: str | Path, labels: Any, *, class_names: Sequence[str], mpp: float,

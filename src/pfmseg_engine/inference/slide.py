@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 
 from ..colors import ClassColors, class_palette
-from ..errors import ConfigError
+from ..errors import ConfigError, SlideError
 from ..slides import Slide, detect_tissue, open_slide, plan_resolution, save_tissue_qc
 from ..slides.readers import OffsetReader
 from ..slides.resolution import DEFAULT_TOLERANCE, ResolutionPlan
+from ..storage import OutputLock, describe_os_error, ensure_output_dir, writing
 from .grid import ChunkPlan, WindowGrid, raster_order
 from .omezarr import LabelOutput, LabelStore
 from .runner import ModelRunner
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW = 512
 WORK = ".pfmseg_work"
 SUFFIX = ".ome.zarr"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the slide is identified by content, not by path
 #: Settings that change how fast a run goes, never what it writes: left out of the fingerprint.
 RUNTIME_ONLY = ("batch_size", "prefetch", "read_workers")
 
@@ -198,10 +199,7 @@ class _Run:
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _fingerprint(self, model) -> dict[str, Any]:
-        slide = self.slide
-        source = {"name": slide.name, "path": str(slide.path) if slide.path else None,
-                  "size": slide.path.stat().st_size if slide.path and slide.path.is_file() else None,
-                  "mpp": slide.mpp, "dimensions": list(slide.dimensions)}
+        source = self.slide.content_identity()  # not the path: a moved or remounted slide resumes
         tissue = hashlib.sha1(np.packbits(self.tissue.mask).tobytes()).hexdigest() if self.tissue else None
         config = {k: v for k, v in self.config.to_dict().items() if k not in RUNTIME_ONLY}
         return json.loads(json.dumps({
@@ -306,7 +304,14 @@ class _Run:
     # ---- the work of one chunk ---------------------------------------------------------------
     def read(self, plan: ChunkPlan) -> np.ndarray:
         y0, y1, x0, x1 = self.grid.read_box(plan)
-        return np.asarray(self.source[y0:y1, x0:x1])
+        try:
+            return np.asarray(self.source[y0:y1, x0:x1])
+        except OSError as exc:  # the file vanished, its mount went away, a disk error
+            where = self.slide.path or self.slide.name
+            raise SlideError(
+                f"Reading slide '{where}' failed mid-run: {describe_os_error(exc, where, 'reading')} "
+                f"The finished part of '{self.partial}' is kept; run the same command again to resume."
+            ) from exc
 
     def accumulate(self, plan: ChunkPlan, region: np.ndarray | None) -> np.ndarray:
         """(C + 1, h, w) weighted logit sums + weight sum over the chunk and what its windows reach."""
@@ -393,6 +398,7 @@ def iter_predict_slide(
     region: tuple[float, float, float, float] | None = None,
     priority_box: tuple[float, float, float, float] | None = None,
     class_colors: ClassColors | None = None,
+    wait: float | None = 0.0,
 ) -> Generator[ChunkResult, None, SlideResult]:
     """Predict a slide, yielding each finished chunk; the generator's return value is the result.
 
@@ -406,14 +412,20 @@ def iter_predict_slide(
     ``priority_box`` = (x, y, width, height) in level-0 pixels (e.g. the area in view) finishes the
     chunks it touches first, then the rest nearest first; the output is byte-identical to raster
     order. ``class_colors`` (list by class, or class name -> RGB) go into the image-label metadata.
+
+    One process writes an output at a time: another run on the same output waits up to ``wait``
+    seconds (``None``: as long as it takes), then reuses what that run finished, or stops with a
+    :class:`~pfmseg_engine.storage.OutputBusyError` naming its PID, host and start time.
     """
     start = time.perf_counter()
     config = config or SlideInferenceConfig()
     own_slide = not isinstance(slide, Slide)
     if own_slide:
         slide = open_slide(slide, mpp=mpp)
+    lock = None
     try:
-        run = _Run(model, slide, Path(output_dir), config, device, name, region, class_colors)
+        run = _Run(model, slide, ensure_output_dir(output_dir), config, device, name, region, class_colors)
+        lock = OutputLock(run.final, wait=wait).acquire()
         result = SlideResult(path=run.final, name=run.name, shape=run.shape, mpp=run.plan.mpp,
                              class_names=run.class_names, plan=run.plan,
                              tissue_fraction=run.tissue.fraction if run.tissue else None, qc_path=None,
@@ -423,11 +435,12 @@ def iter_predict_slide(
                 run.check_existing()
                 log.info("'%s' is complete already; pass overwrite=True (--overwrite) to redo it.", run.final)
                 return result
-            shutil.rmtree(run.final)
-        run.final.parent.mkdir(parents=True, exist_ok=True)
-        if run.tissue is not None:
-            result.qc_path = save_tissue_qc(run.tissue, run.final.with_name(f"{run.name}_tissue.png"))
-        store, done, computed, result.resumed = run.prepare_store()
+            with writing(run.final, "(removing) the old output"):
+                shutil.rmtree(run.final)
+        with writing(run.final, "the output"):
+            if run.tissue is not None:
+                result.qc_path = save_tissue_qc(run.tissue, run.final.with_name(f"{run.name}_tissue.png"))
+            store, done, computed, result.resumed = run.prepare_store()
         spills = SpillStore(run.partial / WORK / "spills")
         total, count = len(run.order), 0
         report = {"downsample": run.plan.downsample, "shape": run.shape, "store": run.partial, "origin": run.origin}
@@ -471,11 +484,14 @@ def iter_predict_slide(
                 yield ChunkResult(plan.index, plan.box, labels, computed=True, done=count, total=total, **report)
         store.finalize(name=run.name, mpp=run.plan.mpp, slide_mpp=slide.require_mpp(), class_names=run.class_names,
                        extra=run.metadata(), class_colors=class_colors, offset=run.origin)
-        shutil.rmtree(run.partial / WORK)
-        os.replace(run.partial, run.final)
+        with writing(run.final, "the finished output"):
+            shutil.rmtree(run.partial / WORK)
+            os.replace(run.partial, run.final)
         result.seconds = time.perf_counter() - start
         return result
     finally:
+        if lock is not None:
+            lock.release()
         if own_slide:
             slide.close()
 
@@ -494,14 +510,15 @@ def predict_slide(
     region: tuple[float, float, float, float] | None = None,
     priority_box: tuple[float, float, float, float] | None = None,
     class_colors: ClassColors | None = None,
+    wait: float | None = 0.0,
     **options: Any,
 ) -> SlideResult:
     """Predict a whole slide into ``<output_dir>/<name>.ome.zarr``; ``callback`` sees every chunk.
 
     Settings come from ``config`` or as keyword ``options`` (fields of :class:`SlideInferenceConfig`).
     An exception raised by ``callback`` stops the run; the ``.partial`` output then resumes on the
-    next call with the same arguments. ``region``, ``priority_box`` and ``class_colors``: see
-    :func:`iter_predict_slide`.
+    next call with the same arguments. ``region``, ``priority_box``, ``class_colors`` and ``wait``:
+    see :func:`iter_predict_slide`.
     """
     if options:
         unknown = sorted(set(options) - set(SlideInferenceConfig.__dataclass_fields__))
@@ -511,7 +528,7 @@ def predict_slide(
         config = SlideInferenceConfig(**{**(config.to_dict() if config else {}), **options})
     generator = iter_predict_slide(model, slide, output_dir, config, device=device, name=name, mpp=mpp,
                                    overwrite=overwrite, region=region, priority_box=priority_box,
-                                   class_colors=class_colors)
+                                   class_colors=class_colors, wait=wait)
     try:
         while True:
             chunk = next(generator)

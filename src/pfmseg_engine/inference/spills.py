@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..storage import writing
+
 #: Where a sender's spill goes, relative to the sender: direction name as seen by the receiver.
 OUTGOING = (("left", 0, 1), ("top", 1, 0), ("topleft", 1, 1))
 #: A chunk computed before it can be finished keeps its own accumulator under this name.
@@ -33,9 +35,10 @@ class SpillStore:
     def put(self, target: tuple[int, int], direction: str, array: np.ndarray) -> None:
         path = self._path(target, direction)
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
-        os.replace(tmp, path)
+        with writing(path, "a spill of the partial output"):
+            with open(tmp, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(array, dtype=np.float32))
+            os.replace(tmp, path)
 
     def get(self, target: tuple[int, int], direction: str) -> np.ndarray:
         path = self._path(target, direction)

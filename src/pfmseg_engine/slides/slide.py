@@ -91,6 +91,29 @@ class Slide:
             )
         return self.mpp
 
+    def content_identity(self, header_bytes: int = 1 << 16) -> dict[str, Any]:
+        """Who this slide is, independent of the path it was reached by.
+
+        Name, size and a hash of the first ``header_bytes`` of the file (for a folder such as
+        zarr: of its metadata files), plus geometry and resolution. A relative path, an absolute
+        path or another mount point of the same file give the same identity, so an interrupted
+        output resumes whichever way the slide is named next time.
+        """
+        import hashlib
+
+        digest, size = hashlib.sha1(), None
+        path = self.path
+        if path is not None and path.is_file():
+            size = path.stat().st_size
+            with open(path, "rb") as handle:
+                digest.update(handle.read(header_bytes))
+        elif path is not None and path.is_dir():
+            for meta in sorted(p for p in path.rglob("*") if p.name in (".zattrs", ".zarray", ".zgroup", "zarr.json")):
+                digest.update(meta.relative_to(path).as_posix().encode())
+                digest.update(meta.read_bytes()[:header_bytes])
+        return {"name": self.name, "size": size, "header_sha1": digest.hexdigest() if path else None,
+                "mpp": self.mpp, "dimensions": list(self.dimensions)}
+
     def read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels of a region of ``level`` as (h, w, 3) uint8 (tile-granular read)."""
         return np.asarray(self.readers[level][y0:y1, x0:x1])

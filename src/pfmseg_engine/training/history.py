@@ -10,13 +10,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..storage import writing
+
 CURVE_METRICS = ("mIoU", "Mean_Dice")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with writing(path, "the training history"):
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
 
 
 class History:
@@ -33,7 +36,8 @@ class History:
 
     def write(self, directory: Path) -> None:
         """Write ``history.csv`` and ``history.json`` (atomically, so readers never see half a file)."""
-        directory.mkdir(parents=True, exist_ok=True)
+        with writing(directory, "the training history"):
+            directory.mkdir(parents=True, exist_ok=True)
         _atomic_write_text(directory / "history.json", json.dumps(self.rows, indent=1, allow_nan=True))
         keys: list[str] = []
         for row in self.rows:
@@ -46,6 +50,18 @@ class History:
 
     def plot(self, path: Path) -> None:
         """Loss curves (left) and validation mIoU / mean Dice (right) as a PNG."""
+        fig = self.figure()
+        tmp = path.with_name(f".{path.stem}.tmp.png")
+        with writing(path, "the training curve"):
+            fig.savefig(tmp)
+            os.replace(tmp, path)
+
+    def figure(self):
+        """The training-curve figure: both panels on one shared axis of whole epochs.
+
+        The axis spans every epoch trained (half an epoch of margin each side), so a run with a single
+        validation point still shows it at its epoch instead of on a zoomed-in fractional axis.
+        """
         import matplotlib
 
         matplotlib.use("Agg", force=False)
@@ -54,7 +70,7 @@ class History:
 
         epochs = [r["epoch"] for r in self.rows]
         fig = Figure(figsize=(10, 4), dpi=100)
-        ax_loss, ax_metric = fig.subplots(1, 2)
+        ax_loss, ax_metric = fig.subplots(1, 2, sharex=True)
         ax_loss.plot(epochs, self.column("train_loss"), label="train loss")
         val = [(e, v) for e, v in zip(epochs, self.column("val_loss"), strict=True) if not math.isnan(v)]
         if val:
@@ -72,8 +88,8 @@ class History:
         if ax_metric.lines:
             ax_metric.legend()
         for ax in (ax_loss, ax_metric):
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if epochs:
+            ax_loss.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.stem}.tmp.png")
-        fig.savefig(tmp)
-        os.replace(tmp, path)
+        return fig
