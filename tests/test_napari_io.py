@@ -43,6 +43,26 @@ def test_reader_declines_other_files(tmp_path):
     assert napari_get_reader(str(tmp_path / "rgb.tif")) is not None
 
 
+def test_reader_claims_only_ome_zarr_that_pfmseg_wrote(tmp_path):
+    """Other OME-Zarr images and label images are left to napari-ome-zarr; pfmseg stores are ours."""
+    import zarr
+
+    from pfmseg_engine.inference.omezarr import write_labels
+
+    image = zarr.open_group(str(tmp_path / "image.ome.zarr"), mode="w", zarr_format=2)
+    image.create_array("0", shape=(3, 32, 32), dtype="uint8")
+    image.attrs["multiscales"] = [{"version": "0.4", "datasets": [{"path": "0"}],
+                                   "axes": [{"name": "c"}, {"name": "y"}, {"name": "x"}]}]
+    labels = zarr.open_group(str(tmp_path / "labels.ome.zarr"), mode="w", zarr_format=2)
+    labels.create_array("0", shape=(32, 32), dtype="uint8")
+    labels.attrs.update({"multiscales": image.attrs["multiscales"], "image-label": {"version": "0.4"}})
+    ours = write_labels(tmp_path / "ours.ome.zarr", np.ones((32, 32), np.uint8), class_names=["tumour"], mpp=1.0)
+    assert napari_get_reader(str(tmp_path / "image.ome.zarr")) is None
+    assert napari_get_reader(str(tmp_path / "labels.ome.zarr")) is None
+    assert napari_get_reader(str(ours)) is not None
+    assert napari_get_reader([str(ours), str(tmp_path / "labels.ome.zarr")]) is None
+
+
 @pytest.mark.parametrize(("name", "levels", "mpp"), [
     ("CMU-1-Small-Region.svs", 1, 0.499),
     ("TCGA-CR-7395-01A-01-TS1.svs", 2, None),

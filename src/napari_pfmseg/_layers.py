@@ -140,7 +140,11 @@ def prediction_layer(path: str | Path, name: str | None = None, world: tuple[flo
 
 
 def is_prediction_store(path: Path) -> bool:
-    """Whether a zarr folder is a label store written by the engine (as opposed to an image)."""
+    """Whether a zarr folder is a label store pfmseg wrote (a prediction, or labels saved by the plugin).
+
+    Only the ``pfmseg`` metadata block counts: other OME-Zarr images and label images belong to other
+    readers (napari-ome-zarr), which napari asks when this reader declines.
+    """
     import json
 
     for name in (".zattrs", "zarr.json"):
@@ -152,5 +156,5 @@ def is_prediction_store(path: Path) -> bool:
                 return False
             attrs = attrs.get("attributes", attrs)
             ome = attrs.get("ome", attrs)
-            return "image-label" in ome or "class_names" in attrs.get(META, {})
+            return "class_names" in (attrs.get(META) or ome.get(META) or {})
     return False

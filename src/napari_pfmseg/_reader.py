@@ -3,6 +3,10 @@
 Slides open through the engine's ``open_slide`` (tiffslide, no native OpenSlide), so the viewer
 sees exactly the pyramid and microns per pixel that training and inference use. Nothing is read
 until napari asks for the tiles in view. Returns layer data tuples only; never builds Qt objects.
+
+The reader claims only what it opens: slide files, and zarr folders that pfmseg wrote (predictions,
+saved annotation layers). Any other OME-Zarr image is declined, so napari hands it to
+napari-ome-zarr.
 """
 
 from __future__ import annotations
@@ -14,16 +18,16 @@ from typing import Any
 from ._layers import LayerDataTuple, is_prediction_store, prediction_layer, slide_layer
 from ._torch_guard import guard_triton
 
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".zarr")
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff")
 
 
 def _accepts(path: Path) -> bool:
+    if path.is_dir():
+        return is_prediction_store(path)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         return _is_rgb_tiff(path)
-    if suffix in SLIDE_SUFFIXES:
-        return True
-    return path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zarray"))
+    return suffix in SLIDE_SUFFIXES
 
 
 def _is_rgb_tiff(path: Path) -> bool:
@@ -65,4 +69,4 @@ def read_one(path: Path) -> LayerDataTuple:
 
 def reader_info() -> dict[str, Any]:
     """What this reader accepts (for documentation and tests)."""
-    return {"suffixes": SLIDE_SUFFIXES, "directories": "zarr / OME-Zarr"}
+    return {"suffixes": SLIDE_SUFFIXES, "directories": "OME-Zarr stores written by pfmseg"}

@@ -51,7 +51,7 @@ def describe_os_error(exc: OSError, path: str | Path | None = None, action: str 
     where = f" '{where}'" if where is not None else ""
     advice = _ADVICE.get(exc.errno or -1, exc.strerror or str(exc))
     code = f" [{errno.errorcode.get(exc.errno, exc.errno)}]" if exc.errno else ""
-    return f"{action.capitalize()}{where} failed{code}: {advice}."
+    return f"{action[:1].upper()}{action[1:]}{where} failed{code}: {advice}."
 
 
 @contextmanager

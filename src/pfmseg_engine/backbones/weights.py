@@ -98,6 +98,6 @@ def resolve_weights_file(source: str | Path, hub_id: str | None, filenames: tupl
             errors.append(f"{filename}: {type(exc).__name__}: {exc}")
     raise WeightsError(
         f"Could not download weights from hub repo '{repo}' (tried {', '.join(filenames)}). "
-        "Gated models need 'huggingface-cli login' and accepted terms; offline machines need a local "
+        "Gated models need 'hf auth login' and accepted terms; offline machines need a local "
         "file instead. Details: " + " | ".join(errors)
     )

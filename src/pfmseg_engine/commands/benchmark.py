@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_command
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
@@ -21,14 +23,20 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(config)
     result = measure_throughput(model, args.input_size, args.batch_size, args.steps, device=device, train=args.train)
     mode = "train step" if args.train else "inference"
-    print(f"{config.backbone}{' (tiny)' if args.tiny else ''} / {args.strategy} / {args.head} on {result.device}, "
+    head = "own decoder" if model.spec.from_scratch else config.head  # unet: its expanding path is the head
+    print(f"{config.backbone}{' (tiny)' if args.tiny else ''} / {config.tuning.strategy} / {head} on {result.device}, "
           f"{mode}, batch {result.batch_size} x {result.input_size}px: {result.images_per_second:.2f} images/s "
           f"({result.seconds_per_batch * 1000:.1f} ms per batch)")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("benchmark", help="measure model-only throughput (images/s)")
+    parser = add_command(
+        subparsers, "benchmark", summary="measure model-only throughput (images/s)",
+        description="Time forward passes (or training steps with --train) of one backbone + strategy + head on\n"
+                    "random input: the model-only rate that whole-slide throughput is compared against.",
+        examples=["python -m pfmseg_engine benchmark --backbone uni_v1 --strategy lora --train --device cuda",
+                  "python -m pfmseg_engine benchmark --backbone kaiko-vits16 --input_size 224 --threads 2"])
     parser.add_argument("--backbone", default="kaiko-vits16")
     parser.add_argument("--weights", default=None, help="backbone weights (random weights time the same)")
     parser.add_argument("--tiny", action="store_true", help="use the small variant of the family")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_command
+
 
 def run(args: argparse.Namespace) -> int:
     from ..demo.run import format_report, run_demo
@@ -14,12 +16,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="annotate, fine-tune and segment an embedded sample slide (offline, a few minutes)",
-        description="Builds a small pyramidal TIFF from scikit-image's IHC image, derives a 3-class annotation "
-                    "by colour deconvolution, fine-tunes a small backbone with the CNN adapter on half of it, "
-                    "segments the whole slide through the whole-slide pipeline and scores the result.",
-    )
+    parser = add_command(
+        subparsers, "demo", summary="annotate, fine-tune and segment an embedded sample slide (offline, a few minutes)",
+        description="Builds a small pyramidal TIFF from scikit-image's IHC image, derives a 3-class annotation\n"
+                    "by colour deconvolution, fine-tunes a small backbone with a CNN adapter on half of it,\n"
+                    "segments the whole slide through the whole-slide pipeline and scores the held-out half.",
+        examples=["python -m pfmseg_engine demo", "python -m pfmseg_engine demo --output_dir demo_out --epochs 3"])
     parser.add_argument("--output_dir", default="pfmseg-demo", help="where everything is written")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 5)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")

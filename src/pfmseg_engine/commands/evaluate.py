@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import add_command
+
 
 def _checkpoint_path(value: str) -> Path:
     path = Path(value)
@@ -57,11 +59,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "evaluate", help="score a checkpoint on a dataset split (metrics table, JSON, CSV)",
-        description="Predict every image of a split at native resolution and report pooled metrics with "
-                    "bootstrap confidence intervals over images.",
-    )
+    parser = add_command(
+        subparsers, "evaluate", summary="score a checkpoint on a dataset split (metrics table, JSON, CSV)",
+        description="Predict every image of a split at native resolution and report pooled metrics with\n"
+                    "95 % bootstrap confidence intervals over images (metrics.json, metrics.csv).",
+        examples=["python -m pfmseg_engine evaluate --checkpoint logs/exp --input_json data.json",
+                  "python -m pfmseg_engine evaluate --checkpoint best.pt --input_json data.json --split val "
+                  "--output_dir scores --save_vis"])
     parser.add_argument("--checkpoint", required=True, help="best.pt / last.pt, or an experiment folder")
     parser.add_argument("--input_json", required=True, help="dataset JSON in the seed format")
     parser.add_argument("--split", default="test", help="split to score (default: test)")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError, ConfigError
+from . import add_command
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "infer", help="predict an image set (seed JSON) or whole slides",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(
+        subparsers, "infer", summary="predict an image set (seed JSON) or whole slides",
+        description="Predict whole slides into <output_dir>/<name>.ome.zarr (plus a tissue QC PNG; an\n"
+                    "interrupted run resumes when the same command runs again), or an image set in the\n"
+                    "seed framework's form (masks, overlays and, with masks, metrics.json).",
+        examples=["python -m pfmseg_engine infer --slide a.svs b.ndpi --checkpoint best.pt --output_dir out "
+                  "--export ome-tiff geojson",
+                  "python -m pfmseg_engine infer --slide a.svs --checkpoint logs/exp --output_dir out --mpp 0.25 "
+                  "--target_mpp 0.5 --region 1000 2000 4096 4096",
+                  "python -m pfmseg_engine infer --checkpoint best.pt --input_json data.json --output_dir out "
+                  "--input_size 512 --resize_or_windowslide windowslide --batch_size 8 --device cuda"])
     common = parser.add_argument_group("model and output")
     common.add_argument("--checkpoint", required=True,
                         help="pfmseg checkpoint file, or a training output folder")

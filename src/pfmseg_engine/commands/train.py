@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import add_command
+
 
 def run(args: argparse.Namespace) -> int:
     from ..training import TqdmProgress, load_config, train_from_config
@@ -25,10 +27,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "train", help="train a model from a YAML config (seed format)",
-        description="Train from a seed-style YAML config. Outputs go to logging.log_dir/logging.experiment_name.",
-    )
+    parser = add_command(
+        subparsers, "train", summary="train a model from a YAML config (seed format)",
+        description="Train from a seed-style YAML config (keys: docs/config.md). Checkpoints, history and\n"
+                    "curves go to logging.log_dir/logging.experiment_name; an interrupted run resumes.",
+        examples=["python -m pfmseg_engine train --config my.yaml",
+                  "python -m pfmseg_engine train --config my.yaml --options training.epochs=50 "
+                  "model.finetune_mode.type=lora model.pfm_weights_path=/models/uni.bin",
+                  "python -m pfmseg_engine train --config my.yaml --resume logs/exp/checkpoints/last.pt"])
     parser.add_argument("--config", required=True, help="YAML config file (see configs/default.yaml)")
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue from a last.pt checkpoint (or the experiment folder holding it)")

@@ -18,7 +18,11 @@ CURVE_METRICS = ("mIoU", "Mean_Dice")
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with writing(path, "the training history"):
-        tmp.write_text(text, encoding="utf-8")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
 
 
@@ -53,7 +57,11 @@ class History:
         fig = self.figure()
         tmp = path.with_name(f".{path.stem}.tmp.png")
         with writing(path, "the training curve"):
-            fig.savefig(tmp)
+            try:
+                fig.savefig(tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             os.replace(tmp, path)
 
     def figure(self):
