@@ -128,3 +128,30 @@ def test_unreadable_and_foreign_files_are_rejected(tmp_path):
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(1)}, foreign)
     with pytest.raises(CheckpointError, match="not a pfmseg checkpoint"):
         read_checkpoint(foreign)
+
+
+def _as_format_1(path: Path, strategy: str) -> None:
+    """Rewrite a checkpoint the way format 1 stored it (the small adapter was called cnn_adapter)."""
+    payload = torch.load(str(path), weights_only=True)
+    payload["format_version"] = 1
+    payload["config"]["tuning"]["strategy"] = strategy
+    torch.save(payload, str(path))
+
+
+def test_format_1_small_adapter_checkpoint_loads_as_cnn_adapter_small(tmp_path):
+    weights = backbone_file(tmp_path, seed=1)
+    model = trained_model("cnn_adapter_small", weights)
+    path = save_checkpoint(tmp_path / "old.pt", model)
+    _as_format_1(path, "cnn_adapter")
+    loaded = load_checkpoint(path)
+    assert loaded.config.tuning.strategy == "cnn_adapter_small"
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), loaded(x), atol=1e-5)
+
+
+def test_format_1_transformer_adapter_checkpoint_is_refused_with_the_fix(tmp_path):
+    path = save_checkpoint(tmp_path / "old.pt", trained_model("transformer_adapter"))
+    _as_format_1(path, "transformer_adapter")
+    with pytest.raises(CheckpointError, match="Retrain"):
+        load_checkpoint(path)

@@ -14,7 +14,7 @@ def test_subcommand_help_has_description_and_examples(name, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([name, "--help"])
     text = capsys.readouterr().out
-    usage, _, rest = text.partition("\n\n")
+    _, _, rest = text.partition("\n\n")
     description = rest.split("\n\noptions:")[0]
     assert len(description.split()) >= 8, text  # a sentence, not just the usage line
     examples = text.split("examples:\n", 1)[1]

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from pfmseg_engine.backbones import SPECS
+from pfmseg_engine.backbones import ALL_SPECS, SPECS
 from pfmseg_engine.cli import main
 
 
@@ -22,7 +22,7 @@ def test_models_json_is_machine_readable(capsys):
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     by_name = {r["name"]: r for r in rows}
-    assert len(rows) == len(SPECS)
+    assert len(rows) == len(ALL_SPECS) == len(SPECS) + 1  # the PFMs and the from-scratch unet baseline
     assert by_name["uni_v2"]["params"] == 681_394_176
     assert by_name["uni_v2"]["prefix_tokens"] == 9
     assert by_name["conch_v1"]["mean"][0] == 0.48145466

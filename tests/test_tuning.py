@@ -37,6 +37,7 @@ def test_trainable_set_is_exactly_what_the_strategy_declares(backbone, strategy)
         "lora": lambda names: names and all(re.search(r"\.lora_[AB]\.", n) for n in names),
         "dora": lambda names: any("lora_magnitude_vector" in n for n in names),
         "cnn_adapter": lambda names: not names,
+        "cnn_adapter_small": lambda names: not names,
         "transformer_adapter": lambda names: not names,
     }
     assert expectations[strategy](backbone_trainable)
@@ -109,7 +110,7 @@ def test_lora_rank_and_alpha_are_honoured():
 
 
 def test_cnn_adapter_skips_reach_the_head_at_half_quarter_eighth():
-    model = make("kaiko-vits16", "cnn_adapter", adapter_channels=(8, 16, 24))
+    model = make("kaiko-vits16", "cnn_adapter_small", adapter_channels=(8, 16, 24))
     out = model.encoder(torch.rand(1, 3, 64, 64))
     assert [s.shape[-1] for s in out.skips] == [32, 16, 8]
     assert [s.shape[1] for s in out.skips] == [8, 16, 24]

@@ -24,6 +24,8 @@ WEIGHTS_FILTER = "Weights (*.safetensors *.bin *.pth *.pt);;All files (*)"
 
 def weights_status(spec: Any, weights: str) -> str:
     """Whether weights are at hand: a local file, the local hub cache (no network), or neither."""
+    if spec.from_scratch:
+        return "none needed (trained from scratch)"
     if weights and not weights.startswith("hf-hub:"):
         return "weights file found" if Path(weights).expanduser().is_file() else "weights file NOT found"
     repo = weights[len("hf-hub:"):] if weights.startswith("hf-hub:") else ""
@@ -49,7 +51,7 @@ def describe_spec(spec: Any, weights: str) -> str:
     std = ", ".join(f"{v:.3g}" for v in row_data["std"])
     lines = [
         f"<b>{row_data['title']}</b> ({row_data['architecture']})",
-        f"dim {row_data['embed_dim']} · patch {row_data['patch_size']} · "
+        f"dim {row_data['embed_dim'] or '-'} · patch {row_data['patch_size']} · "
         f"{'' if row_data['params_exact'] else '~'}{params:,.1f} M params",
         f"normalisation mean ({mean}) std ({std})",
         f"weights: {weights_status(spec, weights)}",
@@ -89,7 +91,7 @@ class ModelWidget(QWidget):
         self.dropout = dspin(0.0, 0.0, 0.9, 0.05, 2, tip="LoRA/DoRA dropout")
         self.lora_mlp = QCheckBox("also adapt MLP layers")
         self.channels = QLineEdit("32, 64, 128")
-        self.channels.setToolTip("CNN adapter widths of its 1/2, 1/4 and 1/8 stages")
+        self.channels.setToolTip("widths of the small CNN adapter's 1/2, 1/4 and 1/8 stages")
         self.depth = spin(2, 1, 12, tip="Transformer adapter blocks")
         self.head = QComboBox()
         self.head.addItems(["multilevel", "light"])
@@ -145,18 +147,26 @@ class ModelWidget(QWidget):
 
     # --- recipe <-> form -----------------------------------------------------------------------------
     def recipe(self) -> ModelRecipe:
-        """The settings in the form, as a recipe (not validated yet)."""
+        """The settings in the form, as a recipe (not validated yet).
+
+        A from-scratch baseline (``unet``) takes no weights, strategy or head: the recipe holds
+        strategy 'full', the default head and no weights, whatever the disabled fields show.
+        """
+        from pfmseg_engine import get_spec
+
+        scratch = get_spec(self.backbone.currentText()).from_scratch
         channels = tuple(int(c) for c in self.channels.text().replace(",", " ").split() if c.strip())
         tuning = {  # settings the form does not show (e.g. from a loaded checkpoint) are kept
             **self.session.recipe.tuning,
-            "strategy": self.strategy.currentText(), "rank": self.rank.value(), "alpha": self.alpha.value(),
+            "strategy": "full" if scratch else self.strategy.currentText(), "rank": self.rank.value(),
+            "alpha": self.alpha.value(),
             "dropout": self.dropout.value(), "lora_mlp": self.lora_mlp.isChecked(),
             "adapter_channels": list(channels) if len(channels) == 3 else [32, 64, 128],
             "adapter_depth": self.depth.value(),
         }
         return ModelRecipe(
-            backbone=self.backbone.currentText(), weights=self.weights.text().strip() or None,
-            tiny=self.tiny.isChecked(), tuning=tuning, head=self.head.currentText(),
+            backbone=self.backbone.currentText(), weights=None if scratch else self.weights.text().strip() or None,
+            tiny=self.tiny.isChecked(), tuning=tuning, head=ModelRecipe.head if scratch else self.head.currentText(),
             input_size=self.input_size.value(), mpp=self.mpp.value(),
         )
 
@@ -195,12 +205,21 @@ class ModelWidget(QWidget):
         spec = get_spec(self.backbone.currentText())
         self.input_size.setSingleStep(spec.patch_size)
         self.info.setText(describe_spec(spec, self.weights.text().strip()))
+        scratch = spec.from_scratch  # unet: every weight trains; strategy, head and weights do not apply
+        for widget in (self.strategy, self.head, self.weights):
+            widget.setEnabled(not scratch)
+        if scratch and self.strategy.currentText() != "full":
+            was = self.strategy.blockSignals(True)
+            self.strategy.setCurrentText("full")
+            self.strategy.blockSignals(was)
         strategy = self.strategy.currentText()
-        self.strategy_info.setText(self.strategies[strategy].description)
+        self.strategy_info.setText(
+            f"{spec.name} is trained from scratch: every weight trains (strategy 'full'); tuning strategies, "
+            "heads and backbone weights do not apply." if scratch else self.strategies[strategy].description)
         lora = strategy in ("lora", "dora")
         for _label, widget in self.lora_rows:
             self.tuning_form.setRowVisible(widget, lora)
-        self.tuning_form.setRowVisible(self.channels, strategy == "cnn_adapter")
+        self.tuning_form.setRowVisible(self.channels, strategy == "cnn_adapter_small")
         self.tuning_form.setRowVisible(self.depth, strategy == "transformer_adapter")
 
     def _show_model(self, state: Any) -> None:
@@ -210,8 +229,9 @@ class ModelWidget(QWidget):
             return
         c = model.config
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in state.metrics.items() if k in ("mIoU", "Mean_Dice"))
+        head = "own decoder" if getattr(getattr(model, "spec", None), "from_scratch", False) else f"{c.head} head"
         self.status.setText(
-            f"<b>Current model</b>: {c.backbone}{' (tiny)' if c.tiny else ''}, {c.tuning.strategy}, {c.head} head, "
+            f"<b>Current model</b>: {c.backbone}{' (tiny)' if c.tiny else ''}, {c.tuning.strategy}, {head}, "
             f"{c.num_classes} classes ({', '.join(c.class_names)}), {c.input_size} px at {c.mpp} µm/px; "
             f"{state.epochs_trained} epochs trained{'; ' + metrics if metrics else ''}. Source: {state.source}")
 

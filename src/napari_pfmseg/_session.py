@@ -62,9 +62,9 @@ class ModelRecipe:
         """
         from pfmseg_engine import ModelConfig, WeightsError, get_spec
 
-        if require_weights and not self.tiny and not self.weights:
-            spec = get_spec(self.backbone)
-            hub = f" or 'hf-hub:{spec.hf_hub_id}' (needs 'huggingface-cli login' and accepted terms)" \
+        spec = get_spec(self.backbone)
+        if require_weights and not self.tiny and not self.weights and not spec.from_scratch:
+            hub = f" or 'hf-hub:{spec.hf_hub_id}' (needs 'hf auth login' and accepted terms)" \
                 if spec.hf_hub_id else ""
             raise WeightsError(
                 f"No weights for {spec.title}: give the downloaded checkpoint file{hub} in the Model widget, "

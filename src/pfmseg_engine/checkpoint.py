@@ -3,7 +3,9 @@
 One file holds the model config (backbone, strategy and its settings, head, classes, input size,
 normalisation), the trainable state only, and metadata (package versions, metrics). The frozen
 backbone is not duplicated: reloading needs this file plus the backbone's published weights, which
-keeps a LoRA or adapter checkpoint a few megabytes instead of gigabytes.
+keeps a LoRA or adapter checkpoint a few megabytes instead of gigabytes. A ``full`` fine-tune and the
+from-scratch ``unet`` baseline train every weight, so their checkpoints hold them all and reload
+without any backbone weights file.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from .model import ModelConfig, SegmentationModel, build_model
 from .tuning import STRATEGIES
 
 FORMAT = "pfmseg-checkpoint"
-FORMAT_VERSION = 1
+#: 2: ``cnn_adapter`` is the seed's ResNetV2 branch (the earlier small adapter is ``cnn_adapter_small``) and
+#: the Transformer adapter reads the whole token sequence after the final norm.
+FORMAT_VERSION = 2
 
 
 def _versions() -> dict[str, str]:
@@ -41,8 +45,14 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def backbone_fingerprint(model: SegmentationModel) -> float:
-    """A cheap checksum of the frozen patch embedding, to notice a swapped backbone on reload."""
+def backbone_fingerprint(model: SegmentationModel) -> float | None:
+    """A cheap checksum of the frozen patch embedding, to notice a swapped backbone on reload.
+
+    None for a from-scratch baseline (unet): it has no published backbone, and every weight it has is
+    trained and stored in the checkpoint, so there is nothing outside the file to check.
+    """
+    if model.spec.from_scratch:
+        return None
     weight = model.encoder.backbone.vit.patch_embed.proj.weight
     return float(weight.detach().double().abs().sum().cpu())
 
@@ -53,18 +63,21 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     A crash or Ctrl-C mid-write leaves the previous file intact and no half-written file under the
     final name.
     """
+    from .storage import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with writing(path, "checkpoint"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                torch.save(obj, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -111,6 +124,32 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"Checkpoint '{path}' has format version {payload['format_version']}, newer than this pfmseg "
             f"understands ({FORMAT_VERSION}); upgrade pfmseg."
         )
+    return upgrade_checkpoint(payload, path)
+
+
+def upgrade_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
+    """Map a checkpoint written by an earlier format onto today's names (as timm's checkpoint filters do).
+
+    Version 1 called the small three-stage adapter ``cnn_adapter``; that name now means the seed
+    framework's ResNetV2 branch, so such checkpoints load as ``cnn_adapter_small``, which computes
+    exactly what they were trained with. A version-1 Transformer adapter saw patch tokens only; the
+    adapter now sees the whole sequence, so its weights would compute something else: refused.
+    """
+    if payload.get("format_version", 0) >= FORMAT_VERSION:
+        return payload
+    payload = {**payload, "config": dict(payload["config"])}
+    tuning = dict(payload["config"].get("tuning") or {})
+    strategy = tuning.get("strategy")
+    if strategy == "cnn_adapter" and any(k.startswith("encoder.cnn_adapter.stages.") for k in payload["state"]):
+        tuning["strategy"] = "cnn_adapter_small"
+    elif strategy == "transformer_adapter":
+        raise CheckpointError(
+            f"Checkpoint '{path}' holds a Transformer adapter of pfmseg format 1, which saw patch tokens only; "
+            "the adapter now follows the seed framework and sees the whole token sequence, so those weights "
+            "do not apply. Retrain it (python -m pfmseg_engine train ... with the same config)."
+        )
+    payload["config"]["tuning"] = tuning
+    payload["format_version"] = FORMAT_VERSION
     return payload
 
 

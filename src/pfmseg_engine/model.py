@@ -12,7 +12,7 @@ from .backbones.backbone import build_backbone
 from .backbones.registry import get_spec
 from .backbones.specs import BackboneSpec
 from .errors import ConfigError, reject_unknown_keys
-from .heads import build_head
+from .heads import HEADS, build_head
 from .tuning import STRATEGIES, Encoder, TuningConfig, apply_strategy
 
 
@@ -24,6 +24,10 @@ class ModelConfig:
     reload a ``full`` fine-tune, whose checkpoint holds the whole backbone. ``input_size`` is the
     training window (pixels) and ``mpp`` the training resolution, which whole-slide inference uses
     as its default target resolution.
+
+    ``backbone="unet"`` is the from-scratch baseline (:mod:`pfmseg_engine.unet`): no ``weights`` or
+    ``feature_indices``; the default ``tuning`` becomes ``full`` and any other strategy is an error;
+    ``head`` must stay at its default, which the UNet ignores (its expanding path is its decoder).
     """
 
     backbone: str
@@ -54,6 +58,13 @@ class ModelConfig:
             object.__setattr__(self, "feature_indices", tuple(int(i) for i in self.feature_indices))
         if isinstance(self.tuning, dict):
             object.__setattr__(self, "tuning", TuningConfig.from_dict(self.tuning))
+        if spec.from_scratch:  # unet: no weights, strategy 'full', head left default (rules in unet.py)
+            from .unet import from_scratch_settings
+
+            for key, value in from_scratch_settings(self).items():
+                object.__setattr__(self, key, value)
+        if not spec.from_scratch:
+            check_head_and_strategy(self.head, self.tuning.strategy)
         if spec.fixed_input_size and not self.tiny and self.input_size != spec.fixed_input_size:
             raise ConfigError(
                 f"{spec.name} was trained with a fixed {spec.fixed_input_size}x{spec.fixed_input_size} position "
@@ -82,6 +93,25 @@ class ModelConfig:
 
     def with_changes(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
+
+
+def check_head_and_strategy(head: str, strategy: str) -> None:
+    """Refuse pairings in which the strategy's trainable part could never train.
+
+    A CNN adapter reaches the output only through its skips; a head that ignores skips (``light``)
+    would leave it at its random initialisation while the optimizer and checkpoint carry it. Checked on
+    the config, so the mistake surfaces before anything is built or loaded. Unknown heads are left to
+    :func:`~pfmseg_engine.heads.build_head`, which names the valid ones.
+    """
+    head_cls = HEADS.get(head)
+    if head_cls is None or not STRATEGIES[strategy].adds_skips or getattr(head_cls, "uses_skips", True):
+        return
+    skip_heads = [name for name, cls in HEADS.items() if getattr(cls, "uses_skips", True)]
+    raise ConfigError(
+        f"Head '{head}' ignores CNN-adapter skips, so strategy '{strategy}' would never train its adapter. "
+        f"Use a head that reads skips ({', '.join(skip_heads)}), or another strategy with the '{head}' head "
+        "(e.g. frozen or transformer_adapter)."
+    )
 
 
 def nearest_valid_sizes(size: int, patch: int) -> str:
@@ -174,15 +204,29 @@ class SegmentationModel(nn.Module):
 def build_model(config: ModelConfig, *, weights: str | None = None,
                 device: str | torch.device | None = None) -> SegmentationModel:
     """Build backbone, apply the tuning strategy, attach the head. ``weights`` overrides config's."""
+    if get_spec(config.backbone).from_scratch:  # backbone-free baselines (unet) have their own builder
+        from .unet import build_unet_model
+
+        if weights:
+            config = config.with_changes(weights=weights)  # refused with the reason by ModelConfig
+        model = build_unet_model(config)
+        _check_declared_trainable(model)
+        return model.to(device) if device is not None else model
+    # the final norm stays only for consumers of the encoder's normalised output (cup head, transformer
+    # adapter); the other heads read raw block outputs, so their checkpoints keep their keys
+    keep_final_norm = (STRATEGIES[config.tuning.strategy].reads_final_tokens
+                       or getattr(HEADS.get(config.head), "reads_final_tokens", False))
     backbone = build_backbone(
         config.backbone,
         weights or config.weights,
         tiny=config.tiny,
         strict=config.strict_weights,
         feature_indices=config.feature_indices,
+        keep_final_norm=keep_final_norm,
     )
     encoder = apply_strategy(backbone, config.tuning)
-    head = build_head(config.head, encoder.grid_channels, encoder.skip_channels, config.num_classes)
+    head = build_head(config.head, encoder.grid_channels, encoder.skip_channels, config.num_classes,
+                      patch_size=backbone.patch_size)
     model = SegmentationModel(config, encoder, head)
     _check_declared_trainable(model)
     return model.to(device) if device is not None else model

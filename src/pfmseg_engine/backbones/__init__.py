@@ -14,7 +14,7 @@ _EXPORTS: dict[str, str] = {
                      "default_feature_indices", "load_backbone_weights"), "backbone"),
     **dict.fromkeys(("CONVERTERS", "register_converter"), "converters"),
     **dict.fromkeys(("get_spec", "list_backbones"), "registry"),
-    **dict.fromkeys(("SPECS", "BackboneSpec"), "specs"),
+    **dict.fromkeys(("ALL_SPECS", "BASELINES", "SPECS", "BackboneSpec"), "specs"),
     **dict.fromkeys(("read_state_dict", "resolve_weights_file"), "weights"),
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -90,6 +91,7 @@ class Backbone(nn.Module):
                 f"use values in 0..{depth - 1}."
             )
         self.feature_indices = tuple(i % depth for i in indices)
+        self.keeps_final_norm = False
 
     @property
     def patch_size(self) -> int:
@@ -123,17 +125,48 @@ class Backbone(nn.Module):
             intermediates_only=True,
         )
 
+    def features_and_tokens(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``features(x)`` plus the whole token sequence (prefix tokens first) of the last tapped block.
+
+        What a Transformer adapter and the final norm work on: the class and register tokens are part
+        of the sequence the encoder's last block produced, so they are kept here (raw, before any norm).
+        """
+        x = self.pad_to_patch_multiple(x)
+        outs = self.vit.forward_intermediates(
+            x,
+            indices=list(self.feature_indices),
+            return_prefix_tokens=True,
+            output_fmt="NCHW",
+            intermediates_only=True,
+        )
+        if not isinstance(outs[0], tuple):  # a ViT without prefix tokens returns bare grids
+            return list(outs), outs[-1].flatten(2).transpose(1, 2)
+        grids = [grid for grid, _ in outs]
+        grid, prefix = outs[-1]
+        return grids, torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def tokens_to_grid(self, tokens: torch.Tensor, grid_size: Sequence[int]) -> torch.Tensor:
+        """(N, prefix + h*w, C) tokens -> (N, C, h, w) patch grid (prefix tokens dropped)."""
+        h, w = grid_size
+        patches = tokens[:, tokens.shape[1] - h * w:]
+        return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.features(x)
 
-    def prune_unused(self) -> None:
-        """Drop blocks after the last tapped one, the final norm and the classifier head.
+    def prune_unused(self, keep_final_norm: bool = False) -> None:
+        """Drop blocks after the last tapped one, the classifier head and (unless kept) the final norm.
 
         They never contribute to the tapped grids, so keeping them would waste compute and, under
         full fine-tuning, store parameters that can never change. Done after weights are loaded so
-        strict loading still sees the complete published architecture.
+        strict loading still sees the complete published architecture. ``keep_final_norm`` keeps the
+        ViT's final LayerNorm for consumers of the encoder's normalised output (the ``cup`` head, the
+        Transformer adapter); the other heads read raw block outputs and drop it, so their checkpoints
+        (``full`` fine-tunes store the whole backbone) keep their keys.
         """
-        self.vit.prune_intermediate_layers(list(self.feature_indices), prune_norm=True, prune_head=True)
+        self.vit.prune_intermediate_layers(list(self.feature_indices), prune_norm=not keep_final_norm,
+                                           prune_head=True)
+        self.keeps_final_norm = keep_final_norm and not isinstance(self.vit.norm, nn.Identity)
 
 
 def _seed_for(name: str) -> int:
@@ -149,14 +182,21 @@ def build_backbone(
     feature_indices: Sequence[int] | None = None,
     overrides: dict[str, Any] | None = None,
     device: str | torch.device | None = None,
+    keep_final_norm: bool = False,
 ) -> Backbone:
     """Build backbone ``name`` in the architecture of its published checkpoint and load weights.
 
-    ``weights`` is a local file or ``hf-hub:[repo]``. Without weights the backbone is initialised
+    ``weights`` is a local file or ``hf-hub:[repo]``. ``keep_final_norm``: see
+    :meth:`Backbone.prune_unused`. Without weights the backbone is initialised
     randomly, reproducibly per name (so a checkpoint trained on a random backbone can be reloaded),
     and a :class:`RandomWeightsWarning` says that its features are meaningless.
     """
     spec = get_spec(name)
+    if spec.kind != "vit":
+        raise ConfigError(
+            f"'{spec.name}' is a backbone-free model, not a foundation-model backbone; build it with "
+            f"build_model(ModelConfig(backbone='{spec.name}', num_classes=...))."
+        )
     if device is not None and torch.device(device).type == "meta":
         with torch.device("meta"):
             return Backbone(spec, create_vit(spec, tiny, overrides), feature_indices)
@@ -165,10 +205,11 @@ def build_backbone(
         vit = create_vit(spec, tiny, overrides)
     backbone = Backbone(spec, vit, feature_indices)
     if weights:
-        load_backbone_weights(backbone, weights, strict=strict)
-        backbone.prune_unused()
+        # an explicit img_size is the caller's build grid; otherwise the checkpoint's own grid is kept
+        load_backbone_weights(backbone, weights, strict=strict, adopt_grid="img_size" not in (overrides or {}))
+        backbone.prune_unused(keep_final_norm)
     else:
-        backbone.prune_unused()
+        backbone.prune_unused(keep_final_norm)
         message = (
             f"Backbone '{spec.name}' has no pretrained weights and is randomly initialised: its "
             "features carry no pathology knowledge and results are meaningless for real use. Pass the "
@@ -179,11 +220,54 @@ def build_backbone(
     return backbone.to(device) if device is not None else backbone
 
 
-def load_backbone_weights(backbone: Backbone, source: str | Path, strict: bool = True) -> None:
-    """Load a published checkpoint into ``backbone``, converting its layout; refuse partial loads."""
+# Layouts whose vendor model is itself a timm ViT, so timm's per-forward position resampling (from the
+# checkpoint's own grid to the run grid) is exactly what the vendor computes at every input size.
+TIMM_RUNTIME_LAYOUTS = ("timm", "open_clip_conch", "conch_v1_5")
+
+
+def checkpoint_position_grid(state: dict[str, torch.Tensor], vit: nn.Module) -> tuple[int, int] | None:
+    """The square patch grid of a timm-layout ``pos_embed`` in ``state`` (None if absent or ambiguous)."""
+    tables = [v for k, v in state.items() if (k == "pos_embed" or k.endswith(".pos_embed")) and v.ndim == 3]
+    if len(tables) != 1:
+        return None
+    prefix = 0 if getattr(vit, "no_embed_class", False) else int(vit.num_prefix_tokens)
+    side = math.isqrt(max(0, tables[0].shape[1] - prefix))
+    return (side, side) if side and side * side == tables[0].shape[1] - prefix else None
+
+
+def adopt_checkpoint_grid(backbone: Backbone, state: dict[str, torch.Tensor]) -> None:
+    """Build the position table at the checkpoint's grid so it is resampled once, not twice.
+
+    With ``dynamic_img_size`` timm resamples the model's table to the run grid on every forward.
+    Resampling the checkpoint's table to the spec's build grid at load time first would make that two
+    bicubic interpolations (checkpoint grid -> build grid -> run grid; e.g. a UNI fine-tuned at 448 px,
+    28x28, squeezed to 14x14 and then stretched to 32x32 for 512 px inputs), losing detail. Only for
+    layouts whose vendor is timm itself, where one run-time resample is exactly the vendor's
+    computation; the transformers layouts keep their vendor-matching load-time resample (see
+    ``hf_converters.resample_patch_grid``).
+    """
+    if backbone.spec.checkpoint_layout not in TIMM_RUNTIME_LAYOUTS:
+        return
+    grid = checkpoint_position_grid(state, backbone.vit)
+    if grid is None or tuple(grid) == tuple(backbone.vit.patch_embed.grid_size):
+        return
+    log.info("%s: keeping the checkpoint's %dx%d position grid (build default %s); timm resamples it to each "
+             "input size", backbone.spec.name, grid[0], grid[1], tuple(backbone.vit.patch_embed.grid_size))
+    backbone.vit.set_input_size(img_size=(grid[0] * backbone.patch_size, grid[1] * backbone.patch_size))
+
+
+def load_backbone_weights(backbone: Backbone, source: str | Path, strict: bool = True,
+                          adopt_grid: bool = True) -> None:
+    """Load a published checkpoint into ``backbone``, converting its layout; refuse partial loads.
+
+    ``adopt_grid``: build the position table at the checkpoint's own grid (see
+    :func:`adopt_checkpoint_grid`); off when the caller fixed the build size explicitly.
+    """
     spec = backbone.spec
     path = resolve_weights_file(source, spec.hf_hub_id, spec.hf_filenames)
     state = read_state_dict(path)
+    if adopt_grid:
+        adopt_checkpoint_grid(backbone, state)
     state = CONVERTERS[spec.checkpoint_layout](state, backbone.vit)
     own = backbone.vit.state_dict()
     wrong_shape = [

@@ -42,6 +42,12 @@ class BackboneSpec:
     ``timm_kwargs`` may use the symbolic values ``"swiglu_packed"`` / ``"silu"`` for ``mlp_layer`` /
     ``act_layer`` and ``norm_eps`` for the LayerNorm epsilon; the builder resolves them, so the table
     stays plain data that can be printed, compared and serialised.
+
+    ``kind`` says which builder :func:`pfmseg_engine.model.build_model` uses: ``"vit"`` (a timm ViT
+    PFM: backbone + tuning strategy + head) or ``"unet"`` (a backbone-free model trained from scratch,
+    see :mod:`pfmseg_engine.unet`; there ``timm_arch``/``timm_kwargs``/``tiny_kwargs`` name pfmseg's
+    own UNet and its settings, ``patch_size`` is the UNet's size multiple, ``embed_dim`` is None and
+    ``num_params`` excludes the final 1x1 classifier, which adds ``65 * num_classes``).
     """
 
     name: str
@@ -49,7 +55,7 @@ class BackboneSpec:
     family: str
     timm_arch: str
     timm_kwargs: dict[str, Any]
-    embed_dim: int
+    embed_dim: int | None
     patch_size: int
     num_prefix_tokens: int
     num_params: int
@@ -63,15 +69,24 @@ class BackboneSpec:
     fixed_input_size: int | None = None
     aliases: tuple[str, ...] = ()
     notes: str = ""
+    kind: str = "vit"
+
+    @property
+    def from_scratch(self) -> bool:
+        """A baseline without pretrained weights: every weight trains and lives in the checkpoint."""
+        return self.kind == "unet"
 
     @property
     def weights_source(self) -> str:
         """Where published weights come from, as shown to users."""
+        if self.from_scratch:
+            return "none (trained from scratch)"
         return f"hf-hub:{self.hf_hub_id}" if self.hf_hub_id else "local file only"
 
     def build_kwargs(self, tiny: bool = False) -> dict[str, Any]:
-        """Keyword arguments for ``timm.create_model`` (symbolic values not yet resolved)."""
-        kwargs = {**self.timm_kwargs, **COMMON_KWARGS}
+        """Keyword arguments for ``timm.create_model`` (symbolic values not yet resolved), or for
+        pfmseg's own builder when ``kind`` is not ``"vit"``."""
+        kwargs = {**self.timm_kwargs, **(COMMON_KWARGS if self.kind == "vit" else {})}
         if tiny:
             kwargs.update(self.tiny_kwargs)
         return kwargs
@@ -220,3 +235,23 @@ SPECS: tuple[BackboneSpec, ...] = (
          1024, 16, 1, 303_350_784, aliases=("patho3dmatrix",),
          notes="no public hub repository; DINO teacher checkpoint with 'backbone.' keys"),
 )
+
+
+# Backbone-free baselines trained from scratch through the same trainer, so every comparison can ask
+# "does a foundation model help here at all?". Not PFMs, hence a table of their own; the registry, the
+# ``models`` listing and the napari widget read both tables.
+UNET_MULTIPLE = 16  # 2 ** 4 max-pool downsamplings: inputs are padded to this multiple and cropped back
+
+BASELINES: tuple[BackboneSpec, ...] = (
+    BackboneSpec(
+        name="unet", title="UNet (from scratch)", family="unet", kind="unet",
+        timm_arch="unet", timm_kwargs={"base_width": 64, "bilinear": True},
+        # The seed's UNet (milesial Pytorch-UNet): 64-128-256-512-512 channels, BatchNorm, bilinear up.
+        embed_dim=None, patch_size=UNET_MULTIPLE, num_prefix_tokens=0, num_params=17_262_912, params_exact=True,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, checkpoint_layout="none", hf_filenames=(),
+        tiny_kwargs={"base_width": 8},
+        notes="baseline without a foundation model: the seed framework's UNet, every weight trained from scratch",
+    ),
+)
+
+ALL_SPECS: tuple[BackboneSpec, ...] = SPECS + BASELINES

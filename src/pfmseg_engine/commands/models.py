@@ -1,4 +1,4 @@
-"""``models``: the table of every registered backbone."""
+"""``models``: the table of every registered backbone (the PFMs, then the from-scratch ``unet`` baseline)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from ..backbones.specs import SPECS, BackboneSpec
+from ..backbones.specs import ALL_SPECS, BASELINES, BackboneSpec
+from . import add_command
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("name", "name"),
@@ -27,6 +28,8 @@ def spec_row(spec: BackboneSpec) -> dict[str, Any]:
         "name": spec.name,
         "title": spec.title,
         "family": spec.family,
+        "kind": spec.kind,
+        "from_scratch": spec.from_scratch,
         "architecture": spec.timm_arch,
         "embed_dim": spec.embed_dim,
         "patch_size": spec.patch_size,
@@ -45,6 +48,8 @@ def spec_row(spec: BackboneSpec) -> dict[str, Any]:
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
+    if row.get(key, "") is None:  # e.g. the embedding width of the unet baseline
+        return "-"
     if key == "params":
         millions = row["params"] / 1e6
         return f"{millions:,.1f}M" if row["params_exact"] else f"~{millions:,.0f}M"
@@ -62,16 +67,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = [spec_row(spec) for spec in SPECS]
+    rows = [spec_row(spec) for spec in ALL_SPECS]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         print(format_table(rows))
-        print(f"\n{len(rows)} backbones. Weights: a local file or hf-hub id via 'pfm_weights_path'/--weights.")
+        baselines = ", ".join(spec.name for spec in BASELINES)
+        print(f"\n{len(rows)} backbones. Weights: a local file or hf-hub id via 'pfm_weights_path'/--weights; "
+              f"{baselines}: from-scratch baseline without a foundation model (no weights, every weight trains).")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("models", help="list every supported pathology foundation model")
+    parser = add_command(
+        subparsers, "models", summary="list every supported pathology foundation model",
+        description="List every backbone pfmseg builds: name, architecture, embedding size, patch size,\n"
+                    "parameter count, input normalisation and where its published weights are.",
+        examples=["python -m pfmseg_engine models", "python -m pfmseg_engine models --json > backbones.json"])
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.set_defaults(func=run)

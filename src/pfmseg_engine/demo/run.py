@@ -24,7 +24,8 @@ DEMO_BACKBONE = "kaiko-vits16"
 DEMO_TRAINING: dict[str, Any] = {
     "dataset": {"num_classes": len(DEMO_CLASS_NAMES), "class_names": list(DEMO_CLASS_NAMES)},
     "system": {"num_workers": 0, "seed": 0},
-    "model": {"pfm_name": DEMO_BACKBONE, "tiny": True, "finetune_mode": {"type": "cnn_adapter"}, "mpp": DEMO_MPP},
+    "model": {"pfm_name": DEMO_BACKBONE, "tiny": True, "finetune_mode": {"type": "cnn_adapter_small"},
+              "mpp": DEMO_MPP},
     "training": {
         "batch_size": 8,
         "epochs": 5,

@@ -5,20 +5,29 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import ConfigError, closest
+from .cup import CupDecoder
 from .light import LightDecoder
 from .multilevel import MultiLevelDecoder
 
 HEADS: dict[str, type[nn.Module]] = {
     "multilevel": MultiLevelDecoder,
     "light": LightDecoder,
+    "cup": CupDecoder,
 }
 
 
-def build_head(name: str, in_channels: list[int], skip_channels: list[int], num_classes: int) -> nn.Module:
-    """Instantiate head ``name``; every head is called as ``head(grids, skips, out_size)``."""
+def build_head(name: str, in_channels: list[int], skip_channels: list[int], num_classes: int,
+               patch_size: int = 16) -> nn.Module:
+    """Instantiate head ``name``; every head is called as ``head(grids, skips, out_size)``.
+
+    ``patch_size`` is the backbone's: heads that upsample in fixed steps derive their number of steps
+    (light) or their last step (cup) from it. Each head class says, as class attributes, whether it
+    reads CNN-adapter skips (``uses_skips``) and whether it decodes the encoder's final normalised
+    output (``reads_final_tokens``, which makes the backbone keep its final norm).
+    """
     if name not in HEADS:
         raise ConfigError(f"Unknown head '{name}'.{closest(name, HEADS)} Choose one of: {', '.join(HEADS)}.")
-    return HEADS[name](in_channels, skip_channels, num_classes)
+    return HEADS[name](in_channels, skip_channels, num_classes, patch_size=patch_size)
 
 
-__all__ = ["HEADS", "LightDecoder", "MultiLevelDecoder", "build_head"]
+__all__ = ["HEADS", "CupDecoder", "LightDecoder", "MultiLevelDecoder", "build_head"]

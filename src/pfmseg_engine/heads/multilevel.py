@@ -22,14 +22,17 @@ class MultiLevelDecoder(nn.Module):
     Every tapped depth is projected and summed (shallow blocks keep more spatial detail, deep blocks
     more semantics). The refinement stages target exact fractions of the input size rather than
     fixed x2 steps, so patch 14 and patch 8 backbones decode as cleanly as patch 16 ones. CNN-adapter
-    skips (1/2, 1/4, 1/8) are concatenated at their matching stage.
+    skips (1/2, 1/4, 1/8) are concatenated at their matching stage. ``patch_size`` is accepted like
+    every head's but not needed: the stages target fractions of the requested output size.
     """
 
+    uses_skips = True
     STAGE_FRACTIONS = (8, 4, 2, 1)
 
     def __init__(self, in_channels: list[int], skip_channels: list[int], num_classes: int,
-                 channels: int = 256, stage_channels: tuple[int, ...] = (128, 64, 32, 16)):
+                 patch_size: int = 16, channels: int = 256, stage_channels: tuple[int, ...] = (128, 64, 32, 16)):
         super().__init__()
+        self.patch_size = patch_size
         self.project = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
         self.fuse = _conv_gn_relu(channels, channels)
         # skips arrive as [1/2, 1/4, 1/8]; stage i works at 1/STAGE_FRACTIONS[i]

@@ -13,8 +13,11 @@ class TuningConfig:
     """Which strategy adapts the backbone, and its knobs.
 
     ``rank``/``alpha``/``dropout``/``lora_mlp`` apply to LoRA and DoRA (``lora_mlp`` also adapts the
-    MLP ``fc1``/``fc2`` besides attention ``qkv``/``proj``); ``adapter_channels`` sizes the CNN
-    adapter's 1/2, 1/4, 1/8 stages; ``adapter_depth`` is the number of Transformer-adapter blocks and
+    MLP ``fc1``/``fc2`` besides attention ``qkv``/``proj``); ``adapter_width_factor`` and
+    ``adapter_block_units`` size the seed's ResNetV2 CNN adapter (``cnn_adapter``: widths 64, 256, 512
+    times the factor; units of blocks 1 and 2 (the seed's third entry is accepted and unused));
+    ``adapter_channels`` sizes the 1/2, 1/4, 1/8 stages of the small one (``cnn_adapter_small``);
+    ``adapter_depth`` is the number of Transformer-adapter blocks and
     the other ``adapter_*`` settings are those blocks' MLP ratio, dropouts, LayerScale init and
     query/key norm (the seed's ``transformer_adapter`` keys).
     """
@@ -25,6 +28,8 @@ class TuningConfig:
     dropout: float = 0.0
     lora_mlp: bool = False
     adapter_channels: tuple[int, int, int] = (32, 64, 128)
+    adapter_width_factor: float = 1.0
+    adapter_block_units: tuple[int, ...] = (3, 4, 9)
     adapter_depth: int = 2
     adapter_mlp_ratio: float = 4.0
     adapter_drop_rate: float = 0.0
@@ -49,6 +54,18 @@ class TuningConfig:
             raise ConfigError(
                 f"adapter_channels needs three positive widths (1/2, 1/4, 1/8 stages), got {self.adapter_channels}."
             )
+        if not self.adapter_width_factor > 0 or int(64 * self.adapter_width_factor) % 32:
+            raise ConfigError(
+                f"adapter_width_factor must be positive and give a width int(64 * factor) that is a multiple of 32 "
+                f"(GroupNorm of 32 groups), e.g. 0.5, 1, 1.5 or 2; got {self.adapter_width_factor}."
+            )
+        units = tuple(self.adapter_block_units)
+        if len(units) < 2 or any(int(u) != u or u < 1 for u in units):
+            raise ConfigError(
+                "adapter_block_units needs at least two positive whole unit counts (blocks 1 and 2 of the "
+                f"ResNetV2 adapter, e.g. [3, 4, 9]), got {list(units)}."
+            )
+        object.__setattr__(self, "adapter_block_units", tuple(int(u) for u in units))
         if self.adapter_depth < 1:
             raise ConfigError(f"adapter_depth must be >= 1, got {self.adapter_depth}.")
         rates = {"adapter_drop_rate": self.adapter_drop_rate, "adapter_attn_drop_rate": self.adapter_attn_drop_rate,
@@ -63,6 +80,7 @@ class TuningConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["adapter_channels"] = list(self.adapter_channels)
+        data["adapter_block_units"] = list(self.adapter_block_units)
         return data
 
     @classmethod
@@ -71,4 +89,6 @@ class TuningConfig:
         data = dict(data)
         if "adapter_channels" in data:
             data["adapter_channels"] = tuple(data["adapter_channels"])
+        if "adapter_block_units" in data:
+            data["adapter_block_units"] = tuple(data["adapter_block_units"])
         return cls(**data)

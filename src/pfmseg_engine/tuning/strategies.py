@@ -1,4 +1,4 @@
-"""The six tuning strategies, as a table of how each one adapts a backbone.
+"""The tuning strategies, as a table of how each one adapts a backbone.
 
 A strategy wraps a :class:`~pfmseg_engine.backbones.Backbone` into an :class:`Encoder` and says, as
 data, which parameters train (``trainable`` regexes over the encoder's parameter names). The model
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..backbones.backbone import Backbone
-from .adapters import CNNAdapter, TransformerAdapter
+from .adapters import ResNetV2Adapter, SmallCNNAdapter, TransformerAdapter
 from .config import TuningConfig
 from .lora import inject_lora
 
@@ -29,12 +29,19 @@ class EncoderOutput:
 
 
 class Encoder(nn.Module):
-    """Backbone plus whatever modules the tuning strategy adds."""
+    """Backbone plus whatever modules the tuning strategy adds.
+
+    The last grid is the encoder's final representation whenever something reads it as such: with a
+    Transformer adapter it is the adapter's output over the whole token sequence (prefix tokens
+    included, then dropped), and when the backbone kept its final norm (heads such as ``cup`` that
+    decode the PFM's normalised output) it is that norm applied to the last tapped block. Otherwise
+    the grids are the tapped blocks' raw outputs, as the multilevel and light heads were trained on.
+    """
 
     def __init__(
         self,
         backbone: Backbone,
-        cnn_adapter: CNNAdapter | None = None,
+        cnn_adapter: ResNetV2Adapter | SmallCNNAdapter | None = None,
         transformer_adapter: TransformerAdapter | None = None,
     ):
         super().__init__()
@@ -51,9 +58,14 @@ class Encoder(nn.Module):
         return list(self.cnn_adapter.out_channels) if self.cnn_adapter is not None else []
 
     def forward(self, x: torch.Tensor) -> EncoderOutput:
-        grids = self.backbone.features(x)
-        if self.transformer_adapter is not None:
-            grids = [*grids[:-1], self.transformer_adapter(grids[-1])]
+        if self.transformer_adapter is None and not self.backbone.keeps_final_norm:
+            grids = self.backbone.features(x)
+        else:
+            grids, tokens = self.backbone.features_and_tokens(x)
+            tokens = self.backbone.vit.norm(tokens)  # identity unless the final norm was kept
+            if self.transformer_adapter is not None:
+                tokens = self.transformer_adapter(tokens)
+            grids = [*grids[:-1], self.backbone.tokens_to_grid(tokens, grids[-1].shape[-2:])]
         skips = self.cnn_adapter(x) if self.cnn_adapter is not None else []
         return EncoderOutput(grids=grids, skips=skips)
 
@@ -80,7 +92,12 @@ def _dora(backbone: Backbone, cfg: TuningConfig) -> Encoder:
 
 def _cnn_adapter(backbone: Backbone, cfg: TuningConfig) -> Encoder:
     backbone.requires_grad_(False)
-    return Encoder(backbone, cnn_adapter=CNNAdapter(cfg.adapter_channels))
+    return Encoder(backbone, cnn_adapter=ResNetV2Adapter(cfg.adapter_width_factor, cfg.adapter_block_units))
+
+
+def _cnn_adapter_small(backbone: Backbone, cfg: TuningConfig) -> Encoder:
+    backbone.requires_grad_(False)
+    return Encoder(backbone, cnn_adapter=SmallCNNAdapter(cfg.adapter_channels))
 
 
 def _transformer_adapter(backbone: Backbone, cfg: TuningConfig) -> Encoder:
@@ -95,13 +112,21 @@ def _transformer_adapter(backbone: Backbone, cfg: TuningConfig) -> Encoder:
 
 @dataclass(frozen=True)
 class Strategy:
-    """One tuning strategy: how to build it and which encoder parameters it trains."""
+    """One tuning strategy: how to build it and which encoder parameters it trains.
+
+    ``adds_skips``: its trainable part only reaches the output through high-resolution skips, so a
+    head that ignores skips would leave it untrained (the model config refuses that pairing).
+    ``reads_final_tokens``: it consumes the encoder's final, normalised token sequence, so the
+    backbone keeps its final norm.
+    """
 
     name: str
     description: str
     build: Callable[[Backbone, TuningConfig], Encoder]
     trainable: tuple[str, ...]
     backbone_trains: bool = False
+    adds_skips: bool = False
+    reads_final_tokens: bool = False
 
     def is_trainable(self, encoder_param_name: str) -> bool:
         return any(re.fullmatch(pattern, encoder_param_name) for pattern in self.trainable)
@@ -116,10 +141,12 @@ STRATEGIES: dict[str, Strategy] = {
                  (r"backbone\..*\.lora_[AB]\..*",)),
         Strategy("dora", "weight-decomposed low-rank adapters (peft)", _dora,
                  (r"backbone\..*\.lora_[AB]\..*", r"backbone\..*\.lora_magnitude_vector\..*")),
-        Strategy("cnn_adapter", "frozen backbone + parallel CNN branch giving 1/2, 1/4, 1/8 skips",
-                 _cnn_adapter, (r"cnn_adapter\..*",)),
-        Strategy("transformer_adapter", "frozen backbone + trainable transformer blocks on top",
-                 _transformer_adapter, (r"transformer_adapter\..*",)),
+        Strategy("cnn_adapter", "frozen backbone + the seed's ResNetV2 CNN branch (1/2, 1/4, 1/8 skips)",
+                 _cnn_adapter, (r"cnn_adapter\..*",), adds_skips=True),
+        Strategy("cnn_adapter_small", "frozen backbone + a small 3-stage CNN branch (1/2, 1/4, 1/8 skips)",
+                 _cnn_adapter_small, (r"cnn_adapter\..*",), adds_skips=True),
+        Strategy("transformer_adapter", "frozen backbone + trainable transformer blocks over its output tokens",
+                 _transformer_adapter, (r"transformer_adapter\..*",), reads_final_tokens=True),
     )
 }
 
