@@ -105,3 +105,25 @@ def test_load_returns_native_resolution(tmp_path):
     image, mask = SegmentationDataset(ds.split("val"), num_classes=3).load(0)
     assert image.shape == (37, 53, 3) and image.dtype == np.uint8
     assert mask.shape == (37, 53)
+
+
+def test_rgba_images_are_composited_on_white(tmp_path):
+    from pfmseg_engine.data import ArrayImageSet, read_image
+    from pfmseg_engine.data.sparse import SparsePatchDataset
+
+    rgba = np.zeros((6, 8, 4), dtype=np.uint8)  # black under a transparent border, as exporters leave it
+    rgba[2:4, 2:6] = (200, 40, 120, 255)  # opaque tissue
+    rgba[0, 0] = (0, 0, 0, 128)  # half transparent black over white glass -> mid grey
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "tile.png")
+    image = read_image(tmp_path / "tile.png")
+    assert image.shape == (6, 8, 3) and image.dtype == np.uint8
+    assert (image[5, 7] == 255).all() and (image[1, 1] == 255).all()  # transparent -> white, not black
+    assert tuple(image[2, 3]) == (200, 40, 120)  # opaque pixels unchanged
+    assert abs(int(image[0, 0, 0]) - 127) <= 1
+    # in-memory RGBA arrays (napari layers) follow the same rule
+    loaded, _ = ArrayImageSet([rgba], [np.zeros((6, 8), dtype=np.int64)]).load(0)
+    assert np.array_equal(loaded, image)
+    labels = np.zeros((6, 8), dtype=np.uint8)
+    labels[3, 3] = 1
+    patch, _ = SparsePatchDataset([rgba], [labels], patch_size=6, num_classes=1).read_patch(0, 0, 0)
+    assert np.allclose(patch, image[:6, :6] / 255.0)

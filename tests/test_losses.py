@@ -130,3 +130,40 @@ def test_class_weights_work_on_cuda_even_if_the_loss_stayed_on_cpu(name):
 def test_unknown_loss_is_a_config_error():
     with pytest.raises(ConfigError, match="Did you mean 'dice'"):
         build_loss(LossSection(type="dise"))
+
+
+@pytest.mark.parametrize("name", ["dice", "iou", "ce_dice"])
+def test_classes_absent_from_targets_and_predictions_add_no_penalty(name):
+    # two classes present and predicted perfectly; class 2 never in the targets and never the argmax,
+    # but its softmax mass (about 0.7 % per pixel) is far larger than ``smooth``
+    target = torch.zeros(2, 16, 16, dtype=torch.long)
+    target[:, :, 8:] = 1
+    logits = F.one_hot(target, 3).permute(0, 3, 1, 2).float() * 10.0
+    two = F.one_hot(target, 2).permute(0, 3, 1, 2).float() * 10.0
+    skip = make(name)(logits, target)
+    assert skip.item() == pytest.approx(make(name)(two, target).item(), abs=1e-3)  # as if class 2 did not exist
+    included = make(name, absent_classes="include")(logits, target)
+    assert included.item() > skip.item() + 0.25  # the seed's formula: about 1/3 of a loss for nothing
+    # a class absent from the targets but predicted somewhere (a false positive) is still penalised
+    fp = logits.clone()
+    fp[0, 2, :4, :4] = 30.0
+    assert make(name)(fp, target).item() > skip.item() + 0.1
+
+
+def test_absent_classes_setting_is_checked():
+    with pytest.raises(ConfigError, match="absent_classes"):
+        make("dice", absent_classes="drop")
+
+
+def test_image_pooling_scores_each_image_like_the_seed():
+    logits, target = batch(seed=3)
+    per_image = [make("dice", absent_classes="include", dice_smooth=1e-5)(logits[i:i + 1], target[i:i + 1])
+                 for i in range(2)]
+    pooled = make("dice", absent_classes="include", overlap_pooling="image")(logits, target)
+    assert pooled.item() == pytest.approx(sum(p.item() for p in per_image) / 2, abs=1e-6)
+    assert not math.isclose(pooled.item(), make("dice", absent_classes="include")(logits, target).item())
+    # an image without any valid pixel does not count
+    target[1] = 255
+    alone = make("dice", absent_classes="include", overlap_pooling="image")(logits[:1], target[:1])
+    assert make("dice", absent_classes="include", overlap_pooling="image")(logits, target).item() == \
+        pytest.approx(alone.item(), abs=1e-6)

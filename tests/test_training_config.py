@@ -191,8 +191,14 @@ def test_augmentation_entries_merge_into_defaults(seed_setup):
 
 
 def test_adapter_width_and_missing_json(seed_setup, tmp_path):
-    cfg = load_config(seed_setup, ["model.finetune_mode.type=cnn_adapter", "model.cnn_adapter.width_factor=0.5"])
-    assert cfg.model_config().tuning.adapter_channels == (16, 32, 64)
+    cfg = load_config(seed_setup, ["model.finetune_mode.type=cnn_adapter", "model.cnn_adapter.width_factor=0.5",
+                                   "model.cnn_adapter.block_units=[2, 3, 4]"])
+    tuning = cfg.model_config().tuning  # the seed's ResNetV2 adapter keys are used, not ignored
+    assert tuning.adapter_width_factor == 0.5 and tuning.adapter_block_units == (2, 3, 4)
+    assert load_config(seed_setup).model_config().tuning.adapter_block_units == (3, 4, 9)  # the seed file's
+    small = load_config(seed_setup, ["model.finetune_mode.type=cnn_adapter_small",
+                                     "model.cnn_adapter.channels=[8, 16, 32]"])
+    assert small.model_config().tuning.adapter_channels == (8, 16, 32)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(Exception, match=r"dataset.json"):

@@ -268,3 +268,26 @@ def test_results_do_not_depend_on_data_loader_workers(tmp_path):
         result = train_from_config(cfg)
         losses.append(result.history[0]["train_loss"])
     assert losses[0] == losses[1]
+
+
+@pytest.mark.parametrize(("bf16", "setting", "expected"), [
+    (True, "auto", torch.bfloat16),  # Ampere and newer: bfloat16, no gradient scaler needed
+    (False, "auto", torch.float16),  # older GPUs: float16 with a gradient scaler
+    (True, "float16", torch.float16),
+    (False, "bfloat16", torch.float16),  # asked for but unsupported: float16, with a warning
+    (True, "bfloat16", torch.bfloat16),
+])
+def test_cuda_autocast_prefers_bfloat16_where_supported(monkeypatch, bf16, setting, expected):
+    from pfmseg_engine.training.trainer import choose_amp_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert choose_amp_dtype(setting, "cuda") == expected
+    assert choose_amp_dtype(setting, torch.device("cuda:1")) == expected
+
+
+def test_cpu_autocast_only_when_asked_for_bfloat16():
+    from pfmseg_engine.training.trainer import choose_amp_dtype
+
+    assert choose_amp_dtype("auto", "cpu") is None and choose_amp_dtype("float16", "cpu") is None
+    assert choose_amp_dtype("bfloat16", "cpu") == torch.bfloat16
+

@@ -2,7 +2,7 @@
 
 from .augment import DEFAULT_TRANSFORMS, TRANSFORMS, JointAugment, sample_seed
 from .dataset import ArrayImageSet, SegmentationDataset
-from .images import read_image
+from .images import composite_on_white, read_image
 from .masks import check_mask_values, read_mask, sparse_to_targets
 from .sampler import EpochSampler
 from .seed_json import Sample, SeedDataset, load_seed_json
@@ -20,6 +20,7 @@ __all__ = [
     "SparsePatchDataset",
     "annotated_blocks",
     "check_mask_values",
+    "composite_on_white",
     "crop_boxes",
     "load_seed_json",
     "read_image",

@@ -147,6 +147,59 @@ class Cutout(_Joint):
         return out
 
 
+class ZoomCrop(v2.Transform):
+    """A ``size`` x ``size`` crop at native resolution, zoomed by a factor drawn from ``zoom``.
+
+    The zoom ``z`` (output pixels per source pixel) is drawn log-uniformly from ``zoom``, so 0.8 and
+    1.25 are equally likely and the typical crop keeps the source magnification; a square of
+    ``round(size / z)`` source pixels is cut at a random position and resized to ``size`` (bilinear
+    for images, nearest for masks). Where the square reaches past the image it is padded: 0 in the
+    image, ``ignore_index`` in the mask. ``zoom=(1, 1)`` is a plain native-resolution random crop.
+
+    This is the default training crop: validation and slide inference run at native resolution, so
+    the model should train at (about) the magnification it is later used at. The seed's
+    RandomResizedCrop instead draws a share of the *image area*, so the magnification a crop gets
+    depends on how large the source image is.
+    """
+
+    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+
+    def __init__(self, size: int, zoom: tuple[float, float] = (0.8, 1.25), ignore_index: int = 255):
+        super().__init__()
+        lo, hi = float(zoom[0]), float(zoom[1])
+        if not 0 < lo <= hi:
+            raise ConfigError(f"zoom must satisfy 0 < min <= max, got {[lo, hi]}.")
+        self.size, self.zoom, self.ignore_index = int(size), (lo, hi), int(ignore_index)
+
+    @staticmethod
+    def _offset(extent: int, side: int) -> int:
+        """Start of the window: inside the image, or (when the image is smaller) the image inside it."""
+        if extent >= side:
+            return int(torch.randint(0, extent - side + 1, (1,)).item())
+        return -int(torch.randint(0, side - extent + 1, (1,)).item())
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = flat_inputs[0].shape[-2:]
+        lo, hi = math.log(self.zoom[0]), math.log(self.zoom[1])
+        z = math.exp(lo + (hi - lo) * torch.rand(1).item())
+        side = max(1, round(self.size / z))
+        return {"top": self._offset(height, side), "left": self._offset(width, side), "side": side}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        top, left, side = params["top"], params["left"], params["side"]
+        height, width = inpt.shape[-2:]
+        pads = (max(0, -left), max(0, left + side - width), max(0, -top), max(0, top + side - height))
+        out = inpt.as_subclass(torch.Tensor)
+        if any(pads):
+            fill = self.ignore_index if isinstance(inpt, tv_tensors.Mask) else 0.0
+            out = torch.nn.functional.pad(out, pads, value=fill)
+        y0, x0 = top + pads[2], left + pads[0]
+        out = tv_tensors.wrap(out[..., y0:y0 + side, x0:x0 + side].contiguous(), like=inpt)
+        if side != self.size:  # Mask: nearest neighbour; Image: bilinear with antialiasing
+            out = v2.functional.resize(out, [self.size, self.size], antialias=True)
+        return out
+
+
 def _apply(p: float, transform: v2.Transform) -> v2.Transform:
     return v2.RandomApply([transform], p=float(p)) if p < 1.0 else transform
 
@@ -234,32 +287,43 @@ def build_transform(name: str, params: Mapping[str, Any], ctx: AugmentContext) -
 class JointAugment:
     """Callable ``(image (3,H,W) float, mask (H,W) long, seed) -> (image, mask)``.
 
-    ``crop_size`` adds a RandomResizedCrop to a fixed square (the seed's ``RandomResizedCropSize``)
-    covering ``crop_scale`` of the image area; with ``crop_scale=None`` the crop is taken at native
-    resolution instead (padded with ``ignore_index`` where the image is smaller), which keeps the
-    magnification of large tiles. Without ``crop_size`` the spatial size is unchanged (used for patches
-    that are already cut to size).
+    ``crop_size`` adds a crop to a fixed square (the seed's ``RandomResizedCropSize``), chosen by:
+
+    * ``crop_zoom=(a, b)``: a :class:`ZoomCrop` at native resolution, zoomed by a factor in [a, b]
+      (the training default, (0.8, 1.25), keeps the magnification validation and inference use);
+    * ``crop_scale=(a, b)``: the seed's RandomResizedCrop covering a..b of the image *area* (with
+      aspect ratios in ``crop_ratio``), whose magnification depends on the image size;
+    * neither: a plain native-resolution crop.
+
+    Crops are padded with ``ignore_index`` where the image is smaller. Without ``crop_size`` the
+    spatial size is unchanged (used for patches that are already cut to size).
     """
 
     def __init__(
         self,
         transforms: Mapping[str, Mapping[str, Any]] | None = None,
         crop_size: int | None = None,
-        crop_scale: tuple[float, float] | None = (0.5, 1.0),
+        crop_scale: tuple[float, float] | None = None,
         crop_ratio: tuple[float, float] = (0.75, 1.33),
         ignore_index: int = 255,
+        crop_zoom: tuple[float, float] | None = None,
     ):
         ctx = AugmentContext(ignore_index=ignore_index)
         config = dict(DEFAULT_TRANSFORMS if transforms is None else transforms)
         for name in config:  # validate names even when disabled
             if name not in TRANSFORMS:
                 build_transform(name, {}, ctx)
+        if crop_scale is not None and crop_zoom is not None:
+            raise ConfigError("Give crop_scale (area-scale crops, as the seed) or crop_zoom (native-resolution "
+                              "crops with zoom jitter), not both.")
         steps: list[v2.Transform] = []
-        if crop_size is not None and crop_scale is None:
-            steps.append(v2.RandomCrop(size=(crop_size, crop_size), pad_if_needed=True, fill=ctx.fill))
-        elif crop_size is not None:
+        if crop_size is not None and crop_scale is not None:
             steps.append(v2.RandomResizedCrop(size=(crop_size, crop_size), scale=tuple(crop_scale),
                                               ratio=tuple(crop_ratio), antialias=True))
+        elif crop_size is not None and crop_zoom is not None:
+            steps.append(ZoomCrop(crop_size, tuple(crop_zoom), ignore_index))
+        elif crop_size is not None:
+            steps.append(v2.RandomCrop(size=(crop_size, crop_size), pad_if_needed=True, fill=ctx.fill))
         for name in TRANSFORMS:
             if name in config and config[name] is not None:
                 params = dict(config[name])

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DataError
 from .augment import JointAugment, sample_seed
-from .images import image_size, read_image
+from .images import composite_on_white, image_size, read_image
 from .masks import read_mask
 from .seed_json import Sample
 
@@ -141,5 +141,5 @@ class ArrayImageSet:
         return self.names[index]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image = np.asarray(self.images[index])[..., :3]
+        image = composite_on_white(np.asarray(self.images[index]))  # RGBA: transparent = white glass
         return image, np.asarray(self.masks[index]).astype(np.int64)

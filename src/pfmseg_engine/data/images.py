@@ -10,7 +10,13 @@ from ..errors import DataError
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """Read ``path`` as (H, W, 3) uint8 RGB (grey, palette and RGBA are converted; alpha is dropped)."""
+    """Read ``path`` as (H, W, 3) uint8 RGB.
+
+    Grey and palette images are converted. Images with transparency (RGBA, LA, palette with a
+    transparent colour) are composited on **white**: transparent pixels are the slide background
+    (glass), which is white in brightfield histology, whereas dropping the alpha channel would show
+    whatever colour the exporter left under it (often black), a colour tissue never has.
+    """
     from PIL import Image
 
     path = Path(path)
@@ -18,9 +24,28 @@ def read_image(path: str | Path) -> np.ndarray:
         raise DataError(f"Image file '{path}' does not exist.")
     try:
         with Image.open(path) as img:
+            if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+                return composite_on_white(np.array(img.convert("RGBA")))
             return np.array(img.convert("RGB"))  # a writable copy (torch.from_numpy needs one)
     except OSError as exc:
         raise DataError(f"Cannot read image '{path}': {exc}.") from exc
+
+
+def composite_on_white(image: np.ndarray) -> np.ndarray:
+    """(H, W, 4) RGBA (uint8, or float in [0, 1]) -> (H, W, 3) RGB of the same dtype, over white.
+
+    Arrays with three channels are returned unchanged, so callers may pass any RGB(A) array.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 4:
+        return image
+    if np.issubdtype(image.dtype, np.integer):
+        top = float(np.iinfo(image.dtype).max)
+        rgb = image[..., :3].astype(np.float32)
+        alpha = image[..., 3:].astype(np.float32) / top
+        return np.rint(rgb * alpha + top * (1.0 - alpha)).clip(0, top).astype(image.dtype)
+    alpha = image[..., 3:]
+    return (image[..., :3] * alpha + (1.0 - alpha)).astype(image.dtype, copy=False)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

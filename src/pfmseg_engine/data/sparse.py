@@ -20,9 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from ..errors import DataError
 from .augment import JointAugment, sample_seed
+from .images import composite_on_white
 from .masks import sparse_to_targets
 
 BLOCK = 4096  # side of the blocks in which labels are scanned
@@ -47,7 +50,9 @@ class SparsePatchDataset(Dataset):
     class, so a class annotated with one short stroke is seen as often as one painted over large areas.
     The annotated pixel lands at a random position inside the patch (not always at its centre).
     Items are ``{"image": (3,P,P) float in [0,1], "label": (P,P) long, "index"}``; a patch reaching past
-    the image border is padded with zeros and ``ignore_index``.
+    the image border is padded with zeros and ``ignore_index``. ``zoom=(a, b)`` reads a square of
+    ``P / z`` pixels, ``z`` drawn log-uniformly from [a, b], and resizes it to ``P`` (the same zoom
+    jitter as :class:`~.augment.ZoomCrop`); ``None`` cuts patches at exactly native resolution.
     """
 
     def __init__(
@@ -62,6 +67,7 @@ class SparsePatchDataset(Dataset):
         seed: int = 0,
         class_balanced: bool = True,
         max_points_per_class: int = 200_000,
+        zoom: tuple[float, float] | None = None,
     ):
         self.images = _as_list(images)
         self.labels = _as_list(labels)
@@ -78,6 +84,9 @@ class SparsePatchDataset(Dataset):
         if patch_size < 1:
             raise DataError(f"patch_size must be positive, got {patch_size}.")
         self.patch_size = int(patch_size)
+        if zoom is not None and not 0 < zoom[0] <= zoom[1]:
+            raise DataError(f"zoom must satisfy 0 < min <= max, got {list(zoom)}.")
+        self.zoom = (float(zoom[0]), float(zoom[1])) if zoom is not None else None
         self.samples_per_epoch = int(samples_per_epoch)
         self.ignore_index = int(ignore_index)
         self.transform = transform
@@ -147,18 +156,21 @@ class SparsePatchDataset(Dataset):
             pair, y, x = self.points[self.classes[which]][flat - (sizes[:which].sum() if which else 0)]
         return int(pair), int(y), int(x)
 
-    def _origin(self, centre: int, extent: int, rng: np.random.Generator) -> int:
-        p = self.patch_size
+    def _origin(self, centre: int, extent: int, rng: np.random.Generator, side: int | None = None) -> int:
+        p = side or self.patch_size
         start = centre - int(rng.integers(p))
         return 0 if extent <= p else min(max(start, 0), extent - p)
 
-    def read_patch(self, pair: int, top: int, left: int) -> tuple[np.ndarray, np.ndarray]:
-        """Image (P, P, 3) float32 and label (P, P) int64 targets of the window at (top, left)."""
+    def read_patch(self, pair: int, top: int, left: int, side: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Image (S, S, 3) float32 and label (S, S) int64 targets of the window at (top, left).
+
+        ``S`` is ``side`` (default: the patch size).
+        """
         image, labels = self.images[pair], self.labels[pair]
         height, width = labels.shape
-        p = self.patch_size
+        p = side or self.patch_size
         y1, x1 = min(height, top + p), min(width, left + p)
-        img = np.asarray(image[top:y1, left:x1, :3])
+        img = composite_on_white(np.asarray(image[top:y1, left:x1]))  # RGBA: transparent = white glass
         lab = np.asarray(labels[top:y1, left:x1])
         img = img.astype(np.float32) / 255.0 if np.issubdtype(img.dtype, np.integer) else img.astype(np.float32)
         targets = sparse_to_targets(lab, self.num_classes, self.ignore_index, source=f"Labels {pair}")
@@ -173,9 +185,18 @@ class SparsePatchDataset(Dataset):
         rng = np.random.default_rng(seed)
         pair, y, x = self._pick(rng)
         height, width = self.labels[pair].shape
-        img, targets = self.read_patch(pair, self._origin(y, height, rng), self._origin(x, width, rng))
+        side = self.patch_size
+        if self.zoom is not None:
+            lo, hi = np.log(self.zoom[0]), np.log(self.zoom[1])
+            side = max(1, round(self.patch_size / float(np.exp(rng.uniform(lo, hi)))))
+        img, targets = self.read_patch(pair, self._origin(y, height, rng, side), self._origin(x, width, rng, side),
+                                       side)
         image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).contiguous()
         label = torch.from_numpy(targets)
+        if side != self.patch_size:  # zoom jitter: bilinear image, nearest-neighbour targets
+            size = [self.patch_size, self.patch_size]
+            image = v2.functional.resize(image, size, antialias=True).clamp_(0, 1)
+            label = v2.functional.resize(tv_tensors.Mask(label), size).as_subclass(torch.Tensor)
         if self.transform is not None:
             image, label = self.transform(image, label, seed=seed)
         return {"image": image, "label": label, "index": index}

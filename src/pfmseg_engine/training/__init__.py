@@ -5,19 +5,31 @@ from .config import TrainConfig, config_from_dict, default_config_path, load_con
 from .losses import LOSSES, build_loss
 from .metrics import ConfusionMeter, bootstrap_intervals, confusion_matrix, metrics_from_confusion
 from .optim import OPTIMIZERS, build_optimizer
-from .runner import build_annotation_trainer, build_datasets, train_from_config, train_on_annotations
+from .protocols import PROTOCOLS
+from .runner import (
+    SeedsResult,
+    build_annotation_trainer,
+    build_datasets,
+    train_from_config,
+    train_on_annotations,
+    train_seeds,
+)
 from .schedulers import SCHEDULERS, build_scheduler
+from .seed_keys import SEED_KEYS
 from .trainer import Trainer, TrainEvent, TrainingError, TrainResult
 
 __all__ = [
     "LOSSES",
     "OPTIMIZERS",
+    "PROTOCOLS",
     "SCHEDULERS",
+    "SEED_KEYS",
     "Callback",
     "CancelToken",
     "ConfusionMeter",
     "EpochInfo",
     "FunctionCallback",
+    "SeedsResult",
     "StepInfo",
     "TqdmProgress",
     "TrainConfig",
@@ -38,4 +50,5 @@ __all__ = [
     "metrics_from_confusion",
     "train_from_config",
     "train_on_annotations",
+    "train_seeds",
 ]

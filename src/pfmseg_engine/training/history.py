@@ -15,7 +15,7 @@ from ..storage import writing
 CURVE_METRICS = ("mIoU", "Mean_Dice")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with writing(path, "the training history"):
         try:
@@ -42,7 +42,7 @@ class History:
         """Write ``history.csv`` and ``history.json`` (atomically, so readers never see half a file)."""
         with writing(directory, "the training history"):
             directory.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(directory / "history.json", json.dumps(self.rows, indent=1, allow_nan=True))
+        atomic_write_text(directory / "history.json", json.dumps(self.rows, indent=1, allow_nan=True))
         keys: list[str] = []
         for row in self.rows:
             keys.extend(k for k in row if k not in keys)
@@ -50,7 +50,7 @@ class History:
         writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
-        _atomic_write_text(directory / "history.csv", buffer.getvalue())
+        atomic_write_text(directory / "history.csv", buffer.getvalue())
 
     def plot(self, path: Path) -> None:
         """Loss curves (left) and validation mIoU / mean Dice (right) as a PNG."""

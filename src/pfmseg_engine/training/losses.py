@@ -64,16 +64,37 @@ class CrossEntropyLoss(SegmentationLoss):
         return F.cross_entropy(logits, target.long(), weight=self.weights_for(logits), ignore_index=self.ignore_index)
 
 
-class _OverlapLoss(SegmentationLoss, abc.ABC):
-    """Soft Dice / IoU from softmax probabilities, pooled over the batch per class.
+ABSENT_CLASSES = ("skip", "include")  # what Dice/IoU do with classes absent from a batch (see _OverlapLoss)
+OVERLAP_POOLING = ("batch", "image")  # Dice/IoU per class over the whole batch, or per image then averaged
 
-    Ignored pixels are removed from both the probabilities and the one-hot targets. A class absent
-    from the targets and not predicted scores 1 (thanks to ``smooth``), i.e. costs nothing.
+
+class _OverlapLoss(SegmentationLoss, abc.ABC):
+    """Soft Dice / IoU from softmax probabilities, per class.
+
+    Ignored pixels are removed from both the probabilities and the one-hot targets. ``pooling="batch"``
+    (the default) sums intersections and cardinalities over the whole batch, one score per class;
+    ``"image"`` scores every image separately and averages over images and classes, as the seed's
+    Dice/IoU did (images without a valid pixel are left out). What follows says "batch" for the pool.
+
+    **Classes absent from a batch.** A class that no valid target pixel has and that the model does
+    not predict (argmax) anywhere in the batch is *not* free under the textbook formula: its soft
+    probabilities still sum to something much larger than ``smooth`` (0.01 over a 224x224 crop is
+    500), so its score ``smooth / (sum p + smooth)`` is about 0 and it adds a loss of about 1 with
+    almost no gradient, which only dilutes the classes that are there. ``absent_classes="skip"``
+    (the default) leaves such classes out of the mean; ``"include"`` keeps them, as the seed
+    framework's Dice/IoU did. A class absent from the targets but predicted somewhere always counts
+    (a false positive). Class weights are renormalised over the classes that count.
     """
 
-    def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None, smooth: float = 1e-5):
+    def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None, smooth: float = 1e-5,
+                 absent_classes: str = "skip", pooling: str = "batch"):
         super().__init__(ignore_index, class_weights)
         self.smooth = float(smooth)
+        if absent_classes not in ABSENT_CLASSES:
+            raise ConfigError(f"absent_classes must be one of {', '.join(ABSENT_CLASSES)}, got {absent_classes!r}.")
+        if pooling not in OVERLAP_POOLING:
+            raise ConfigError(f"pooling must be one of {', '.join(OVERLAP_POOLING)}, got {pooling!r}.")
+        self.absent_classes, self.pooling = absent_classes, pooling
 
     @abc.abstractmethod
     def overlap(self, intersection: torch.Tensor, cardinality: torch.Tensor) -> torch.Tensor:
@@ -87,14 +108,20 @@ class _OverlapLoss(SegmentationLoss, abc.ABC):
         mask = valid.unsqueeze(1).float()
         probs = logits.softmax(dim=1) * mask
         onehot = F.one_hot(safe, num_classes).permute(0, 3, 1, 2).float() * mask
-        dims = (0, 2, 3)
+        dims = (0, 2, 3) if self.pooling == "batch" else (2, 3)
         intersection = (probs * onehot).sum(dims)
         cardinality = probs.sum(dims) + onehot.sum(dims)
-        per_class = 1.0 - self.overlap(intersection, cardinality)
+        per_class = 1.0 - self.overlap(intersection, cardinality)  # (C) or (N, C)
         weights = self.weights_for(logits)
-        if weights is None:
-            return per_class.mean()
-        return (per_class * weights).sum() / weights.sum()
+        weights = torch.ones_like(per_class) if weights is None else weights.expand_as(per_class)
+        if self.pooling == "image":  # images without a valid pixel have no score
+            weights = weights * valid.flatten(1).any(1, keepdim=True)
+        if self.absent_classes == "skip":
+            with torch.no_grad():  # targets or argmax predictions of each class among the valid pixels
+                predicted = F.one_hot(logits.argmax(1), num_classes).permute(0, 3, 1, 2).float() * mask
+                present = (onehot.sum(dims) + predicted.sum(dims)) > 0
+            weights = weights * present
+        return (per_class * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
 class DiceLoss(_OverlapLoss):
@@ -148,10 +175,11 @@ class CEDiceLoss(SegmentationLoss):
     """``ce_weight`` * cross-entropy + ``dice_weight`` * Dice (the usual combination for small structures)."""
 
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None,
-                 ce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1e-5):
+                 ce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1e-5,
+                 absent_classes: str = "skip", pooling: str = "batch"):
         super().__init__(ignore_index, class_weights)
         self.ce = CrossEntropyLoss(ignore_index, class_weights)
-        self.dice = DiceLoss(ignore_index, class_weights, smooth)
+        self.dice = DiceLoss(ignore_index, class_weights, smooth, absent_classes, pooling)
         self.ce_weight, self.dice_weight = float(ce_weight), float(dice_weight)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -168,10 +196,11 @@ def _ohem(section: Any, ignore_index: int) -> nn.Module:
 LOSSES: dict[str, Callable[[Any, int], nn.Module]] = {
     "cross_entropy": lambda s, ig: CrossEntropyLoss(ig, s.class_weights),
     "ce": lambda s, ig: CrossEntropyLoss(ig, s.class_weights),
-    "dice": lambda s, ig: DiceLoss(ig, s.class_weights, s.dice_smooth),
-    "iou": lambda s, ig: IoULoss(ig, s.class_weights, s.iou_smooth),
+    "dice": lambda s, ig: DiceLoss(ig, s.class_weights, s.dice_smooth, s.absent_classes, s.overlap_pooling),
+    "iou": lambda s, ig: IoULoss(ig, s.class_weights, s.iou_smooth, s.absent_classes, s.overlap_pooling),
     "ohem": _ohem,
-    "ce_dice": lambda s, ig: CEDiceLoss(ig, s.class_weights, s.ce_weight, s.dice_weight, s.dice_smooth),
+    "ce_dice": lambda s, ig: CEDiceLoss(ig, s.class_weights, s.ce_weight, s.dice_weight, s.dice_smooth,
+                                        s.absent_classes, s.overlap_pooling),
 }
 
 

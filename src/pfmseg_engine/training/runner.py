@@ -5,11 +5,21 @@
 :func:`build_annotation_trainer` is its first half (the trainer, not yet run), which the napari
 plugin drives through ``Trainer.iter_fit``. Each takes ``model=`` to continue training an existing
 model (more annotations, a loaded checkpoint) instead of building a new one.
+
+With ``system.seeds`` set, :func:`train_from_config` runs :func:`train_seeds`: one complete run per
+seed in ``<experiment>/seed_<s>/`` and a summary (mean +- sd over seeds of every validation metric
+at each run's best epoch) in ``<experiment>/seeds_summary.csv`` and ``seeds_summary.json``.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import logging
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +31,22 @@ from ..data.sparse import SparsePatchDataset, crop_boxes, split_annotations
 from ..errors import ConfigError, DataError
 from .callbacks import Callback, CancelToken
 from .config import TrainConfig
+from .history import atomic_write_text
 from .state import seed_everything
 from .trainer import Trainer, TrainResult
 
+log = logging.getLogger("pfmseg_engine.training")
+
 
 def build_augmentation(config: TrainConfig, crop: bool = True) -> JointAugment:
-    """The training augmentation a config describes (with the random resized crop unless ``crop=False``)."""
+    """The training augmentation a config describes (with the training crop unless ``crop=False``).
+
+    The crop is native-resolution with zoom jitter (``zoom``) or the seed's area-scale crop (``scale``).
+    """
     aug = config.training.augmentation
     return JointAugment(aug.transforms, crop_size=aug.RandomResizedCropSize if crop else None,
-                        crop_scale=aug.scale, crop_ratio=aug.ratio, ignore_index=config.dataset.ignore_index)
+                        crop_scale=aug.scale, crop_ratio=aug.ratio, crop_zoom=aug.zoom,
+                        ignore_index=config.dataset.ignore_index)
 
 
 def build_datasets(config: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:
@@ -87,7 +104,13 @@ def train_from_config(config: TrainConfig, *, model: Any | None = None, resume: 
     """Train on the seed JSON dataset of ``config``; outputs go to ``log_dir/experiment_name``.
 
     ``model`` continues training an existing model instead of building the one ``config`` describes.
+    With ``system.seeds`` this is :func:`train_seeds` (``resume`` then continues every seed's run).
     """
+    if config.system.seeds:
+        if model is not None:
+            raise ConfigError("system.seeds trains a new model per seed; it cannot continue a given model= "
+                              "(remove system.seeds, or model=).")
+        return train_seeds(config, resume=bool(resume), device=device, callbacks=callbacks, cancel=cancel)
     train, val = build_datasets(config)
     trainer = Trainer(config, model_or_new(config, model), train, val, device=device, callbacks=callbacks,
                       cancel=cancel)
@@ -130,6 +153,7 @@ def build_annotation_trainer(config: TrainConfig, images: Sequence[Any], labels:
         images, labels, patch_size=config.crop_size, num_classes=n,
         samples_per_epoch=samples_per_epoch or config.training.samples_per_epoch or 256,
         ignore_index=ignore, transform=build_augmentation(config, crop=False), seed=config.system.seed,
+        zoom=config.training.augmentation.zoom,
     )
     val = None
     if val_images is not None and len(val_images):
@@ -151,3 +175,123 @@ def train_on_annotations(config: TrainConfig, images: Sequence[Any], labels: Seq
                                        samples_per_epoch=samples_per_epoch, device=device, callbacks=callbacks,
                                        cancel=cancel)
     return trainer.fit(resume=resume)
+
+
+# --- repeated runs over seeds ---------------------------------------------------------------------------
+@dataclass
+class SeedsResult(TrainResult):
+    """A :class:`TrainResult` for a run repeated over ``system.seeds``.
+
+    ``output_dir`` is the experiment folder; ``runs`` maps each seed to its own result (its run folder is
+    ``output_dir / f"seed_{seed}"``); ``summary`` maps each metric to ``{"mean", "sd", "n"}`` over the
+    seeds, from each run's best epoch; ``best_metric`` is the mean of the monitored metric.
+    """
+
+    runs: dict[int, TrainResult] = field(default_factory=dict)
+    summary: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def summary_csv(self) -> Path:
+        return self.output_dir / "seeds_summary.csv"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.output_dir / "seeds_summary.json"
+
+
+def seed_configs(config: TrainConfig) -> dict[int, TrainConfig]:
+    """One config per seed of ``system.seeds``: ``system.seed`` set, outputs in ``<experiment>/seed_<s>``.
+
+    Each is a plain single run (``seeds`` null), so its ``config.yaml`` reproduces that run alone.
+    """
+    parent = config.output_dir
+    return {seed: replace(config, system=replace(config.system, seed=seed, seeds=None),
+                          logging=replace(config.logging, log_dir=str(parent), experiment_name=f"seed_{seed}"))
+            for seed in config.system.seeds or ()}
+
+
+def train_seeds(config: TrainConfig, *, resume: bool = False, device: str | None = None,
+                callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None) -> SeedsResult:
+    """Train once per seed of ``system.seeds`` and summarise the runs (see :class:`SeedsResult`).
+
+    ``resume`` continues each seed's run from its ``last.pt`` where there is one (finished runs are
+    only re-read). A cancelled run stops the series; the summary covers the runs finished so far.
+    """
+    if not config.system.seeds:
+        raise ConfigError("system.seeds is not set; list the seeds to train with, e.g. system.seeds: [0, 1, 2].")
+    parent = config.output_dir
+    parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(parent / "config.yaml", config.to_yaml())
+    callbacks = list(callbacks)
+    runs: dict[int, TrainResult] = {}
+    status = "completed"
+    for seed, seed_config in seed_configs(config).items():
+        last = seed_config.output_dir / "checkpoints" / "last.pt"
+        log.info("Seed %d of %s -> %s", seed, list(config.system.seeds), seed_config.output_dir)
+        result = train_from_config(seed_config, resume=last if resume and last.is_file() else None, device=device,
+                                   callbacks=callbacks, cancel=cancel)
+        runs[seed] = result
+        if result.status != "completed":
+            status = result.status
+            break
+    summary = summarize_seeds(runs)
+    write_seeds_summary(parent, runs, summary, config.validation.monitor)
+    monitor = summary.get(config.validation.monitor, {}).get("mean")
+    return SeedsResult(status=status, epochs_completed=min(r.epochs_completed for r in runs.values()),
+                       output_dir=parent, best_metric=monitor, best_epoch=None, history=[], runs=runs,
+                       summary=summary)
+
+
+def _best_row(result: TrainResult) -> dict[str, Any]:
+    rows = result.history
+    if not rows:
+        return {}
+    best = [r for r in rows if r.get("epoch") == result.best_epoch]
+    return best[0] if best else rows[-1]
+
+
+def summarize_seeds(runs: dict[int, TrainResult]) -> dict[str, dict[str, float]]:
+    """Mean, sample standard deviation and count over the runs of every metric at each run's best epoch.
+
+    Validation metrics come from the best epoch (the last epoch for a run without validation); ``sd`` is
+    0 for a single run. Metrics a run did not produce are left out of that metric's count.
+    """
+    skip = {"epoch", "lr", "seconds"}
+    values: dict[str, list[float]] = {}
+    for result in runs.values():
+        for key, value in _best_row(result).items():
+            if key in skip or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if value is not None and not math.isnan(float(value)):
+                values.setdefault(key, []).append(float(value))
+    summary = {}
+    for key, vals in values.items():
+        n = len(vals)
+        mean = sum(vals) / n
+        sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+        summary[key] = {"mean": mean, "sd": sd, "n": n}
+    return summary
+
+
+def write_seeds_summary(folder: Path, runs: dict[int, TrainResult], summary: dict[str, dict[str, float]],
+                        monitor: str) -> None:
+    """``seeds_summary.csv`` (metric, mean, sd, n, one column per seed) and ``seeds_summary.json``."""
+    seeds = list(runs)
+    rows = {seed: _best_row(result) for seed, result in runs.items()}
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["metric", "mean", "sd", "n", *[f"seed_{s}" for s in seeds]])
+    for key, stats in summary.items():
+        writer.writerow([key, f"{stats['mean']:.6g}", f"{stats['sd']:.6g}", stats["n"],
+                         *["" if rows[s].get(key) is None else f"{float(rows[s][key]):.6g}" for s in seeds]])
+    atomic_write_text(folder / "seeds_summary.csv", buffer.getvalue())
+    payload = {
+        "seeds": seeds,
+        "monitor": monitor,
+        "runs": {str(seed): {"status": r.status, "epochs_completed": r.epochs_completed, "best_epoch": r.best_epoch,
+                             "best_metric": r.best_metric, "output_dir": str(r.output_dir),
+                             "metrics": {k: v for k, v in rows[seed].items() if k not in ("lr", "seconds")}}
+                 for seed, r in runs.items()},
+        "summary": summary,
+    }
+    atomic_write_text(folder / "seeds_summary.json", json.dumps(payload, indent=2, allow_nan=True))

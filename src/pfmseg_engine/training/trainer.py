@@ -56,7 +56,8 @@ log = logging.getLogger("pfmseg_engine.training")
 
 TrainEvent = tuple[str, StepInfo | EpochInfo]  # ("step", StepInfo) or ("epoch", EpochInfo)
 
-__all__ = ["TrainEvent", "TrainResult", "Trainer", "TrainingError", "resolve_amp", "resolve_device"]
+__all__ = ["TrainEvent", "TrainResult", "Trainer", "TrainingError", "choose_amp_dtype", "resolve_amp",
+           "resolve_device"]
 
 
 class TrainingError(PfmsegError):
@@ -84,20 +85,35 @@ class TrainResult:
 
 
 def resolve_amp(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for full precision.
-
-    On CUDA ``auto`` means float16 (with a gradient scaler). On the CPU only bfloat16 exists and is
-    slower than float32 on many CPUs, so it runs only when ``amp_dtype: bfloat16`` asks for it.
-    """
+    """Autocast dtype for ``config`` on ``device``, or None for full precision (see :func:`choose_amp_dtype`)."""
     t = config.training
     if not t.use_amp:
         return None
+    dtype = choose_amp_dtype(t.amp_dtype, device)
+    if dtype is None:
+        log.info("Mixed precision is off on %s (set training.amp_dtype: bfloat16 to use CPU bfloat16).", device)
+    return dtype
+
+
+def choose_amp_dtype(amp_dtype: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype that ``training.amp_dtype`` means on ``device``.
+
+    On CUDA ``auto`` is bfloat16 where the GPU supports it (Ampere and newer): it keeps float32's
+    range, so large ViTs cannot overflow and no gradient scaler is needed; older GPUs get float16,
+    which the trainer pairs with a gradient scaler. An explicit ``bfloat16`` on a GPU without it falls
+    back to float16 (with a warning). Elsewhere (CPU, MPS) only bfloat16 is used, and only when
+    ``amp_dtype: bfloat16`` asks for it: it is slower than float32 on many CPUs.
+    """
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if t.amp_dtype == "bfloat16" else torch.float16
-    if t.amp_dtype == "bfloat16":
+        bf16 = torch.cuda.is_bf16_supported()
+        if amp_dtype == "float16" or (amp_dtype == "auto" and not bf16):
+            return torch.float16
+        if not bf16:
+            log.warning("training.amp_dtype is bfloat16 but %s does not support it; using float16.", device)
+            return torch.float16
         return torch.bfloat16
-    log.info("Mixed precision is off on %s (set training.amp_dtype: bfloat16 to use CPU bfloat16).", device)
-    return None
+    return torch.bfloat16 if amp_dtype == "bfloat16" else None
 
 
 class Trainer:
