@@ -181,3 +181,30 @@ def test_ome_tiff_and_generic_tiff(tmp_path):
     flat = open_slide(tmp_path / "flat.tif")
     assert flat.mpp == pytest.approx(0.25) and flat.levels[0].chunksize[:2] == (600, 700)
     np.testing.assert_array_equal(flat.read(0, 100, 300, 200, 500), image[100:300, 200:500])
+
+
+@pytest.mark.parametrize("kind", ["png", "tiff", "zarr"])
+def test_rgba_slides_are_composited_on_white(tmp_path, kind):
+    """Transparent pixels are glass (white), never black, in every reader."""
+    import tifffile
+
+    rgba = np.zeros((64, 96, 4), np.uint8)
+    rgba[..., :3] = (10, 20, 30)  # what an exporter leaves under transparent pixels
+    rgba[16:48, 24:72] = (180, 60, 140, 255)  # opaque tissue
+    rgba[16:48, 0:24] = (180, 60, 140, 128)  # half transparent
+    if kind == "png":
+        path = tmp_path / "slide.png"
+        Image.fromarray(rgba, "RGBA").save(path)
+    elif kind == "tiff":
+        path = tmp_path / "slide.tif"
+        tifffile.imwrite(path, rgba, photometric="rgb", extrasamples=["unassalpha"], tile=(16, 16),
+                         resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
+    else:
+        path = tmp_path / "slide.zarr"
+        zarr.open_array(str(path), mode="w", shape=rgba.shape, chunks=(32, 32, 1), dtype="uint8")[:] = rgba
+    slide = open_slide(path, mpp=1.0)
+    pixels = np.asarray(slide.levels[0])
+    assert pixels.shape == (64, 96, 3)
+    assert (pixels[0, 0] == 255).all() and (pixels[60, 90] == 255).all()  # transparent -> white
+    assert tuple(pixels[20, 30]) == (180, 60, 140)  # opaque unchanged
+    assert tuple(pixels[20, 10]) == tuple(np.rint(np.array([180, 60, 140]) * 128 / 255 + 255 * 127 / 255))

@@ -75,3 +75,24 @@ def label_colors(class_names: Sequence[str], palette: np.ndarray | None = None,
     colours += [{"label-value": i + 1, "rgba": [int(v) for v in palette[i][:3]] + [255]}
                 for i in range(len(class_names))]
     return colours
+
+
+def composite_on_white(image: np.ndarray) -> np.ndarray:
+    """(H, W, 4) RGBA (uint8, or float in [0, 1]) -> (H, W, 3) RGB of the same dtype, over white.
+
+    Transparent pixels are glass, which is white in brightfield histology; dropping the alpha channel
+    would show whatever the exporter left under it (often black), a colour tissue never has. Used by
+    image reading (training data) and by slide readers alike.
+
+    Arrays with three channels are returned unchanged, so callers may pass any RGB(A) array.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 4:
+        return image
+    if np.issubdtype(image.dtype, np.integer):
+        top = float(np.iinfo(image.dtype).max)
+        rgb = image[..., :3].astype(np.float32)
+        alpha = image[..., 3:].astype(np.float32) / top
+        return np.rint(rgb * alpha + top * (1.0 - alpha)).clip(0, top).astype(image.dtype)
+    alpha = image[..., 3:]
+    return (image[..., :3] * alpha + (1.0 - alpha)).astype(image.dtype, copy=False)

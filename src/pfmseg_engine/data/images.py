@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..colors import composite_on_white
 from ..errors import DataError
 
 
@@ -30,22 +31,6 @@ def read_image(path: str | Path) -> np.ndarray:
     except OSError as exc:
         raise DataError(f"Cannot read image '{path}': {exc}.") from exc
 
-
-def composite_on_white(image: np.ndarray) -> np.ndarray:
-    """(H, W, 4) RGBA (uint8, or float in [0, 1]) -> (H, W, 3) RGB of the same dtype, over white.
-
-    Arrays with three channels are returned unchanged, so callers may pass any RGB(A) array.
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 4:
-        return image
-    if np.issubdtype(image.dtype, np.integer):
-        top = float(np.iinfo(image.dtype).max)
-        rgb = image[..., :3].astype(np.float32)
-        alpha = image[..., 3:].astype(np.float32) / top
-        return np.rint(rgb * alpha + top * (1.0 - alpha)).clip(0, top).astype(image.dtype)
-    alpha = image[..., 3:]
-    return (image[..., :3] * alpha + (1.0 - alpha)).astype(image.dtype, copy=False)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -21,6 +21,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 
+from ..colors import composite_on_white
 from ..errors import SlideError
 from .readers import ArrayReader, PILReader, ThreadLocalHandles, TiffLevelReader
 from .slide import Slide, lazy_level
@@ -146,6 +147,9 @@ def _to_yxc(array: da.Array, axes: list[str]) -> da.Array:
         array = da.concatenate([array] * 3, axis=2)
     if array.dtype != np.uint8:
         raise SlideError(f"zarr slide data must be uint8 RGB, got {array.dtype}; convert it to 8-bit first.")
+    if array.shape[2] == 4:  # RGBA: composited on white, chunk by chunk
+        array = array.rechunk({2: -1})
+        return array.map_blocks(composite_on_white, chunks=(*array.chunks[:2], (3,)), dtype=np.uint8)
     return array[:, :, :3]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..colors import composite_on_white
 from ..errors import SlideError
 
 
@@ -44,11 +45,13 @@ def _channel_key(key: Any) -> Any:
 
 
 def to_rgb(array: np.ndarray) -> np.ndarray:
-    """Gray -> RGB, RGBA -> RGB; slides are always handed on as (h, w, 3) uint8."""
+    """Gray -> RGB, RGBA -> RGB composited on white; slides are always handed on as (h, w, 3) uint8."""
     if array.ndim == 2:
         array = array[..., None]
     if array.shape[-1] == 1:
         return np.repeat(array, 3, axis=-1)
+    if array.shape[-1] == 4:
+        return composite_on_white(array)
     return array[..., :3]
 
 
@@ -185,7 +188,9 @@ class PILReader:
                 Image.MAX_IMAGE_PIXELS = None  # slides are big on purpose
                 try:
                     with Image.open(self.path) as img:
-                        pixels = np.asarray(img.convert("RGB"))
+                        pixels = (composite_on_white(np.asarray(img.convert("RGBA")))
+                                  if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+                                  else np.asarray(img.convert("RGB")))
                 except Exception as exc:
                     raise SlideError(
                         f"Decoding image '{self.path}' failed ({type(exc).__name__}: {exc}); the file is "
