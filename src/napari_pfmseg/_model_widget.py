@@ -70,7 +70,10 @@ class ModelWidget(QWidget):
         import huggingface_hub  # noqa: F401  heavy imports now, not while a model builds in a worker
         import timm  # noqa: F401
 
-        from pfmseg_engine import STRATEGIES, list_backbones
+        from pfmseg_engine import STRATEGIES, TuningConfig, list_backbones
+        from pfmseg_engine.heads import HEADS
+
+        defaults = TuningConfig()  # every default comes from the engine's one declaration
 
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
@@ -86,15 +89,17 @@ class ModelWidget(QWidget):
         self.strategy = QComboBox()
         self.strategy.addItems(list(STRATEGIES))
         self.strategy_info = wrapped()
-        self.rank = spin(16, 1, 512, tip="LoRA/DoRA rank")
-        self.alpha = dspin(16.0, 0.1, 1024.0, 1.0, 1, tip="LoRA/DoRA alpha")
-        self.dropout = dspin(0.0, 0.0, 0.9, 0.05, 2, tip="LoRA/DoRA dropout")
+        self.rank = spin(defaults.rank, 1, 512, tip="LoRA/DoRA rank")
+        self.alpha = dspin(defaults.alpha, 0.1, 1024.0, 1.0, 1, tip="LoRA/DoRA alpha")
+        self.dropout = dspin(defaults.dropout, 0.0, 0.9, 0.05, 2, tip="LoRA/DoRA dropout")
         self.lora_mlp = QCheckBox("also adapt MLP layers")
-        self.channels = QLineEdit("32, 64, 128")
+        self.lora_mlp.setChecked(defaults.lora_mlp)
+        self.default_channels = list(defaults.adapter_channels)
+        self.channels = QLineEdit(", ".join(str(c) for c in defaults.adapter_channels))
         self.channels.setToolTip("widths of the small CNN adapter's 1/2, 1/4 and 1/8 stages")
-        self.depth = spin(2, 1, 12, tip="Transformer adapter blocks")
+        self.depth = spin(defaults.adapter_depth, 1, 12, tip="Transformer adapter blocks")
         self.head = QComboBox()
-        self.head.addItems(["multilevel", "light"])
+        self.head.addItems(list(HEADS))
         self.input_size = spin(224, 8, 4096, 16, tip="training window (pixels), a multiple of the patch size")
         self.mpp = dspin(0.5, 0.05, 64.0, 0.25, 3, tip="resolution the model works at (um/px)")
         self.device = QComboBox()
@@ -161,7 +166,7 @@ class ModelWidget(QWidget):
             "strategy": "full" if scratch else self.strategy.currentText(), "rank": self.rank.value(),
             "alpha": self.alpha.value(),
             "dropout": self.dropout.value(), "lora_mlp": self.lora_mlp.isChecked(),
-            "adapter_channels": list(channels) if len(channels) == 3 else [32, 64, 128],
+            "adapter_channels": list(channels) if len(channels) == 3 else self.default_channels,
             "adapter_depth": self.depth.value(),
         }
         return ModelRecipe(
