@@ -119,3 +119,42 @@ def test_unknown_config_keys_name_the_closest_valid_key():
         ModelConfig.from_dict({**config, "num_clases": 2})
     with pytest.raises(ConfigError, match=r"Unknown tuning setting 'rnak'. Did you mean 'rank'"):
         TuningConfig.from_dict({"rnak": 4})
+
+
+def test_default_head_is_the_fast_one_and_costs_at_most_15_percent_of_the_backbone():
+    """FLOPs (a count, not a timing): the default head at 224 px against a ViT-S/16 forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pfmseg_engine.backbones import build_backbone
+    from pfmseg_engine.heads import build_head
+    from pfmseg_engine.model import ModelConfig
+
+    assert ModelConfig(backbone="kaiko-vits16", num_classes=2).head == "fast"
+    backbone = build_backbone("kaiko-vits16").eval()
+    x = torch.rand(1, 3, 224, 224)
+
+    def flops(function) -> int:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            function()
+        return counter.get_total_flops()
+
+    grids = backbone.features(x)
+    share = {}
+    for name in ("fast", "multilevel"):
+        head = build_head(name, [backbone.embed_dim] * len(grids), [], 3, patch_size=16).eval()
+        share[name] = flops(lambda head=head: head(grids, [], (224, 224))) / flops(lambda: backbone.features(x))
+    assert share["fast"] <= 0.15 < share["multilevel"] + 0.15 and share["fast"] < share["multilevel"] / 3
+
+
+@pytest.mark.parametrize("size", [(64, 64), (70, 98), (33, 47)])
+def test_fast_head_gives_logits_at_the_input_size_with_and_without_skips(size):
+    from pfmseg_engine.model import ModelConfig, build_model
+    from pfmseg_engine.tuning import TuningConfig
+
+    for strategy in ("frozen", "cnn_adapter_small"):
+        model = build_model(ModelConfig(backbone="kaiko-vits16", tiny=True, num_classes=3, head="fast",
+                                        tuning=TuningConfig(strategy=strategy), input_size=64))
+        logits = model(torch.rand(2, 3, *size))
+        assert logits.shape == (2, 3, *size)
+        logits.sum().backward()
+        assert all(p.grad is not None for p in model.trainable_parameters())

@@ -104,8 +104,7 @@ def test_seed_unet_yaml_loads_unchanged(tmp_path):
     with pytest.raises(ConfigError, match="pfm_name: unet"):
         load_config(tmp_path / "unet.yaml", ["model.model_type=unet", "model.pfm_name=uni_v1"])
     # the UNet row of the benchmark under the seed's protocol (docs/faithfulness.md)
-    row = load_config(tmp_path / "unet.yaml", ["protocol=densebench", "model.head=multilevel",
-                                               "model.finetune_mode.type=full"])
+    row = load_config(tmp_path / "unet.yaml", ["protocol=densebench"])  # the preset's head and strategy give way
     assert row.model_config().backbone == "unet" and row.training.augmentation.scale == (0.5, 1.0)
 
 
@@ -180,7 +179,8 @@ def test_presets_round_trip_and_unknown_names_are_errors():
     with pytest.raises(ConfigError, match="Did you mean 'densebench'"):
         cfg({"protocol": "densbench"})
     from_model = TrainConfig.from_model_config(cfg().model_config(), protocol="frozen_light_decoder")
-    assert from_model.training.optimizer.type == "NAdam" and from_model.model.head == "multilevel"  # model wins
+    assert from_model.training.optimizer.type == "NAdam"
+    assert from_model.model.head == cfg().model_config().head != "light"  # the model's head wins over the preset's
 
 
 def test_a_densebench_run_trains_end_to_end(tmp_path):

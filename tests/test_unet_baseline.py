@@ -105,10 +105,12 @@ def test_unet_config_rules_are_explicit():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match=r"strategy is 'full'.*got 'lora'"):
         ModelConfig(backbone="unet", num_classes=2, tuning=TuningConfig(strategy="lora"))
-    with pytest.raises(ConfigError, match=r"strategy is 'full'.*got 'frozen'"):  # explicit non-default frozen
-        ModelConfig(backbone="unet", num_classes=2, tuning=TuningConfig(strategy="frozen", rank=8))
-    with pytest.raises(ConfigError, match=r"own decoder.*leave head at its default 'multilevel'"):
-        ModelConfig(backbone="unet", num_classes=2, head="light")
+    # frozen (the default strategy, and a preset's) becomes full: nothing pretrained exists to freeze
+    assert ModelConfig(backbone="unet", num_classes=2, tuning=TuningConfig(strategy="frozen", rank=8)).tuning == \
+        TuningConfig(strategy="full", rank=8)
+    # heads do not apply: a preset's head is stored as the default, never an obstacle
+    assert ModelConfig(backbone="unet", num_classes=2, head="cup").head == ModelConfig(backbone="unet",
+                                                                                     num_classes=2).head
     with pytest.raises(ConfigError, match="no backbone weights"):
         ModelConfig(backbone="unet", num_classes=2, weights="uni.bin")
     with pytest.raises(ConfigError, match="no backbone weights"):

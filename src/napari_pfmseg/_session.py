@@ -40,7 +40,7 @@ class ModelRecipe:
     weights: str | None = None
     tiny: bool = False
     tuning: dict[str, Any] = field(default_factory=lambda: {"strategy": "frozen"})
-    head: str = "multilevel"
+    head: str = "fast"
     input_size: int = 224
     mpp: float | None = 0.5
 

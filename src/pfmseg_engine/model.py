@@ -38,7 +38,7 @@ class ModelConfig:
     tiny: bool = False
     feature_indices: tuple[int, ...] | None = None
     tuning: TuningConfig = field(default_factory=TuningConfig)
-    head: str = "multilevel"
+    head: str = "fast"
     input_size: int = 224
     mpp: float | None = None
 

@@ -31,15 +31,17 @@ Module names inside follow the seed (``inc``, ``down1.maxpool_conv``, ``up1.conv
 
 Configuration rules, enforced when a :class:`~pfmseg_engine.model.ModelConfig` is made
 (:func:`from_scratch_settings`): no ``weights`` and no ``feature_indices``; the tuning strategy is
-``full`` - a default ``TuningConfig`` (strategy ``frozen``, every knob at its default) becomes ``full``,
-any other strategy is an error; ``head`` must stay at its default (``multilevel``), which is ignored
-because the UNet's expanding path is its decoder.
+``full`` - ``frozen`` (the default strategy, and a protocol preset's) becomes ``full``, since nothing
+pretrained exists to freeze, and any other strategy is an error; ``head`` does not apply (the UNet's
+expanding path is its decoder): it is stored as the default, so a preset's head never gets in the
+way of ``pfm_name: unet``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -50,8 +52,9 @@ from .backbones.registry import get_spec
 from .backbones.specs import BackboneSpec
 from .errors import ConfigError
 from .model import ModelConfig, SegmentationModel
-from .tuning import STRATEGIES, EncoderOutput, TuningConfig
+from .tuning import STRATEGIES, EncoderOutput
 
+log = logging.getLogger(__name__)
 DEFAULT_HEAD: str = next(f.default for f in fields(ModelConfig) if f.name == "head")
 
 
@@ -232,20 +235,17 @@ def from_scratch_settings(config: ModelConfig) -> dict[str, Any]:
         raise ConfigError(
             f"'{name}' has no transformer blocks to tap; remove feature_indices (got {list(config.feature_indices)})."
         )
-    if config.head != DEFAULT_HEAD:
-        raise ConfigError(
-            f"'{name}' has its own decoder (the UNet's expanding path), so heads do not apply; leave head at its "
-            f"default '{DEFAULT_HEAD}' (got '{config.head}')."
-        )
+    if config.head != DEFAULT_HEAD:  # e.g. a protocol preset's head: the UNet decodes with its own path
+        log.info("'%s' has its own decoder (the UNet's expanding path); head '%s' does not apply.", name, config.head)
     tuning = config.tuning
-    if tuning == TuningConfig():
-        tuning = TuningConfig(strategy="full")
+    if tuning.strategy == "frozen":  # the default (also a preset's): with nothing pretrained, all of it trains
+        tuning = replace(tuning, strategy="full")
     if tuning.strategy != "full":
         raise ConfigError(
             f"'{name}' trains every weight from scratch, so its tuning strategy is 'full' (got "
             f"'{tuning.strategy}'); remove the strategy (finetune_mode.type / --strategy) or set it to 'full'."
         )
-    return {"tuning": tuning}
+    return {"head": DEFAULT_HEAD, "tuning": tuning}
 
 
 def build_unet_model(config: ModelConfig) -> SegmentationModel:

@@ -7,9 +7,10 @@ from torch import nn
 from ..errors import ConfigError, closest
 from .cup import CupDecoder
 from .light import LightDecoder
-from .multilevel import MultiLevelDecoder
+from .multilevel import FastDecoder, MultiLevelDecoder
 
 HEADS: dict[str, type[nn.Module]] = {
+    "fast": FastDecoder,
     "multilevel": MultiLevelDecoder,
     "light": LightDecoder,
     "cup": CupDecoder,
@@ -30,4 +31,4 @@ def build_head(name: str, in_channels: list[int], skip_channels: list[int], num_
     return HEADS[name](in_channels, skip_channels, num_classes, patch_size=patch_size)
 
 
-__all__ = ["HEADS", "CupDecoder", "LightDecoder", "MultiLevelDecoder", "build_head"]
+__all__ = ["HEADS", "CupDecoder", "FastDecoder", "LightDecoder", "MultiLevelDecoder", "build_head"]
