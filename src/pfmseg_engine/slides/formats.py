@@ -1,7 +1,9 @@
-"""``open_slide``: one opener per file family, chosen from a table keyed by file suffix.
+"""``open_slide``: one opener per file family, chosen by file suffix (or content).
 
-* TIFF family (SVS, NDPI, generic tiled TIFF, OME-TIFF, MRXS/SCN/BIF where tiffslide reads them):
-  tiffslide, no native OpenSlide needed; mpp and bounds from its normalised properties.
+* Whole-slide files (SVS, NDPI, generic/pyramidal TIFF, OME-TIFF, MIRAX, Hamamatsu VMS/VMU, Leica SCN,
+  Ventana BIF, Sakura SVSlide, Zeiss CZI, DICOM WSI): one of the reader backends of
+  :mod:`pfmseg_engine.slides.backends` (tiffslide, OpenSlide, wsidicom), chosen per file or forced
+  with ``reader=``; mpp and bounds from the metadata.
 * PNG/JPEG: PIL (no region reads: decoded once per process; no trustworthy mpp, so give one).
 * zarr / OME-Zarr (NGFF 0.4 and 0.5 multiscales): each dataset a level; mpp from the scale
   transformation of level 0 when its axis unit is known.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +24,25 @@ from dask.base import tokenize
 
 from ..colors import composite_on_white
 from ..errors import SlideError
-from .readers import ArrayReader, PILReader, ThreadLocalHandles, TiffLevelReader
+from .backends import (
+    AUTO_ORDER,
+    MPP_RANGE,
+    READERS,
+    UNIT_TO_UM,
+    auto_backends,
+    check_reader,
+    describe_readers,
+    open_wsi,
+    plausible_mpp,
+)
+from .readers import ArrayReader, PILReader
 from .slide import Slide, lazy_level
 
 log = logging.getLogger(__name__)
 
-#: Plausible microns per pixel for histology; metadata outside this range is ignored as bogus.
-MPP_RANGE = (0.01, 100.0)
+__all__ = ["MPP_RANGE", "READERS", "SUFFIXES", "UNIT_TO_UM", "open_slide", "slide_kind", "slide_name"]
 
-#: Length units of NGFF axes, in micrometres.
-UNIT_TO_UM = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0, "nanometer": 1e-3, "nm": 1e-3,
-              "millimeter": 1e3, "mm": 1e3, "centimeter": 1e4, "meter": 1e6}
-
-
-def _plausible(mpp: Any, source: str) -> float | None:
-    try:
-        value = float(mpp)
-    except (TypeError, ValueError):
-        return None
-    if not math.isfinite(value) or not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
-        log.warning("Ignoring implausible microns-per-pixel %r from %s.", mpp, source)
-        return None
-    return value
+_plausible = plausible_mpp
 
 
 def _fail(path: Path, exc: BaseException, kind: str) -> SlideError:
@@ -52,56 +50,6 @@ def _fail(path: Path, exc: BaseException, kind: str) -> SlideError:
         f"Cannot open '{path}' as a {kind} slide ({type(exc).__name__}: {exc}). The file may be truncated, "
         f"corrupt or of another format; supported: {', '.join(sorted(SUFFIXES))}."
     )
-
-
-# ---- TIFF family ------------------------------------------------------------------------------
-def _ome_mpp(description: Any) -> float | None:
-    """PhysicalSizeX of the first image in OME-XML (tiffslide does not read it), in micrometres."""
-    if not isinstance(description, str) or "<OME" not in description:
-        return None
-    size = re.search(r'<Pixels[^>]*\bPhysicalSizeX="([^"]+)"', description)
-    if size is None:
-        return None
-    unit = re.search(r'<Pixels[^>]*\bPhysicalSizeXUnit="([^"]+)"', description)
-    factor = UNIT_TO_UM.get(unit.group(1) if unit else "µm")
-    try:
-        return float(size.group(1)) * factor if factor else None
-    except ValueError:
-        return None
-
-
-def _open_tiff(path: Path) -> dict[str, Any]:
-    import tiffslide
-
-    try:
-        handle = tiffslide.TiffSlide(path)
-        props = dict(handle.properties)
-        level_dims = list(handle.level_dimensions)
-        downsamples = [float(d) for d in handle.level_downsamples]
-    except Exception as exc:
-        raise _fail(path, exc, "TIFF-family") from exc
-    bx, by = (int(props.get(f"tiffslide.bounds-{k}") or 0) for k in "xy")
-    bw = props.get("tiffslide.bounds-width") or level_dims[0][0] - bx
-    bh = props.get("tiffslide.bounds-height") or level_dims[0][1] - by
-    handles = ThreadLocalHandles(lambda: tiffslide.TiffSlide(path))
-    handles.adopt(handle)
-    token = tokenize(str(path), path.stat().st_mtime_ns, path.stat().st_size)
-    readers, levels = [], []
-    for i, ((width, height), ds) in enumerate(zip(level_dims, downsamples, strict=True)):
-        ox, oy = round(bx / ds), round(by / ds)
-        shape = (min(round(int(bh) / ds), height - oy), min(round(int(bw) / ds), width - ox))
-        reader = TiffLevelReader(path, i, shape, (oy, ox), handles)
-        tile = props.get(f"tiffslide.level[{i}].tile-width")
-        readers.append(reader)
-        levels.append(lazy_level(reader, tile, f"pfmseg-tiff-{token}-{i}"))
-    return {
-        "levels": levels, "readers": readers, "downsamples": downsamples,
-        "mpp": _plausible(props.get("tiffslide.mpp-x") or _ome_mpp(props.get("tiff.ImageDescription")),
-                          f"'{path}' metadata"),
-        "bounds_offset": (bx, by),
-        "properties": {k: v for k, v in props.items()
-                       if isinstance(v, (str, int, float)) and k != "tiffslide.comment"},
-    }
 
 
 # ---- PNG / JPEG -------------------------------------------------------------------------------
@@ -197,24 +145,30 @@ def _scale(dataset: dict[str, Any], ndim: int) -> list[float]:
     return [1.0] * ndim
 
 
-OPENERS = {"tiff": _open_tiff, "pil": _open_pil, "zarr": _open_zarr}
+OPENERS = {"pil": _open_pil, "zarr": _open_zarr}
 SUFFIXES = {
-    ".svs": "tiff", ".ndpi": "tiff", ".tif": "tiff", ".tiff": "tiff", ".mrxs": "tiff", ".scn": "tiff",
-    ".bif": "tiff", ".svslide": "tiff", ".qptiff": "tiff",
+    **dict.fromkeys(AUTO_ORDER, "wsi"),
     ".png": "pil", ".jpg": "pil", ".jpeg": "pil",
     ".zarr": "zarr",
 }
 
 
-def slide_kind(path: Path) -> str:
-    """Which opener handles ``path`` (a directory holding zarr metadata is zarr whatever its name)."""
+def slide_kind(path: Path, reader: str = "auto") -> str:
+    """Which opener handles ``path``: "wsi" (a reader backend), "pil" or "zarr".
+
+    A directory holding zarr metadata is zarr whatever its name; a DICOM folder, or a file with an
+    unknown suffix that a backend recognises by content, is "wsi". With an explicit ``reader`` any
+    file that is not PNG/JPEG/zarr goes to that backend.
+    """
     if path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zarray")):
         return "zarr"
     kind = SUFFIXES.get(path.suffix.lower())
+    if kind is None and (reader != "auto" or auto_backends(path)):
+        kind = "wsi"
     if kind is None:
         raise SlideError(
-            f"Unsupported slide file type '{path.suffix}' ('{path}'); "
-            f"supported: {', '.join(sorted(SUFFIXES))}."
+            f"Unsupported slide file type '{path.suffix or path.name}' ('{path}'). Whole-slide files, by "
+            f"reader: {', '.join(sorted(AUTO_ORDER))} and DICOM folders.\n{describe_readers()}"
         )
     return kind
 
@@ -223,22 +177,31 @@ def slide_name(path: Path) -> str:
     """File name without its format suffix (``a.ome.tif`` -> ``a``, ``b.svs`` -> ``b``)."""
     name = path.name
     for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr", path.suffix):
-        if name.lower().endswith(suffix) and len(name) > len(suffix):
+        if suffix and name.lower().endswith(suffix.lower()) and len(name) > len(suffix):
             return name[: -len(suffix)]
     return name
 
 
-def open_slide(path: str | Path, mpp: float | None = None, *, require_mpp: bool = True) -> Slide:
+def open_slide(path: str | Path, mpp: float | None = None, *, require_mpp: bool = True,
+               reader: str | None = "auto") -> Slide:
     """Open a whole-slide image (or plain image, or zarr) as a :class:`Slide` of lazy levels.
 
     ``mpp`` overrides the level-0 microns per pixel (needed when the file has none). Without it and
     without metadata, a :class:`SlideError` says so, unless ``require_mpp=False`` (viewing only).
+    ``reader`` picks the whole-slide backend: "auto" (by suffix, then content; falls back to the
+    next backend that reads the file), "tiffslide", "openslide" or "dicom" (that backend only);
+    see :data:`READERS`. PNG/JPEG and zarr always use their own readers. ``slide.backend`` says
+    which one read the slide.
     """
+    reader = check_reader(reader)
     path = Path(path).expanduser()
     if not path.exists():
         raise SlideError(f"Slide '{path}' does not exist.")
-    kind = slide_kind(path)
-    parts = OPENERS[kind](path)
+    kind = slide_kind(path, reader)
+    if kind == "wsi":
+        parts = open_wsi(path, (reader,) if reader != "auto" else auto_backends(path) or ())
+    else:
+        parts = {**OPENERS[kind](path), "backend": kind}
     if mpp is not None:
         if not (math.isfinite(float(mpp)) and float(mpp) > 0):
             raise SlideError(f"--mpp must be a positive number of microns per pixel, got {mpp}.")
@@ -246,16 +209,6 @@ def open_slide(path: str | Path, mpp: float | None = None, *, require_mpp: bool 
             log.warning("Overriding '%s' metadata mpp %.4g with %.4g.", path.name, parts["mpp"], float(mpp))
         parts["mpp"] = float(mpp)
     slide = Slide(path=path, name=slide_name(path), **parts)
-    if kind == "tiff":
-        _probe(slide)
     if require_mpp:
         slide.require_mpp()
     return slide
-
-
-def _probe(slide: Slide) -> None:
-    """Decode one tile of the coarsest level, so a corrupt file fails at open, not hours later."""
-    last = slide.readers[-1]
-    height, width = last.shape[:2]
-    if height and width:
-        last[height // 2:height // 2 + 1, width // 2:width // 2 + 1]

@@ -88,28 +88,33 @@ class ThreadLocalHandles:
         self._local = threading.local()
 
 
-class TiffLevelReader:
-    """One pyramid level of a TIFF-family slide read through tiffslide's tile-granular zarr store.
+class LevelReader:
+    """One pyramid level of a slide file, read region by region through a backend's handle.
 
-    ``offset`` (y, x) crops the level to the slide's bounds (MRXS/NDPI report where the scanned
-    area lies in the full frame).
+    Subclasses say how to open a handle (:meth:`_open`) and how to read a region of the level
+    from it (:meth:`_read`, level coordinates). ``offset`` (y, x) crops the level to the slide's
+    bounds (MRXS/SCN report where the scanned area lies in the full frame), so pixel (0, 0) of
+    the reader is pixel ``offset`` of the backend's level. Handles are per process and thread and
+    are dropped when pickled, so a reader can travel to dask workers and reopen there.
     """
 
     ndim = 3
     dtype = np.dtype(np.uint8)
+    backend = "file"
 
     def __init__(self, path: Path, level: int, shape: tuple[int, int], offset: tuple[int, int] = (0, 0),
                  handles: ThreadLocalHandles | None = None):
         self.path = Path(path)
-        self.level = level
+        self.level = int(level)
         self.shape = (int(shape[0]), int(shape[1]), 3)
         self.offset = (int(offset[0]), int(offset[1]))
         self._handles = handles or ThreadLocalHandles(self._open)
 
-    def _open(self):
-        import tiffslide
+    def _open(self) -> Any:
+        raise NotImplementedError
 
-        return tiffslide.TiffSlide(self.path)
+    def _read(self, handle: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        raise NotImplementedError
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -122,21 +127,134 @@ class TiffLevelReader:
 
     def __getitem__(self, key: Any) -> np.ndarray:
         y0, y1, x0, x1 = slice_bounds(key, self.shape)
+        if y1 <= y0 or x1 <= x0:
+            return np.zeros((y1 - y0, x1 - x0, 3), np.uint8)[:, :, _channel_key(key)]
         oy, ox = self.offset
         try:
-            array = self._handles.get().zarr_group[str(self.level)]
-            data = np.asarray(array[y0 + oy:y1 + oy, x0 + ox:x1 + ox])
+            data = np.asarray(self._read(self._handles.get(), y0 + oy, y1 + oy, x0 + ox, x1 + ox))
         except Exception as exc:
             raise SlideError(
-                f"Reading region y={y0}:{y1}, x={x0}:{x1} of level {self.level} of '{self.path}' failed "
-                f"({type(exc).__name__}: {exc}). The file is probably truncated or corrupt; re-copy or "
-                "re-export it."
+                f"Reading region y={y0}:{y1}, x={x0}:{x1} of level {self.level} of '{self.path}' "
+                f"({self.backend}) failed ({type(exc).__name__}: {exc}). The file is probably truncated or "
+                "corrupt; re-copy or re-export it."
             ) from exc
         return to_rgb(data)[:, :, _channel_key(key)]
 
     def close(self) -> None:
         if self._handles is not None:
             self._handles.close()
+
+
+def _tiff_composite_region(group: Any, composition: dict[str, Any], level: int,
+                           y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """A region of a level tiffslide composes from several located series (Leica SCN).
+
+    Pixels no series covers are glass: white, as OpenSlide's transparent pixels become.
+    """
+    from tiffslide._zarr import get_zarr_selection
+
+    data = np.array(get_zarr_selection(group, level, (slice(y0, y1), slice(x0, x1), slice(None))))
+    covered = np.zeros(data.shape[:2], bool)
+    for series, offsets in composition["located_series"].items():
+        oy, ox = int(offsets[level][0]), int(offsets[level][1])
+        height, width = group[f"{series}/{level}"].shape[:2]
+        covered[max(oy - y0, 0):max(min(oy + height, y1) - y0, 0),
+                max(ox - x0, 0):max(min(ox + width, x1) - x0, 0)] = True
+    data[~covered] = 255
+    return data
+
+
+class TiffLevelReader(LevelReader):
+    """One pyramid level of a TIFF-family slide read through tiffslide's tile-granular zarr store."""
+
+    backend = "tiffslide"
+
+    def _open(self):
+        import tiffslide
+
+        return tiffslide.TiffSlide(self.path)
+
+    def _read(self, handle: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        group = handle.zarr_group
+        composition = group.attrs.get("tiffslide.series-composition")
+        if composition:
+            return _tiff_composite_region(group, composition, self.level, y0, y1, x0, x1)
+        return group[str(self.level)][y0:y1, x0:x1]
+
+
+#: One OpenSlide tile cache per process, shared by every handle (OpenSlide >= 4, openslide-python >= 1.3);
+#: regions are read a dask chunk at a time, so a small cache is enough.
+_OPENSLIDE_CACHE: list[Any] = []
+OPENSLIDE_CACHE_BYTES = 64 << 20
+
+
+def open_openslide(path: Path) -> Any:
+    """An OpenSlide handle on ``path`` using the process's shared tile cache where supported."""
+    import openslide
+
+    handle = openslide.OpenSlide(str(path))
+    cache_type = getattr(openslide, "OpenSlideCache", None)
+    if cache_type is not None:
+        with contextlib.suppress(Exception):  # an older OpenSlide library: keep its own cache
+            if not _OPENSLIDE_CACHE:
+                _OPENSLIDE_CACHE.append(cache_type(OPENSLIDE_CACHE_BYTES))
+            handle.set_cache(_OPENSLIDE_CACHE[0])
+    return handle
+
+
+class OpenSlideLevelReader(LevelReader):
+    """One pyramid level read through OpenSlide (MIRAX, Hamamatsu VMS/VMU, Leica SCN, Ventana BIF, ...).
+
+    OpenSlide addresses regions by level-0 position, so a level region starting at (y, x) is read
+    from (round(y * downsample), round(x * downsample)). Exact for the integer downsamples of most
+    formats (MIRAX, VMS, SCN, BIF, DICOM); for fractional ones (some SVS) OpenSlide resamples such
+    reads by a fraction of a pixel, which is why tiffslide reads those first. Transparent pixels
+    (not scanned) come back white.
+    """
+
+    backend = "openslide"
+
+    def __init__(self, path: Path, level: int, shape: tuple[int, int], offset: tuple[int, int] = (0, 0),
+                 handles: ThreadLocalHandles | None = None, downsample: float = 1.0):
+        self.downsample = float(downsample)
+        super().__init__(path, level, shape, offset, handles)
+
+    def _open(self):
+        return open_openslide(self.path)
+
+    def _read(self, handle: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        location = (round(x0 * self.downsample), round(y0 * self.downsample))
+        return np.asarray(handle.read_region(location, self.level, (x1 - x0, y1 - y0)))
+
+
+def open_wsidicom(files: tuple[Path, ...]) -> Any:
+    """A wsidicom handle on one DICOM WSI series (its files, or the folder holding it)."""
+    from wsidicom import WsiDicom
+
+    return WsiDicom.open(files[0] if len(files) == 1 and files[0].is_dir() else [str(f) for f in files])
+
+
+class DicomLevelReader(LevelReader):
+    """One pyramid level of a DICOM WSI series read through wsidicom (level coordinates, exact).
+
+    ``files`` are the series' instances (or the one folder holding them); ``dicom_level`` is
+    wsidicom's pyramid index of this level (log2 of its scale, not its position in the list).
+    """
+
+    backend = "dicom"
+
+    def __init__(self, files: tuple[Path, ...], level: int, shape: tuple[int, int], dicom_level: int,
+                 handles: ThreadLocalHandles | None = None):
+        self.files = tuple(Path(f) for f in files)
+        self.dicom_level = int(dicom_level)
+        path = self.files[0] if len(self.files) == 1 else self.files[0].parent
+        super().__init__(path, level, shape, (0, 0), handles)
+
+    def _open(self):
+        return open_wsidicom(self.files)
+
+    def _read(self, handle: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        return np.asarray(handle.read_region((x0, y0), self.dicom_level, (x1 - x0, y1 - y0)))
 
 
 class ArrayReader:

@@ -46,7 +46,9 @@ class Slide:
     ``readers[i]`` is the array-like behind it (tile-granular reads, used by inference).
     ``mpp`` is level 0's microns per pixel (``None`` only when opened with ``require_mpp=False``).
     ``bounds_offset`` is (x, y) of this slide's pixel (0, 0) in the file's full level-0 frame (non-zero
-    for formats whose scanned area does not start at the origin, e.g. MRXS).
+    for formats whose scanned area does not start at the origin, e.g. MRXS, SCN); every level covers
+    that bounds region only.
+    ``backend`` is what read the pixels: "tiffslide", "openslide", "dicom", "pil", "zarr" or "array".
     """
 
     levels: list[da.Array]
@@ -57,6 +59,7 @@ class Slide:
     name: str = "slide"
     bounds_offset: tuple[int, int] = (0, 0)
     properties: dict[str, Any] = field(default_factory=dict)
+    backend: str = "array"
 
     def __post_init__(self) -> None:
         if not self.levels or not len(self.levels) == len(self.readers) == len(self.downsamples):
@@ -108,9 +111,13 @@ class Slide:
             with open(path, "rb") as handle:
                 digest.update(handle.read(header_bytes))
         elif path is not None and path.is_dir():
-            for meta in sorted(p for p in path.rglob("*") if p.name in (".zattrs", ".zarray", ".zgroup", "zarr.json")):
+            metas = sorted(p for p in path.rglob("*") if p.name in (".zattrs", ".zarray", ".zgroup", "zarr.json"))
+            if not metas:  # a folder of slide files (a DICOM WSI series): their names and headers
+                metas = sorted(p for p in path.iterdir() if p.is_file())
+            for meta in metas:
                 digest.update(meta.relative_to(path).as_posix().encode())
-                digest.update(meta.read_bytes()[:header_bytes])
+                with open(meta, "rb") as handle:
+                    digest.update(handle.read(header_bytes))
         return {"name": self.name, "size": size, "header_sha1": digest.hexdigest() if path else None,
                 "mpp": self.mpp, "dimensions": list(self.dimensions)}
 
