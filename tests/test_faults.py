@@ -311,7 +311,7 @@ def _writer(slide: Path, out: Path, wait: str, delay: float) -> subprocess.Popen
 def test_two_processes_on_one_output(slide_copy, tmp_path, clean_run):
     out = tmp_path / "out"
     lock = OutputLock(out / clean_run["name"])
-    first = _writer(slide_copy, out, "0", delay=0.05)
+    first = _writer(slide_copy, out, "0", delay=0.2)  # busy long enough for a second process to start
     deadline = time.time() + 120
     while lock.owner() is None and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)

@@ -52,13 +52,38 @@ def test_blend_weights():
         blend_weights(8, "cosine")
 
 
-def test_stride_is_patch_multiple():
-    assert stride_for(224, 0.25, 16) == 160
-    assert stride_for(512, 0.25, 16) == 384
-    assert stride_for(32, 0.0, 16) == 32
-    assert stride_for(16, 0.9, 16) == 16
+def test_stride_is_monais_scan_interval():
+    # MONAI's _get_scan_interval: int(roi * (1 - overlap)), at least 1; never rounded to a patch multiple
+    assert stride_for(224, 0.25) == 168  # was 160 when strides were patch multiples: 7-17 % more windows
+    assert stride_for(224, 0.25, 16) == 168  # the patch size no longer matters
+    assert stride_for(512, 0.25) == 384
+    assert stride_for(224, 0.3) == int(224 * (1 - 0.3)) == 156  # truncated like MONAI (224 * 0.7 = 156.8)
+    assert stride_for(32, 0.0) == 32
+    assert stride_for(16, 0.9) == 1  # int(1.6) = 1
+    assert stride_for(16, 0.97) == 1  # int(0.48) = 0 -> 1
     with pytest.raises(ConfigError, match="overlap"):
-        stride_for(32, 1.0, 16)
+        stride_for(32, 1.0)
+
+
+def monai_starts(length: int, roi: int, overlap: float) -> list[int]:
+    """MONAI's window starts along one axis, written out from ``monai.inferers.utils._get_scan_interval`` and
+    ``monai.data.utils.dense_patch_slices`` (the image is first padded up to the roi)."""
+    size = max(length, roi)
+    interval = roi if roi == size else max(1, int(roi * (1 - overlap)))
+    num = -(-size // interval)
+    scan = next((d for d in range(num) if d * interval + roi >= size), None)
+    count = scan + 1 if scan is not None else 1
+    return [i * interval - max(i * interval + roi - size, 0) for i in range(count)]
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.1, 0.25, 0.3, 0.5, 0.625, 0.75, 0.9])
+@pytest.mark.parametrize("window", [16, 48, 224, 256, 512])
+def test_window_count_and_places_equal_monai(window, overlap):
+    stride = stride_for(window, overlap)
+    for length in (window - 5, window, window + 1, 1000, 2220, 2967, 8192, 10_001):
+        assert window_starts(length, window, stride) == monai_starts(length, window, overlap), (length, stride)
+    # the issue's case: an 8192 px side at 224 px and overlap 0.25 -> 49 windows, as MONAI (51 before)
+    assert len(window_starts(8192, 224, stride_for(224, 0.25))) == 49
 
 
 @pytest.mark.parametrize("blend", ["gaussian", "constant"])

@@ -1,12 +1,15 @@
 """Prediction of the visible area, a drawn region or the whole slide, streamed into a labels layer.
 
-The engine's ``iter_predict_slide`` runs in a napari ``thread_worker`` generator and yields every
-finished chunk; the layer shows the engine's own (partial) store, whose coarser levels the engine keeps
-up to date, and the GUI thread only refreshes it, so results appear while the slide is processed,
-zoomed in or out. Regions are the engine's ``region=``; for a whole slide, the area in view is
-computed first (the engine's ``priority_box=``). When a run completes, the layer switches to the
-engine's finished OME-Zarr output, which is what exports and the reader use. Cancelling stops after
-the current chunk and leaves the finished chunks shown and the engine's ``.partial`` output resumable.
+Each run is planned on the GUI thread with the engine's torch-free ``plan_slide`` (cheap: geometry only;
+tissue detection happens when the worker first needs it), and the layer's shape, placement, pyramid
+and name come from that plan, never from engine internals. The engine's ``iter_execute_plan`` runs the
+plan in a napari ``thread_worker`` generator and yields every finished chunk; the layer shows the
+engine's own (partial) store, whose coarser levels the engine keeps up to date, and the GUI thread only
+refreshes it, so results appear while the slide is processed, zoomed in or out. Regions are the
+plan's ``region=``; for a whole slide, the area in view is computed first (``priority_box=``). When a
+run completes, the layer switches to the engine's finished OME-Zarr output, which is what exports and
+the reader use. Cancelling stops after the current chunk and leaves the finished chunks shown and the
+engine's ``.partial`` output resumable.
 """
 
 from __future__ import annotations
@@ -41,13 +44,9 @@ class PredictSettings:
 
 @dataclass
 class Target:
-    """One engine run: which slide (or region of it) and where its layer goes."""
+    """One engine run: its plan (slide, region, geometry, output paths) and where its layer goes."""
 
-    slide: Any
-    name: str
-    chunk: int
-    region: tuple[float, float, float, float] | None = None  # (x, y, w, h) level-0 pixels
-    priority_box: tuple[float, float, float, float] | None = None
+    plan: Any  # pfmseg_engine.inference.plan.SlidePlan
     class_colors: dict[str, list[int]] = field(default_factory=dict)
     image: Any = None
     layer: Any = None
@@ -66,15 +65,13 @@ class PredictOutcome:
 
 
 @guarded_generator
-def _run(model: Any, targets: list[Target], config: Any, device: str, out_dir: Path, cancel: threading.Event):
-    """The worker: run the engine on each target in turn, yielding (target index, chunk result)."""
-    from pfmseg_engine.inference.slide import iter_predict_slide
+def _run(model: Any, targets: list[Target], device: str, cancel: threading.Event):
+    """The worker: run each target's plan in turn, yielding (target index, chunk result)."""
+    from pfmseg_engine.inference.slide import iter_execute_plan
 
     results = []
     for index, target in enumerate(targets):
-        generator = iter_predict_slide(model, target.slide, out_dir, replace(config, chunk=target.chunk),
-                                       device=device, name=target.name, region=target.region,
-                                       priority_box=target.priority_box, class_colors=target.class_colors)
+        generator = iter_execute_plan(target.plan, model, device=device, class_colors=target.class_colors)
         try:
             while True:
                 try:
@@ -143,7 +140,7 @@ class PredictionController:
         from napari.qt.threading import create_worker
 
         from pfmseg_engine import ConfigError, resolve_device
-        from pfmseg_engine.inference.slide import SlideInferenceConfig
+        from pfmseg_engine.inference.plan import SlideInferenceConfig
 
         session = self.session
         if session.model is None:
@@ -160,16 +157,14 @@ class PredictionController:
         config = SlideInferenceConfig(target_mpp=settings.target_mpp, window=settings.window,
                                       overlap=settings.overlap, batch_size=settings.batch_size,
                                       chunk=settings.chunk, tissue=settings.tissue)
-        targets = self._targets(image, slide, settings, shapes, model, config)
         out_dir = Path(settings.output_dir).expanduser() if settings.output_dir else session.output_dir("predictions")
         out_dir.mkdir(parents=True, exist_ok=True)
+        targets = self._targets(image, slide, settings, shapes, model, config, out_dir)
         for target in targets:
-            target.name = _free_name(out_dir, target.name)
-            self._add_layer(target, config)
+            self._add_layer(target)
         self.targets = targets
         self.cancel_event = threading.Event()
-        worker = create_worker(_run, model, targets, config, device, out_dir, self.cancel_event,
-                               _start_thread=False)
+        worker = create_worker(_run, model, targets, device, self.cancel_event, _start_thread=False)
         worker.yielded.connect(self._on_chunk)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_error)
@@ -180,10 +175,11 @@ class PredictionController:
         return worker
 
     # --- planning (GUI thread, cheap) ----------------------------------------------------------------
-    def _targets(self, image: Any, slide: Any, settings: PredictSettings, shapes: Any, model: Any, config: Any
-                 ) -> list[Target]:
+    def _targets(self, image: Any, slide: Any, settings: PredictSettings, shapes: Any, model: Any, config: Any,
+                 out_dir: Path) -> list[Target]:
+        """Plan the run (the engine's torch-free plan: geometry, names and paths; no model is moved)."""
         from pfmseg_engine import ConfigError
-        from pfmseg_engine.inference.slide import DEFAULT_WINDOW
+        from pfmseg_engine.inference.plan import ModelInfo, plan_slide
 
         from ._slides import box_area, shapes_box, visible_box
 
@@ -202,60 +198,59 @@ class PredictionController:
             raise ConfigError("The region to predict is empty or outside the slide; pan to the slide or redraw.")
         if region is not None and box_area(region) >= 0.999 * whole:
             region = None
-        window = int(config.window or model.config.input_size or DEFAULT_WINDOW)
-        names = list(model.config.class_names)
-        chosen = {n: list(self.session.class_colours[n]) for n in names if self.session.class_colours.get(n)}
-        target = Target(slide, slide.name, max(int(config.chunk), window), class_colors=chosen, image=image,
-                        region=_xywh(region) if region is not None else None,
-                        priority_box=_xywh(priority) if priority is not None and box_area(priority) > 0 else None)
-        if target.region is not None:
-            x, y, w, h = (round(v) for v in target.region)
-            target.name = f"{slide.name}_x{x}_y{y}_{w}x{h}"
-        return [target]
+        info = ModelInfo.from_model(model)
+        chosen = {n: list(self.session.class_colours[n]) for n in info.class_names if self.session.class_colours.get(n)}
+        options = {"region": _xywh(region) if region is not None else None,
+                   "priority_box": _xywh(priority) if priority is not None and box_area(priority) > 0 else None,
+                   "output_dir": out_dir}
+        plan = plan_slide(slide, info, config, **options)
+        free = _free_name(out_dir, plan.name)  # never overwrite or reuse a finished output
+        if free != plan.name:
+            plan = plan_slide(slide, info, config, name=free, **options)
+        return [Target(plan, class_colors=chosen, image=image)]
 
-    def _add_layer(self, target: Target, config: Any) -> None:
+    def _add_layer(self, target: Target) -> None:
         """The run's layer, made before it starts (adding a layer is slow: never while chunks stream).
 
-        It holds empty placeholders of the output's shape until the first chunk arrives, then the
-        engine's partial store (:meth:`_show_store`), whose every level the engine keeps up to date.
+        It holds empty placeholders of the output's shape (every pyramid level, from the plan) until the
+        first chunk arrives, then the engine's partial store (:meth:`_show_store`), whose every level the
+        engine keeps up to date.
         """
         import dask.array as da
 
-        from pfmseg_engine.inference.pyramid import pyramid_shapes
-        from pfmseg_engine.inference.schedule import output_region
-        from pfmseg_engine.slides import plan_resolution
-
         from ._layers import class_features, default_colours
 
-        image, model = target.image, self.session.model
-        plan = plan_resolution(target.slide, config.target_mpp or model.config.mpp, config.mpp_tolerance)
-        ds = plan.downsample
-        y0, y1, x0, x1 = (output_region(target.region, ds, plan.shape) if target.region is not None
-                          else (0, plan.shape[0], 0, plan.shape[1]))
-        levels = [da.zeros(shape, dtype="uint8", chunks=target.chunk)
-                  for shape in pyramid_shapes((y1 - y0, x1 - x0), target.chunk)]
-        names = list(model.config.class_names)
+        image, plan = target.image, target.plan
+        levels = [da.zeros(shape, dtype="uint8", chunks=plan.chunk) for shape in plan.pyramid_shapes]
+        names = list(plan.class_names)
         colours = {i + 1: target.class_colors.get(n) or c
                    for i, (n, c) in enumerate(zip(names, default_colours(len(names)), strict=True))}
         unit = float(image.scale[-1])
         origin = [float(t) / unit for t in image.translate[-2:]]
-        offset = (origin[0] + y0 * ds, origin[1] + x0 * ds)
-        meta = prediction_metadata(None, names, colours, ds, (y0 * ds, x0 * ds), status="running",
+        oy, ox = plan.origin  # level-0 pixels of the slide where the output starts
+        meta = prediction_metadata(None, names, colours, plan.downsample, (oy, ox), status="running",
                                    image=image.name)
         layer = self.session.viewer.add_labels(
-            levels if len(levels) > 1 else levels[0], name=f"{target.name} prediction",
+            levels if len(levels) > 1 else levels[0], name=f"{plan.name} prediction",
             multiscale=len(levels) > 1, colormap=label_colormap(colours), opacity=0.6,
             units=tuple(image.units[-2:]), features=class_features(names, "no prediction"),
-            metadata={META: meta}, **placement(unit, ds, offset))
+            metadata={META: meta}, **placement(unit, plan.downsample, (origin[0] + oy, origin[1] + ox)))
         keep_read_only(layer)
         target.layer = layer
 
     @staticmethod
     def _show_store(target: Target, chunk: Any) -> None:
-        """Swap the placeholders for the engine's partial store (read-only zarr: no stale dask cache)."""
+        """Swap the placeholders for the engine's partial store (read-only zarr: no stale dask cache).
+
+        The engine may finish (and rename the partial store) before the GUI gets round to its first chunk;
+        then the placeholders stay until the finished output is attached when the worker returns.
+        """
         import zarr
 
-        root = zarr.open_group(str(chunk.store), mode="r")
+        try:
+            root = zarr.open_group(str(chunk.store), mode="r")
+        except FileNotFoundError:
+            return
         levels = []
         while str(len(levels)) in root:
             levels.append(root[str(len(levels))])
@@ -372,7 +367,7 @@ def prediction_controller(session: Any) -> PredictionController:
 
 def _free_name(folder: Path, name: str) -> str:
     """``name``, or ``name-2``, ``name-3``... so a finished output is never overwritten or reused."""
-    from pfmseg_engine.inference.slide import SUFFIX
+    from pfmseg_engine.inference.plan import SUFFIX
 
     candidate, n = name, 1
     while (folder / f"{candidate}{SUFFIX}").exists():

@@ -12,7 +12,8 @@ Whole slides::
         [--export ome-tiff geojson]
 
 Slides go to ``<output_dir>/<name>.ome.zarr`` (plus a tissue QC PNG); an interrupted run resumes
-when the same command is run again.
+when the same command is run again. Each slide's plan (resolution, window and stride, windows and
+chunks, output path) is printed first; ``--dry_run`` prints only the plans.
 """
 
 from __future__ import annotations
@@ -123,32 +124,66 @@ def run_on_cluster(args: argparse.Namespace, config) -> int:
     return 0
 
 
-def run_slides(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def slide_config(args: argparse.Namespace):
+    from ..inference.plan import SlideInferenceConfig
 
-    from ..inference.slide import SlideInferenceConfig, predict_slide
-
-    config = SlideInferenceConfig(
+    return SlideInferenceConfig(
         target_mpp=args.target_mpp, window=args.window or args.input_size, overlap=args.overlap,
         blend=args.blend, batch_size=args.batch_size, chunk=args.chunk_size, tissue=args.tissue,
         probabilities=args.probabilities, ngff=args.ngff,
     )
+
+
+def plan_only(args: argparse.Namespace, config) -> int:
+    """``--dry_run``: print each slide's plan (geometry, windows, chunks, paths) without building the model."""
+    from ..checkpoint import read_checkpoint
+    from ..inference.plan import ModelInfo, plan_slide
+    from ..slides import open_slide
+
+    info = ModelInfo.from_model_config(read_checkpoint(resolve_checkpoint(args.checkpoint))["config"])
+    for path in args.slide:
+        with open_slide(path, mpp=args.mpp) as slide:
+            plan = plan_slide(slide, info, config, region=tuple(args.region) if args.region else None,
+                              output_dir=args.output_dir)
+            print(plan.summary())
+            state = ("complete" if plan.final.exists() else
+                     "partial: resumes" if plan.partial.exists() else "new")
+            print(f"  output {state}; tissue QC {plan.qc_path or 'off'}; pyramid "
+                  f"{' '.join(f'{w}x{h}' for h, w in plan.pyramid_shapes)}")
+    return 0
+
+
+def run_slides(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..inference.plan import plan_slide
+    from ..inference.runner import model_info
+    from ..inference.slide import execute_plan
+    from ..slides import open_slide
+
+    config = slide_config(args)
     if args.scheduler:
         return run_on_cluster(args, config)
+    if args.dry_run:
+        return plan_only(args, config)
     model = load_model(args)
-    for slide in args.slide:
-        bar = tqdm(desc=Path(slide).name, unit="chunk")
+    info = model_info(model)
+    for path in args.slide:
+        with open_slide(path, mpp=args.mpp) as slide:
+            plan = plan_slide(slide, info, config, region=tuple(args.region) if args.region else None,
+                              output_dir=args.output_dir)
+            print(plan.summary())
+            bar = tqdm(desc=Path(path).name, unit="chunk")
 
-        def update(chunk, bar=bar) -> None:
-            bar.total = chunk.total
-            bar.update(chunk.done - bar.n)
+            def update(chunk, bar=bar) -> None:
+                bar.total = chunk.total
+                bar.update(chunk.done - bar.n)
 
-        try:
-            result = predict_slide(model, slide, args.output_dir, config, callback=update, device=args.device,
-                                   mpp=args.mpp, overwrite=args.overwrite,
-                                   region=tuple(args.region) if args.region else None, wait=args.wait)
-        finally:
-            bar.close()
+            try:
+                result = execute_plan(plan, model, device=args.device, callback=update, overwrite=args.overwrite,
+                                      wait=args.wait)
+            finally:
+                bar.close()
         _report(result, args.export)
     print("Open in napari: napari --plugin pfmseg <slide> (or drag the .ome.zarr onto the viewer).")
     return 0
@@ -218,4 +253,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="predict only this level-0 pixel rectangle (output keeps the offset)")
     slides.add_argument("--scheduler", metavar="ADDRESS",
                         help="dask.distributed scheduler: one slide per task (e.g. tcp://host:8786)")
+    slides.add_argument("--dry_run", action="store_true",
+                        help="print each slide's plan (resolution, window and stride, windows, chunks, output "
+                             "paths) and stop; the model is not built")
     parser.set_defaults(func=run)

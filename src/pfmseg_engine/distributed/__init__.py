@@ -1,7 +1,8 @@
 """Many slides over a dask.distributed cluster: one slide per task, idempotent outputs.
 
-Each task loads the checkpoint once per worker process (cached) and runs
-:func:`~pfmseg_engine.inference.predict_slide` on one slide. Because a finished slide is reused and
+Each task loads the checkpoint once per worker process (cached), plans its slide
+(:func:`~pfmseg_engine.inference.plan_slide`) and runs the plan
+(:func:`~pfmseg_engine.inference.execute_plan`). Because a finished slide is reused and
 a ``.partial`` one resumed, a task that fails or loses its worker is simply retried, and rerunning
 the whole batch only computes what is missing. Give each worker one GPU (e.g. dask-cuda's
 ``LocalCUDACluster`` or ``CUDA_VISIBLE_DEVICES`` per worker) and one thread, so slides never share
@@ -36,15 +37,24 @@ def _model(checkpoint: str, weights: str | None, device: str):
 def predict_one(checkpoint: str, slide: str, output_dir: str, config: dict[str, Any], *,
                 weights: str | None = None, mpp: float | None = None, device: str | None = None,
                 model_loader: Callable[[str, str | None, str], Any] | None = None):
-    """One cluster task: predict ``slide`` (safe to run again: complete output is reused)."""
+    """One cluster task: plan ``slide`` for the checkpoint's model, then run the plan (safe to run again:
+    a complete output is reused, a partial one resumed). The result carries the plan's summary in
+    ``extra["plan"]`` (the plan itself, which holds the open slide, stays on the worker)."""
     from ..devices import resolve_device
-    from ..inference.slide import SlideInferenceConfig, predict_slide
+    from ..inference.plan import SlideInferenceConfig, plan_slide
+    from ..inference.runner import model_info
+    from ..inference.slide import execute_plan
+    from ..slides import open_slide
 
     device = str(resolve_device(device))  # resolved here, on the worker that owns the GPU
     model = (model_loader or _model)(checkpoint, weights, device)
-    # wait=None: a retry that starts while an earlier attempt still writes waits for it, then reuses it
-    return predict_slide(model, slide, output_dir, SlideInferenceConfig(**config), device=device, mpp=mpp,
-                         wait=None)
+    with open_slide(slide, mpp=mpp) as opened:
+        plan = plan_slide(opened, model_info(model), SlideInferenceConfig(**config), output_dir=output_dir)
+        # wait=None: a retry that starts while an earlier attempt still writes waits for it, then reuses it
+        result = execute_plan(plan, model, device=device, wait=None)
+        result.extra["plan"] = plan.summary()
+    result.slide_plan = None
+    return result
 
 
 def task_key(slide: str | Path, output_dir: str | Path) -> str:
@@ -78,7 +88,7 @@ def predict_slides(
         raise ConfigError(
             'Distributed inference needs the distributed package: pip install "dask[distributed]".'
         ) from exc
-    from ..inference.slide import SlideInferenceConfig
+    from ..inference.plan import SlideInferenceConfig
 
     config = config or SlideInferenceConfig()
     own = client is None

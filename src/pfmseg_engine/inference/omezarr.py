@@ -14,6 +14,8 @@ version differences are data in :data:`NGFF`.
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import numpy as np
 from ..colors import ClassColors, class_palette, label_colors
 from ..errors import ConfigError
 from ..storage import writing
-from .pyramid import pyramid_shapes, update_levels
+from .pyramid import merge_boxes, pyramid_shapes, update_levels
 
 NGFF: dict[str, dict[str, Any]] = {
     "0.4": {"zarr_format": 2, "array_kwargs": {"chunk_key_encoding": {"name": "v2", "separator": "/"}},
@@ -61,10 +63,18 @@ class LabelStore:
     viewer can open the (partial) store and show a zoomed-out view while chunks stream in; zarr writes
     each chunk file atomically, so a reader never sees a torn one. ``method`` is the label
     downsampling ("mode" or "nearest"); probabilities always use the 2x2 mean.
+
+    ``pyramid_interval`` (seconds, default 0: at once) batches the coarser levels' updates: level 0
+    is written at once, the boxes written since the last update are merged into rectangles and the
+    coarser levels brought up to date at most that often (and by :meth:`flush_pyramid`). A coarse
+    chunk is then rewritten once per update instead of once per level-0 chunk it covers, which is most
+    of the cost of writing; the result is the same (each update recomputes coarse pixels from their
+    full 2x2 sources). :attr:`pyramid_pending` says whether an update is still owed.
     """
 
     def __init__(self, path: Path, *, shape: tuple[int, int], chunk: int, num_classes: int,
-                 probabilities: bool, ngff: str = "0.4", create: bool = True, method: str = "mode"):
+                 probabilities: bool, ngff: str = "0.4", create: bool = True, method: str = "mode",
+                 pyramid_interval: float = 0.0):
         import zarr
 
         if method not in ("mode", "nearest"):
@@ -87,21 +97,52 @@ class LabelStore:
                                            chunks=(1, self.chunk, self.chunk), dtype="uint8", fill_value=0,
                                            **spec["array_kwargs"])
         self.root = zarr.open_group(str(self.path), mode="r+")
-        self.levels = [self.root[str(level)] for level in range(len(shapes))]
+        # label chunks are only ever written with labels in them: skip zarr's all-fill-value check
+        self.levels = [_written_as_is(self.root[str(level)]) for level in range(len(shapes))]
         self.labels = self.levels[0]
         self.prob_levels = [self.root[f"{PROBS}/{level}"] for level in range(len(shapes))] if probabilities else []
         self.probabilities = self.prob_levels[0] if probabilities else None
+        self.pyramid_interval = float(pyramid_interval)
+        self._pending: list[tuple[tuple[int, int, int, int], bool]] = []
+        self._last_update = -math.inf
 
     def write(self, box: tuple[int, int, int, int], labels: np.ndarray,
               probs: np.ndarray | None = None) -> None:
-        """Write one box (y0, y1, x0, x1) of level 0 and bring every coarser level up to date."""
-        y0, y1, x0, x1 = box
+        """Write one box (y0, y1, x0, x1) of level 0 and bring every coarser level up to date (at once, or
+        within ``pyramid_interval`` seconds)."""
+        y0, y1, x0, x1 = (int(v) for v in box)
         with writing(self.path, "the OME-Zarr output"):
             self.labels[y0:y1, x0:x1] = labels
-            update_levels(self.levels, box, self.method)
-            if self.probabilities is not None and probs is not None:
+            with_probs = self.probabilities is not None and probs is not None
+            if with_probs:
                 self.probabilities[:, y0:y1, x0:x1] = probs
-                update_levels(self.prob_levels, box, "mean")
+            self._pending.append(((y0, y1, x0, x1), with_probs))
+            if time.monotonic() - self._last_update >= self.pyramid_interval:
+                self._update_pyramid()
+
+    @property
+    def pyramid_pending(self) -> bool:
+        """Whether boxes written to level 0 still wait for their coarser levels."""
+        return bool(self._pending)
+
+    def is_complete(self, box: tuple[int, int, int, int]) -> bool:
+        """Whether a box written with :meth:`write` has its coarser levels written too."""
+        box = tuple(int(v) for v in box)
+        return all(pending != box for pending, _ in self._pending)
+
+    def flush_pyramid(self) -> None:
+        """Bring the coarser levels up to date with everything written so far."""
+        with writing(self.path, "the OME-Zarr output"):
+            self._update_pyramid()
+
+    def _update_pyramid(self) -> None:
+        pending = self._pending
+        for box in merge_boxes([b for b, _ in pending]):
+            update_levels(self.levels, box, self.method)
+        for box in merge_boxes([b for b, with_probs in pending if with_probs]):
+            update_levels(self.prob_levels, box, "mean")
+        del self._pending[:len(pending)]  # only once every update went through: a failed one is retried
+        self._last_update = time.monotonic()
 
     def finalize(self, *, name: str, mpp: float, slide_mpp: float, class_names: Sequence[str],
                  extra: dict[str, Any], class_colors: ClassColors | None = None,
@@ -141,6 +182,13 @@ class LabelStore:
         attrs = {**ome, **extra} if _ngff(self.ngff)["versioned"] else {"ome": {"version": self.ngff, **ome}, **extra}
         with writing(self.path, "the OME-Zarr metadata"):
             group.attrs.update(attrs)
+
+
+def _written_as_is(array: Any) -> Any:
+    """``array`` writing every chunk it is given, without first checking whether it holds only the fill value
+    (zarr 3's default check costs as much as compressing the chunk)."""
+    with_config = getattr(array, "with_config", None)
+    return with_config({"write_empty_chunks": True}) if callable(with_config) else array
 
 
 def write_labels(path: str | Path, labels: Any, *, class_names: Sequence[str], mpp: float,

@@ -10,41 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What inference needs to know about a model, whatever class it is."""
-
-    num_classes: int
-    patch_size: int
-    class_names: tuple[str, ...]
-    input_size: int | None
-    mpp: float | None
+from .plan import ModelInfo
 
 
 def model_info(model) -> ModelInfo:
     """Read classes, patch size, training window and resolution from a model (config when present)."""
-    for attr in ("num_classes", "patch_size"):
-        if not isinstance(getattr(model, attr, None), int):
-            raise ConfigError(
-                f"Model {type(model).__name__} has no integer '{attr}' attribute; inference needs "
-                "'num_classes' and 'patch_size' (SegmentationModel has both)."
-            )
-    config = getattr(model, "config", None)
-    names = tuple(getattr(config, "class_names", None) or getattr(model, "class_names", None) or ())
-    if len(names) != model.num_classes:
-        names = tuple(f"class_{i}" for i in range(model.num_classes))
-    input_size = getattr(config, "input_size", None)
-    mpp = getattr(config, "mpp", None)
-    return ModelInfo(model.num_classes, model.patch_size, names,
-                     int(input_size) if input_size else None, float(mpp) if mpp else None)
+    return ModelInfo.from_model(model)
 
 
 def resolve_device(device: str | torch.device | None, model=None) -> torch.device:
@@ -86,11 +62,15 @@ class ModelRunner:
     def patch_size(self) -> int:
         return self.info.patch_size
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """(N, h, w, 3) uint8 or float [0, 1] windows -> (N, C, h, w) float32 logits."""
-        tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        """(N, h, w, 3) uint8 (or float in [0, 1]) windows on the device -> (N, C, h, w) float32 logits there.
+
+        Normalisation (``float / 255``) happens on the device, on the windows as they arrived (channels
+        last, contiguous: the fast layout for the conversion); the model sees the same values and
+        strides as a ``permute`` of them.
+        """
+        tensor = windows.float().div_(255.0) if windows.dtype == torch.uint8 else windows.float()
         tensor = tensor.permute(0, 3, 1, 2)
-        tensor = tensor.float().div_(255.0) if tensor.dtype == torch.uint8 else tensor.float()
         context = (torch.autocast(device_type="cuda", dtype=self.autocast_dtype) if self.autocast
                    else nullcontext())
         with torch.inference_mode(), context:
@@ -102,7 +82,12 @@ class ModelRunner:
                 f"Model returned logits of shape {tuple(logits.shape)} for input {tuple(tensor.shape)}; "
                 f"expected (N, {self.num_classes}, H, W) at the input size."
             )
-        return logits.float().cpu().numpy()
+        return logits.float()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """(N, h, w, 3) uint8 or float [0, 1] windows -> (N, C, h, w) float32 logits (host arrays)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device, non_blocking=True)
+        return self.forward(tensor).cpu().numpy()
 
     def predict_windows(self, windows: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """Logits for each window of an iterable of same-shape (h, w, 3) windows, in order."""

@@ -5,18 +5,17 @@ inference (:mod:`pfmseg_engine.inference.slide`), so a slide chunk and a whole i
 same window grid and blending. Logits of overlapping windows are averaged with a weight map that
 falls off towards the window border (a Gaussian by default), because predictions at a window's edge
 lack context and are the least reliable. Whole images never go to the device: windows travel in
-batches, the accumulator stays in host memory.
+batches, the accumulator of :func:`predict_image` stays in host memory (whole-slide inference keeps
+its chunk accumulators on the model's device, :mod:`.stitch`). This module does not import torch.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import numpy as np
 
 from ..errors import ConfigError
-from .runner import ModelRunner
 
 #: Gaussian sigma as a fraction of the window side (MONAI's default importance map uses 1/8).
 SIGMA_SCALE = 0.125
@@ -65,12 +64,19 @@ def blend_weights(window: int | tuple[int, int], mode: str = "gaussian") -> np.n
     return np.maximum(weights, MIN_WEIGHT).astype(np.float32)
 
 
-def stride_for(window: int, overlap: float, patch_size: int) -> int:
-    """Stride giving at least ``overlap`` (fraction of the window) while staying a patch multiple."""
+def stride_for(window: int, overlap: float, patch_size: int | None = None) -> int:
+    """Stride of windows of side ``window`` sharing ``overlap`` (a fraction of the window) with their neighbours.
+
+    ``int(window * (1 - overlap))``, at least 1: MONAI's ``_get_scan_interval``, so together with
+    :func:`window_starts` (MONAI's last-window-shifted-inward rule) a run computes exactly the windows
+    ``monai.inferers.sliding_window_inference`` does. Only the window must be a multiple of the
+    model's patch size (its token grid); the stride need not be, so ``patch_size`` is not used (kept
+    for callers of the earlier signature).
+    """
+    del patch_size
     if not 0.0 <= overlap < 1.0:
         raise ConfigError(f"overlap must be in [0, 1), got {overlap}; 0.25 is a good default.")
-    stride = math.floor(window * (1.0 - overlap) / patch_size) * patch_size
-    return max(patch_size, stride)
+    return max(1, int(window * (1.0 - overlap)))
 
 
 def check_window(window: int, patch_size: int) -> int:
@@ -118,13 +124,15 @@ def predict_image(
 ) -> np.ndarray:
     """Softmax class probabilities (C, H, W) float32 of an in-memory (H, W, 3) uint8 or [0, 1] image.
 
-    Windows of side ``window`` (a multiple of ``model.patch_size``) step by a stride giving at least
-    ``overlap``; the last window in each direction is shifted inward; an image smaller than the
-    window is padded and the prediction cropped back.
+    Windows of side ``window`` (a multiple of ``model.patch_size``) step by :func:`stride_for`'s stride
+    (MONAI's); the last window in each direction is shifted inward; an image smaller than the window
+    is padded and the prediction cropped back.
     """
+    from .runner import ModelRunner  # torch: imported here so that planning (grid, plan) stays torch-free
+
     runner = ModelRunner(model, device=device, batch_size=batch_size)
     window = check_window(window, runner.patch_size)
-    stride = stride_for(window, overlap, runner.patch_size)
+    stride = stride_for(window, overlap)
     image = _as_float_image(image)
     height, width = image.shape[:2]
     padded = pad_to_window(image, window)

@@ -1,0 +1,389 @@
+"""The plan of a whole-slide run, made before any model is touched: :func:`plan_slide` -> :class:`SlidePlan`.
+
+A plan holds everything a run decides from the slide, the model's description (:class:`ModelInfo`, not
+the model) and the settings (:class:`SlideInferenceConfig`): the resolution plan, window and stride,
+the output's shape, origin on the slide and pyramid, the chunk grid with each chunk's windows (after
+tissue detection) and the order chunks are finished in, and the output's name and paths. The CLI
+prints it, the cluster path and the napari plugin read their geometry from it, and the executor
+(:func:`pfmseg_engine.inference.slide.execute_plan`) runs it with a model on a device.
+
+This module never imports torch: a viewer can plan (and show where the output will go) without
+loading a model. Geometry is computed at once; tissue detection and the chunk plans (which read a
+thumbnail of the slide) only when first asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..slides import Slide, TissueMask, detect_tissue, plan_resolution
+from ..slides.readers import ArrayReader, OffsetReader, PILReader
+from ..slides.resolution import DEFAULT_TOLERANCE, ResampledReader, ResolutionPlan
+from .grid import Box, ChunkPlan, WindowGrid, raster_order
+from .pyramid import pyramid_shapes
+from .schedule import output_region, priority_order
+from .window import BLEND_MODES, check_window, stride_for
+
+DEFAULT_WINDOW = 512
+SUFFIX = ".ome.zarr"
+WORK = ".pfmseg_work"
+FORMAT_VERSION = 3  # 3: the slide is identified by content, not by path
+#: Settings that change how fast a run goes, never what it writes: left out of the fingerprint.
+RUNTIME_ONLY = ("batch_size", "prefetch", "read_workers")
+#: Labels are uint8 with 0 = no prediction.
+MAX_CLASSES = 254
+#: Level readers that hold their pixels in memory: nothing to gain from caching decoded tiles.
+IN_MEMORY = (ArrayReader, PILReader)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What inference needs to know about a model, whatever class it is (no weights, no torch)."""
+
+    num_classes: int
+    patch_size: int
+    class_names: tuple[str, ...]
+    input_size: int | None
+    mpp: float | None
+
+    @classmethod
+    def from_model(cls, model: Any) -> ModelInfo:
+        """Classes, patch size, training window and resolution of a model (its ``config`` when present)."""
+        for attr in ("num_classes", "patch_size"):
+            if not isinstance(getattr(model, attr, None), int):
+                raise ConfigError(
+                    f"Model {type(model).__name__} has no integer '{attr}' attribute; inference needs "
+                    "'num_classes' and 'patch_size' (SegmentationModel has both)."
+                )
+        config = getattr(model, "config", None)
+        names = tuple(getattr(config, "class_names", None) or getattr(model, "class_names", None) or ())
+        if len(names) != model.num_classes:
+            names = tuple(f"class_{i}" for i in range(model.num_classes))
+        input_size = getattr(config, "input_size", None)
+        mpp = getattr(config, "mpp", None)
+        return cls(model.num_classes, model.patch_size, names,
+                   int(input_size) if input_size else None, float(mpp) if mpp else None)
+
+    @classmethod
+    def from_model_config(cls, config: Any) -> ModelInfo:
+        """The same from a model's config (a ``ModelConfig`` or the dict a checkpoint stores), without
+        building the model: the patch size comes from the backbone registry."""
+        from ..backbones.registry import get_spec
+
+        get = config.get if isinstance(config, Mapping) else (lambda key, default=None: getattr(config, key, default))
+        backbone, num_classes = get("backbone"), get("num_classes")
+        if not backbone or not isinstance(num_classes, int):
+            raise ConfigError("A model config needs 'backbone' and an integer 'num_classes' to plan inference.")
+        names = tuple(get("class_names") or ())
+        if len(names) != num_classes:
+            names = tuple(f"class_{i}" for i in range(num_classes))
+        input_size, mpp = get("input_size"), get("mpp")
+        return cls(num_classes, int(get_spec(backbone).patch_size), names,
+                   int(input_size) if input_size else None, float(mpp) if mpp else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["class_names"] = list(self.class_names)
+        return data
+
+
+@dataclass(frozen=True)
+class SlideInferenceConfig:
+    """Settings of one whole-slide run (all but ``RUNTIME_ONLY`` shape the output and are fingerprinted).
+
+    ``target_mpp``: output resolution (default: the model's training mpp, else slide level 0).
+    ``window``: window side in pixels (default: the model's input size, else 512); a multiple of the
+    model's patch size. ``overlap``: fraction of the window neighbours share; the stride is
+    ``int(window * (1 - overlap))`` (at least 1), as in MONAI's ``sliding_window_inference``, so a run
+    computes the same windows MONAI would. ``chunk``: output chunk side (raised to the window).
+    ``tissue_halo_um``: tissue-mask dilation in micrometres (default: the window overlap, window - stride
+    pixels). ``pyramid``: label downsampling, "mode" (2x2 majority) or "nearest".
+    Runtime only: ``batch_size`` (windows per model call; batches span chunks), ``prefetch`` (chunks
+    read ahead; default: the read workers + 1, at least 2), ``read_workers`` (reader threads; default:
+    the CPU cores this process may use).
+    """
+
+    target_mpp: float | None = None
+    window: int | None = None
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    batch_size: int = 4
+    chunk: int = 1024
+    tissue: bool = True
+    tissue_halo_um: float | None = None
+    probabilities: bool = False
+    ngff: str = "0.4"
+    pyramid: str = "mode"
+    mpp_tolerance: float = DEFAULT_TOLERANCE
+    prefetch: int | None = None
+    read_workers: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, eq=False)
+class SlidePlan:
+    """Everything a whole-slide run decides before it runs (see :func:`plan_slide`).
+
+    Coordinates: output pixels are the pixels of the prediction (level 0 of the OME-Zarr output);
+    ``out_origin`` is where the output's pixel (0, 0) lies in the whole slide's output grid (non-zero
+    for a region) and ``origin`` the same point in slide level-0 pixels (``out_origin * downsample``).
+    ``priority_box`` is (y0, y1, x0, x1) in output pixels; its chunks are finished first.
+    """
+
+    slide: Slide
+    model: ModelInfo
+    config: SlideInferenceConfig
+    resolution: ResolutionPlan
+    window: int
+    stride: int
+    chunk: int
+    shape: tuple[int, int]
+    out_origin: tuple[int, int]
+    name: str
+    output_dir: Path | None = None
+    priority_box: tuple[float, float, float, float] | None = None
+    is_region: bool = False
+
+    # ---- geometry ----------------------------------------------------------------------------
+    @property
+    def downsample(self) -> float:
+        """Slide level-0 pixels per output pixel."""
+        return self.resolution.downsample
+
+    @property
+    def mpp(self) -> float:
+        return self.resolution.mpp
+
+    @property
+    def origin(self) -> tuple[float, float]:
+        """(y, x) slide level-0 pixel where the output's pixel (0, 0) starts."""
+        ds = self.downsample
+        return (self.out_origin[0] * ds, self.out_origin[1] * ds)
+
+    @property
+    def region(self) -> dict[str, float] | None:
+        """The predicted region in level-0 pixels (grown to whole output pixels), None for the whole slide."""
+        if not self.is_region:
+            return None
+        ds, (oy, ox) = self.downsample, self.origin
+        return {"x": ox, "y": oy, "width": self.shape[1] * ds, "height": self.shape[0] * ds}
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.model.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def overlap_px(self) -> int:
+        return self.window - self.stride
+
+    @cached_property
+    def pyramid_shapes(self) -> list[tuple[int, int]]:
+        """(H, W) of every level of the output pyramid, level 0 first."""
+        return pyramid_shapes(self.shape, self.chunk)
+
+    @cached_property
+    def grid(self) -> WindowGrid:
+        return WindowGrid(self.shape, self.window, self.stride, self.chunk)
+
+    def source(self, cache: bool = True) -> Any:
+        """An (H, W, 3) array-like of the output region at the planned resolution (reads lazily).
+
+        With ``cache``, a slide read from a file is read through a :class:`~.tilecache.TileCache` of
+        its native tiles, so pixels that neighbouring chunks share are decoded once.
+        """
+        r, slide = self.resolution, self.slide
+        reader = slide.readers[r.level]
+        if cache and not isinstance(reader, IN_MEMORY):
+            from .tilecache import TileCache
+
+            chunks = slide.levels[r.level].chunks
+            reader = TileCache(reader, (chunks[0][0], chunks[1][0]))
+        source = reader if r.factor == 1 else ResampledReader(reader, r.factor, r.shape)
+        if not self.is_region:
+            return source
+        return OffsetReader(source, self.out_origin[0], self.out_origin[1], *self.shape)
+
+    # ---- names and paths ---------------------------------------------------------------------
+    @property
+    def final(self) -> Path:
+        return self._folder() / f"{self.name}{SUFFIX}"
+
+    @property
+    def partial(self) -> Path:
+        return self._folder() / f"{self.name}{SUFFIX}.partial"
+
+    @property
+    def qc_path(self) -> Path | None:
+        """The tissue QC PNG (None when tissue detection is off)."""
+        return self._folder() / f"{self.name}_tissue.png" if self.config.tissue else None
+
+    def _folder(self) -> Path:
+        if self.output_dir is None:
+            raise ConfigError("This slide plan has no output folder; plan it with output_dir=... to run it.")
+        return self.output_dir
+
+    # ---- tissue and chunks (computed on first use: detection reads a thumbnail) -------------------
+    @cached_property
+    def tissue(self) -> TissueMask | None:
+        if not self.config.tissue:
+            return None
+        halo = self.config.tissue_halo_um
+        halo = self.overlap_px * self.mpp if halo is None else halo
+        return detect_tissue(self.slide, halo_um=halo)
+
+    @cached_property
+    def chunks(self) -> dict[tuple[int, int], ChunkPlan]:
+        """Every chunk's plan (its own windows, the neighbours spilling into it), by (row, column)."""
+        keep = None
+        if self.tissue is not None:
+            tissue, ds, (oy, ox) = self.tissue, self.downsample, self.origin
+            keep = lambda b: tissue.any_in(b[0] * ds + oy, b[1] * ds + oy,  # noqa: E731
+                                           b[2] * ds + ox, b[3] * ds + ox)
+        return self.grid.plan(keep)
+
+    @cached_property
+    def order(self) -> list[ChunkPlan]:
+        """Chunks that are written (they hold windows or receive spills), raster order."""
+        return list(raster_order(self.chunks))
+
+    @cached_property
+    def finish_order(self) -> list[ChunkPlan]:
+        """The order chunks are finished in: ``priority_box`` first, then nearest first (else raster)."""
+        return priority_order(self.order, self.priority_box)
+
+    @property
+    def chunks_total(self) -> int:
+        return len(self.order)
+
+    @property
+    def windows_total(self) -> int:
+        return sum(len(plan.windows) for plan in self.order)
+
+    # ---- identity, metadata, summary ------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs write the same output, model aside (the executor adds its fingerprint)."""
+        tissue = hashlib.sha1(np.packbits(self.tissue.mask).tobytes()).hexdigest() if self.tissue else None
+        config = {k: v for k, v in self.config.to_dict().items() if k not in RUNTIME_ONLY}
+        return json.loads(json.dumps({
+            "format": FORMAT_VERSION, "slide": self.slide.content_identity(), "plan": self.resolution.to_dict(),
+            "region": self.region, "window": self.window, "stride": self.stride, "chunk": self.chunk,
+            "config": config, "tissue": tissue, "classes": list(self.class_names)}))
+
+    def fingerprint(self, model_fingerprint: str) -> dict[str, Any]:
+        """The run's identity as recorded in the output (key order as earlier versions wrote it)."""
+        identity = self.identity()
+        classes = identity.pop("classes")
+        return {**identity, "model": model_fingerprint, "classes": classes}
+
+    def metadata(self, fingerprint: dict[str, Any], class_colors: Any = None) -> dict[str, Any]:
+        """What the OME-Zarr root records under "pfmseg" (deterministic: no timestamps)."""
+        from .. import __version__
+        from ..colors import class_palette
+
+        slide = self.slide
+        return {
+            "version": __version__,
+            "class_names": list(self.class_names),
+            "label_values": {"0": "no prediction (outside tissue)", "k": "class k-1"},
+            "slide": {"name": slide.name, "path": str(slide.path) if slide.path else None, "mpp": slide.mpp,
+                      "dimensions": list(slide.dimensions), "bounds_offset": list(slide.bounds_offset)},
+            "resolution_plan": self.resolution.to_dict(),
+            "window": self.window, "stride": self.stride, "overlap": self.config.overlap,
+            "blend": self.config.blend, "chunk": self.chunk,
+            "tissue": None if self.tissue is None else {
+                "fraction": round(self.tissue.fraction, 6), "mpp": self.tissue.mpp,
+                "threshold": round(self.tissue.threshold, 6)},
+            "probabilities": self.config.probabilities,
+            "region": self.region,
+            "region_offset": list(self.origin),
+            "class_colors": class_palette(len(self.class_names), class_colors, self.class_names).tolist(),
+            "fingerprint": fingerprint,
+        }
+
+    def summary(self) -> str:
+        """One line for people: size, resolution, window grid, work and where the output goes."""
+        r = self.resolution
+        level = f"level {r.level}" + (f" / {r.factor:g}" if r.factor != 1 else "")
+        tissue = "" if self.tissue is None else f", tissue {self.tissue.fraction:.0%}"
+        where = f" -> {self.final}" if self.output_dir is not None else ""
+        return (f"{self.name}: {self.shape[1]}x{self.shape[0]} px at {self.mpp:.4g} um/px ({level}), "
+                f"window {self.window} stride {self.stride}, {self.windows_total} windows in "
+                f"{self.chunks_total} chunks of {self.chunk}{tissue}{where}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain data (JSON-ready; tissue and chunk plans summarised)."""
+        return json.loads(json.dumps({
+            "slide": self.slide.name, "name": self.name, "model": self.model.to_dict(),
+            "config": self.config.to_dict(), "resolution_plan": self.resolution.to_dict(),
+            "window": self.window, "stride": self.stride, "chunk": self.chunk, "shape": list(self.shape),
+            "out_origin": list(self.out_origin), "origin": list(self.origin), "downsample": self.downsample,
+            "region": self.region, "priority_box": self.priority_box,
+            "pyramid_shapes": [list(s) for s in self.pyramid_shapes],
+            "final": str(self.final) if self.output_dir is not None else None,
+            "partial": str(self.partial) if self.output_dir is not None else None,
+            "qc_path": str(self.qc_path) if self.output_dir is not None and self.qc_path else None,
+            "tissue_fraction": None if self.tissue is None else self.tissue.fraction,
+            "chunks_total": self.chunks_total, "windows_total": self.windows_total,
+            "finish_order": [list(p.index) for p in self.finish_order]}))
+
+
+def plan_slide(
+    slide: Slide,
+    model_info: ModelInfo | Any,
+    config: SlideInferenceConfig | None = None,
+    region: tuple[float, float, float, float] | None = None,
+    priority_box: tuple[float, float, float, float] | None = None,
+    output_dir: str | Path | None = None,
+    name: str | None = None,
+) -> SlidePlan:
+    """Plan predicting ``slide`` with a model described by ``model_info`` (or a model itself: only its
+    attributes are read; it is not moved or run).
+
+    ``region`` = (x, y, width, height) in slide level-0 pixels predicts only that part (grown to whole
+    output pixels); ``priority_box`` (same units) is finished first. ``name`` defaults to the slide's
+    name (plus the region's position and size); paths need ``output_dir``.
+    """
+    config = config or SlideInferenceConfig()
+    info = model_info if isinstance(model_info, ModelInfo) else ModelInfo.from_model(model_info)
+    if info.num_classes > MAX_CLASSES:
+        raise ConfigError(f"{info.num_classes} classes do not fit uint8 labels (at most {MAX_CLASSES}).")
+    if config.blend not in BLEND_MODES:
+        raise ConfigError(f"Unknown blend mode '{config.blend}'; choose one of {', '.join(BLEND_MODES)}.")
+    resolution = plan_resolution(slide, config.target_mpp or info.mpp, config.mpp_tolerance)
+    window = check_window(config.window or info.input_size or DEFAULT_WINDOW, info.patch_size)
+    stride = stride_for(window, config.overlap)
+    ds = resolution.downsample
+    oy0, oy1, ox0, ox1 = (output_region(region, ds, resolution.shape) if region is not None
+                          else (0, resolution.shape[0], 0, resolution.shape[1]))
+    shape = (oy1 - oy0, ox1 - ox0)
+    if name is None:
+        name = slide.name if region is None else (
+            f"{slide.name}_x{round(ox0 * ds)}_y{round(oy0 * ds)}_{round(shape[1] * ds)}x{round(shape[0] * ds)}")
+    box: Box | None = None
+    if priority_box is not None:
+        px, py, pw, ph = (float(v) for v in priority_box)
+        oy, ox = oy0 * ds, ox0 * ds
+        box = ((py - oy) / ds, (py + ph - oy) / ds, (px - ox) / ds, (px + pw - ox) / ds)
+    return SlidePlan(slide=slide, model=info, config=config, resolution=resolution, window=window, stride=stride,
+                     chunk=max(int(config.chunk), window), shape=shape, out_origin=(oy0, ox0), name=name,
+                     output_dir=Path(output_dir).expanduser() if output_dir is not None else None,
+                     priority_box=box, is_region=region is not None)
+
+
+__all__ = ["DEFAULT_WINDOW", "FORMAT_VERSION", "MAX_CLASSES", "RUNTIME_ONLY", "SUFFIX", "WORK", "ModelInfo",
+           "SlideInferenceConfig", "SlidePlan", "plan_slide"]
