@@ -16,9 +16,13 @@ from testdata import CMU, SHARED_DATA
 
 @pytest.fixture(autouse=True)
 def _quiet_random_weights():
-    """Tests build random-weight backbones on purpose; the warning is tested where it matters."""
+    """Tests build random-weight backbones and resolution-less stand-in models on purpose; both warnings
+    are tested where they matter."""
+    from pfmseg_engine.inference.plan import MagnificationWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
+        warnings.simplefilter("ignore", MagnificationWarning)
         yield
 
 

@@ -159,3 +159,22 @@ def test_cli_prints_the_plan_and_dry_run_only_plans(checkpoint, tmp_path, capsys
     out = capsys.readouterr().out
     assert "window 64 stride 48" in out and "chunks run" in out
     assert main([*args, "--dry_run"]) == 0 and "output complete" in capsys.readouterr().out
+
+
+def test_planning_at_an_unchosen_resolution_warns():
+    """A model with no training mpp and no target_mpp: level 0 is used, and the user is told so."""
+    import warnings
+
+    from pfmseg_engine.inference import SlideInferenceConfig, plan_slide
+    from pfmseg_engine.inference.plan import MagnificationWarning
+    from pfmseg_engine.inference.runner import ModelInfo
+
+    slide = Slide.from_array(random_image(64, 64), mpp=0.25, name="level0")
+    unknown = ModelInfo(num_classes=3, patch_size=16, class_names=("a", "b", "c"), input_size=32, mpp=None)
+    with pytest.warns(MagnificationWarning, match="level 0 .*0.25.*--target_mpp"):
+        plan_slide(slide, unknown, SlideInferenceConfig(tissue=False))
+    known = ModelInfo(num_classes=3, patch_size=16, class_names=("a", "b", "c"), input_size=32, mpp=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MagnificationWarning)
+        plan_slide(slide, known, SlideInferenceConfig(tissue=False))
+        plan_slide(slide, unknown, SlideInferenceConfig(tissue=False, target_mpp=0.5))

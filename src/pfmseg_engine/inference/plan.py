@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -342,6 +343,10 @@ class SlidePlan:
             "finish_order": [list(p.index) for p in self.finish_order]}))
 
 
+class MagnificationWarning(UserWarning):
+    """A slide is predicted at a resolution nobody chose (the model records none, no target was given)."""
+
+
 def plan_slide(
     slide: Slide,
     model_info: ModelInfo | Any,
@@ -364,6 +369,13 @@ def plan_slide(
         raise ConfigError(f"{info.num_classes} classes do not fit uint8 labels (at most {MAX_CLASSES}).")
     if config.blend not in BLEND_MODES:
         raise ConfigError(f"Unknown blend mode '{config.blend}'; choose one of {', '.join(BLEND_MODES)}.")
+    if config.target_mpp is None and info.mpp is None:
+        # magnification is what pathology models are most sensitive to: say that it was not chosen
+        warnings.warn(
+            f"The model records no training resolution (mpp) and no target_mpp was given, so '{slide.name}' is "
+            f"predicted at its level 0 ({slide.mpp or 'unknown'} µm/px). If the model was trained at another "
+            "magnification, pass it (CLI: --target_mpp, Python: SlideInferenceConfig(target_mpp=...)), or "
+            "record it when training (model.mpp).", MagnificationWarning, stacklevel=2)
     resolution = plan_resolution(slide, config.target_mpp or info.mpp, config.mpp_tolerance)
     window = check_window(config.window or info.input_size or DEFAULT_WINDOW, info.patch_size)
     stride = stride_for(window, config.overlap)
