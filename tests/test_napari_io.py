@@ -24,7 +24,8 @@ def test_manifest_validates_and_imports():
     manifest = PluginManifest._from_package_or_name("pfmseg")
     manifest.validate_imports()
     contributions = manifest.contributions
-    assert {w.display_name for w in contributions.widgets} == {"Model", "Annotate", "Train", "Predict"}
+    widgets = {w.display_name for w in contributions.widgets}
+    assert widgets == {"Model", "Annotate", "Train", "Predict", "Compare models"}
     patterns = set(contributions.readers[0].filename_patterns)
     assert {"*.svs", "*.ndpi", "*.tif", "*.tiff", "*.ome.tif", "*.ome.tiff", "*.zarr"} <= patterns
     assert {tuple(w.layer_types) for w in contributions.writers} == {("labels",)}

@@ -19,7 +19,7 @@ from . import __version__
 from .errors import PfmsegError
 from .storage import describe_os_error
 
-COMMANDS: tuple[str, ...] = ("models", "train", "evaluate", "infer", "demo", "benchmark")
+COMMANDS: tuple[str, ...] = ("models", "train", "evaluate", "infer", "demo", "benchmark", "compare")
 
 
 def available_commands() -> list[str]:

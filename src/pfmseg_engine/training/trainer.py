@@ -29,7 +29,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,8 +130,12 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         cancel: CancelToken | None = None,
         output_dir: str | Path | None = None,
+        forward: Callable[[Any, dict[str, Any], torch.Tensor], torch.Tensor] | None = None,
     ):
         self.config = config
+        # forward(model, batch, images) -> logits replaces model(images) in training steps (the feature
+        # cache of pfmseg_engine.compare reads precomputed backbone features from the batch); None: model(images)
+        self.forward = forward
         t = config.training
         self.device = resolve_device(device if device not in (None, "") else config.system.device)
         self.model = model.to(self.device)
@@ -340,7 +344,7 @@ class Trainer:
             images = batch["image"].to(self.device, non_blocking=True)
             labels = batch["label"].to(self.device, non_blocking=True).long()
             with self._autocast():
-                logits = self.model(images)
+                logits = self.model(images) if self.forward is None else self.forward(self.model, batch, images)
             loss = self.criterion(logits, labels)
             if not torch.isfinite(loss):
                 raise TrainingError(

@@ -1,0 +1,101 @@
+"""``compare``: which foundation model and tuning strategy for this dataset? A ranked leaderboard with CIs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import add_command
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..compare import CompareSpec, Comparison
+    from ..training import TqdmProgress, load_config
+
+    config = load_config(args.config, args.options)
+    spec = CompareSpec(
+        pfms=args.pfms, strategies=args.strategies or (), seeds=args.seeds or (), weights=args.weights or {},
+        tiny=args.tiny, feature_cache=args.feature_cache, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
+        crop_stride=args.crop_stride, time_budget_s=args.time_budget, n_bootstrap=args.n_bootstrap,
+        throughput_steps=args.throughput_steps, device=args.device,
+    )
+    callbacks = [] if args.no_progress else [TqdmProgress()]
+    comparison = Comparison(config, spec, args.output_dir, callbacks=callbacks, config_path=args.config)
+    events = comparison.iter_run()
+    try:
+        while True:
+            kind, value = next(events)
+            if kind == "run":
+                print(f"[{value.index}/{value.total}] {value.combination} seed {value.seed}", file=sys.stderr,
+                      flush=True)
+            elif kind == "result" and value.get("status") == "failed":
+                print(f"  failed: {value['error']}", file=sys.stderr, flush=True)
+    except StopIteration as done:
+        result = done.value
+    except KeyboardInterrupt:
+        print(f"interrupted: finished runs are kept and ranked in {comparison.output_dir}; run the same command "
+              "again to do the rest.", file=sys.stderr)
+        return 130
+    board = result.leaderboard
+    print(f"\nScored on {board.eval_split}; 95 % bootstrap CIs over images, seeds pooled.")
+    print(board.table())
+    for note in board.notes:
+        print(f"note: {note}")
+    print(f"\nleaderboard: {', '.join(str(p) for p in result.files.values())}")
+    if board.winner is not None:
+        print("\n" + "\n".join(board.next_steps))
+    if result.failed:
+        print(f"\n{len(board.failed)} combination(s) failed; see the error column (fix and rerun: finished runs are "
+              "reused).", file=sys.stderr)
+        return 1
+    return 0 if result.status == "completed" else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        subparsers, "compare", summary="rank foundation models x tuning strategies on your dataset (leaderboard)",
+        description="Train every backbone x strategy x seed on the config's dataset, score each on the test split\n"
+                    "(the val split when test has no masks) and write leaderboard.csv/.md/.png: mIoU, mean Dice,\n"
+                    "pixel accuracy and per-class Dice with 95 % bootstrap CIs, trainable parameters, training\n"
+                    "time and inference speed. Rerunning the same command only runs what is missing; a failing\n"
+                    "combination is recorded and the others go on. Frozen backbones reuse cached features when\n"
+                    "the augmentation is limited to flips and rotations.",
+        examples=["python -m pfmseg_engine compare --config my.yaml --pfms uni_v1,phikon,kaiko-vits16,unet "
+                  "--strategies frozen,cnn_adapter,lora --seeds 3 --output_dir cmp --weights "
+                  "uni_v1=/models/uni.bin phikon=hf-hub: kaiko-vits16=/models/kaiko_s16.safetensors",
+                  "python -m pfmseg_engine compare --config my.yaml --pfms virchow_v2,uni_v2 --output_dir cmp "
+                  "--options protocol=frozen_light_decoder training.augmentation.zoom=null "
+                  "'training.augmentation.transforms={color_jitter: {p: 0}, hed_jitter: {p: 0}}'",
+                  "python -m pfmseg_engine compare --config my.yaml --pfms kaiko-vits16,lunit_vits8,unet --tiny "
+                  "--seeds 2 --output_dir demo_cmp --options training.epochs=2"])
+    parser.add_argument("--config", required=True, help="YAML training config (seed format; its dataset is used)")
+    parser.add_argument("--pfms", required=True, help="comma-separated backbones; 'unet' adds the UNet baseline row")
+    parser.add_argument("--strategies", default=None,
+                        help="comma-separated tuning strategies (default: the config's finetune_mode.type)")
+    parser.add_argument("--seeds", default=None,
+                        help="number of seeds (3: seeds 0,1,2) or a list (0,5,7); default: system.seeds, else "
+                             "system.seed")
+    parser.add_argument("--output_dir", required=True, help="folder for runs/, the leaderboard and the cache")
+    parser.add_argument("--weights", nargs="+", default=None, metavar="NAME=PATH",
+                        help="backbone weights, e.g. uni_v1=/models/uni.bin phikon=hf-hub: (the config's "
+                             "pfm_weights_path applies to its own pfm_name)")
+    parser.add_argument("--options", nargs="+", default=None, metavar="KEY=VALUE",
+                        help="override config keys for every run, as in train")
+    parser.add_argument("--tiny", action="store_true",
+                        help="small random-weight variants (tests and demos: the scores are meaningless)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 or auto (overrides system.device)")
+    parser.add_argument("--feature_cache", choices=("auto", "on", "off"), default="auto",
+                        help="auto: fixed crop set + cached frozen features when the augmentation allows it "
+                             "(flips/rotations only, zoom null); on: require it; off: train as 'train' does")
+    parser.add_argument("--cache_dir", default=None, help="feature cache folder (default: OUTPUT_DIR/feature_cache)")
+    parser.add_argument("--cache_dtype", choices=("float32", "float16"), default="float32",
+                        help="cached feature precision (float32 is exact, float16 halves the disk)")
+    parser.add_argument("--crop_stride", type=int, default=None,
+                        help="step of the fixed crop grid in pixels (default: half the crop)")
+    parser.add_argument("--time_budget", type=float, default=None, metavar="SECONDS",
+                        help="training time per run (combination x seed); stops at the epoch that would exceed it")
+    parser.add_argument("--n_bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    parser.add_argument("--throughput_steps", type=int, default=5,
+                        help="batches timed for the inference windows/s column (0: skip)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    parser.set_defaults(func=run)

@@ -1,0 +1,484 @@
+"""Running a comparison: every backbone x strategy x seed trained, scored and ranked, resumably.
+
+Layout of ``output_dir``::
+
+    leaderboard.csv / .md / .json / .png     the ranking (rewritten as rows finish)
+    runs/<pfm>__<strategy>/seed_<s>/         a complete training run (config.yaml, checkpoints/, history)
+        result.json                          its scores: per-image confusion matrices, metrics, timings
+        error.txt                            why it failed (a rerun tries again)
+    feature_cache/                           frozen backbone features (``--cache_dir`` to share it)
+
+**Resuming.** A run whose ``result.json`` matches its settings (the training config without output
+paths, the data mode, the scoring images, the weights file's content hash and the time budget) is
+reused without building a model; a run interrupted during training continues from its ``last.pt``
+when that was written under the same config; anything else is trained afresh. Rerunning the same
+command after an interruption or a failure therefore only does what is missing.
+
+**Failures.** A run that fails (a missing weights file, a configuration that does not fit a backbone,
+running out of memory ...) is recorded with its error (``error.txt`` and the leaderboard's ``error``
+column); the combination's remaining seeds are skipped and the other combinations go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import time
+import traceback
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, PfmsegError
+from ..training.callbacks import Callback, CancelToken
+from .data import CompareData, CropSetDataset, cache_incompatibilities
+from .leaderboard import Leaderboard, build_row, rank_rows
+from .spec import Combination, CompareSpec, run_config
+
+log = logging.getLogger("pfmseg_engine.compare")
+
+RESULT_FORMAT = 1
+
+CompareEvent = tuple[str, Any]
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """A run begins: ``index`` of ``total`` runs (combination x seed)."""
+
+    index: int
+    total: int
+    combination: Combination
+    seed: int
+    run_dir: Path
+
+
+@dataclass
+class CompareResult:
+    """How a comparison ended (``completed`` or ``cancelled``), its leaderboard and files."""
+
+    status: str
+    leaderboard: Leaderboard
+    output_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    runs: dict[tuple[Combination, int], dict[str, Any]] = field(default_factory=dict)
+    trained: int = 0  # runs trained (not reused) by this call
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.leaderboard.failed)
+
+    @property
+    def winner(self) -> Any:
+        return self.leaderboard.winner
+
+
+class _RunToken(CancelToken):
+    """A run's token: cancelled by the comparison's token (the user) or by :meth:`stop` (the time budget)."""
+
+    def __init__(self, parent: CancelToken | None):
+        super().__init__()
+        self.parent = parent
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.cancel()
+
+    @property
+    def user_cancelled(self) -> bool:
+        return self.parent is not None and self.parent.cancelled
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled or self.user_cancelled
+
+    @property
+    def paused(self) -> bool:
+        return self.parent is not None and self.parent.paused and not self.cancelled
+
+    def wait_while_paused(self, timeout: float | None = None) -> bool:
+        if self.parent is None:
+            return not self.cancelled
+        return self.parent.wait_while_paused(timeout) and not self.cancelled
+
+
+class _Budget(Callback):
+    """Stop a run at the first epoch end where another epoch would exceed ``seconds`` (at least one epoch)."""
+
+    def __init__(self, seconds: float, token: _RunToken):
+        self.seconds, self.token = float(seconds), token
+        self.start = time.perf_counter()
+        self.first_epoch = 0
+
+    def on_train_begin(self, trainer: Any) -> None:
+        self.start = time.perf_counter()
+        self.first_epoch = trainer.epoch
+
+    def on_epoch_end(self, trainer: Any, info: Any) -> None:
+        elapsed = time.perf_counter() - self.start
+        per_epoch = elapsed / max(1, trainer.epoch - self.first_epoch)
+        if trainer.epoch < trainer.epochs and elapsed + per_epoch > self.seconds:
+            log.info("Time budget of %.0f s reached after %d epoch(s).", self.seconds, trainer.epoch)
+            self.token.stop()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, PfmsegError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        from ..storage import describe_os_error
+
+        return describe_os_error(exc, action="accessing")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Comparison:
+    """Train and score every combination x seed of ``spec`` on ``data`` (default: ``config``'s dataset JSON).
+
+    :meth:`iter_run` is the loop as a generator of ``(kind, value)`` events (``status``: str, ``run``:
+    :class:`RunStart`, ``cache``: (done, total) windows, ``step``/``epoch``: the trainer's events,
+    ``result``: a run's scores, ``leaderboard``: the ranking so far) returning a
+    :class:`CompareResult`, so a GUI worker can drive it; :meth:`run` drains it. ``cancel`` stops after
+    the current batch; finished runs are kept (and ranked) and the same call resumes the rest.
+    """
+
+    def __init__(self, config: Any, spec: CompareSpec, output_dir: str | Path, *, data: CompareData | None = None,
+                 callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None,
+                 config_path: str | Path | None = None):
+        from ..storage import ensure_output_dir
+
+        self.config = config
+        self.spec = spec
+        self.output_dir = ensure_output_dir(output_dir, "comparison output folder")
+        self.data = data if data is not None else CompareData.from_seed_json(config)
+        self.callbacks = list(callbacks)
+        self.cancel = cancel or CancelToken()
+        self.config_path = config_path
+        self.combinations = spec.combinations(config.model.finetune_mode.type)
+        self.seeds = spec.seeds_for(config)
+        self.cache_root = Path(spec.cache_dir).expanduser() if spec.cache_dir else self.output_dir / "feature_cache"
+        reasons = cache_incompatibilities(config.training.augmentation)
+        if spec.feature_cache == "on" and reasons:
+            raise ConfigError("feature_cache 'on' needs training inputs that repeat exactly (a fixed crop set with "
+                              "flips/rotations only), but " + "; ".join(reasons) + ".")
+        self.fixed_crops = spec.feature_cache != "off" and not reasons
+        self.notes = list(self.data.notes)
+        if self.fixed_crops:
+            self.notes.append(
+                "Every row trained on the same fixed crop set (windows of the training crop size, stride "
+                f"{spec.crop_stride or 'half the crop'}, flips/rotations only)"
+                + ("; rows with a frozen backbone read its features from the feature cache."
+                   if spec.feature_cache != "off" else "."))
+        elif spec.feature_cache == "auto":
+            self.notes.append("No feature cache: the training augmentation is not limited to flips/rotations ("
+                              + "; ".join(reasons) + ").")
+        self.records: dict[tuple[Combination, int], dict[str, Any]] = {}
+        self.errors: dict[Combination, str] = {}
+        self._crop_sets: dict[tuple[int, int | None], CropSetDataset] = {}
+        self.trained = 0
+
+    # --- public -----------------------------------------------------------------------------------
+    def run(self) -> CompareResult:
+        events = self.iter_run()
+        while True:
+            try:
+                next(events)
+            except StopIteration as done:
+                return done.value
+
+    def iter_run(self) -> Generator[CompareEvent, None, CompareResult]:
+        total = len(self.combinations) * len(self.seeds)
+        log.info("Comparing %d combination(s) x %d seed(s) on %s, scored on %s; outputs in %s",
+                 len(self.combinations), len(self.seeds), self.data.description, self.data.eval_split, self.output_dir)
+        status = "completed"
+        index = 0
+        try:
+            for combination in self.combinations:
+                for seed in self.seeds:
+                    index += 1
+                    if combination in self.errors:
+                        continue
+                    run_dir = self.output_dir / "runs" / combination.name / f"seed_{seed}"
+                    yield "run", RunStart(index, total, combination, seed, run_dir)
+                    record = yield from self._run_one(combination, seed, run_dir)
+                    if record is None:  # cancelled by the user
+                        status = "cancelled"
+                        break
+                    if record["status"] == "ok":
+                        self.records[(combination, seed)] = record
+                    yield "result", record
+                if status == "cancelled":
+                    break
+                board = self.leaderboard()
+                board.write(self.output_dir, plot=False)
+                yield "leaderboard", board
+        finally:
+            board = self.leaderboard()
+            files = board.write(self.output_dir)
+        yield "leaderboard", board
+        return CompareResult(status, board, self.output_dir, files, dict(self.records), self.trained)
+
+    def leaderboard(self) -> Leaderboard:
+        rows = []
+        for combination in self.combinations:
+            runs = [self.records[(combination, s)] for s in self.seeds if (combination, s) in self.records]
+            rows.append(build_row(combination.pfm, combination.strategy, runs, self.data.class_names,
+                                  n_bootstrap=self.spec.n_bootstrap, error=self.errors.get(combination, ""),
+                                  expected_seeds=len(self.seeds)))
+        rows = rank_rows(rows, self.spec.n_bootstrap)
+        notes = list(self.notes)
+        if any(row.random_weights for row in rows):
+            notes.append("Rows marked with random weights (tiny test models or no weights) have meaningless scores: "
+                         "they only show the format.")
+        board = Leaderboard(rows, tuple(self.data.class_names), self.data.eval_split, self.spec.n_bootstrap, notes)
+        board.next_steps = self._next_steps(board)
+        return board
+
+    # --- one run ----------------------------------------------------------------------------------
+    def _reads_cache(self, combination: Combination) -> bool:
+        """Whether a run of ``combination`` would read cached features (decided from the tables, before building)."""
+        from ..backbones.registry import get_spec
+        from ..tuning import STRATEGIES
+
+        strategy = STRATEGIES[combination.strategy]
+        trains_backbone = any(p.startswith(r"backbone\.") for p in strategy.trainable)
+        return (self.fixed_crops and self.spec.feature_cache != "off" and not get_spec(combination.pfm).from_scratch
+                and not strategy.reads_final_tokens and not trains_backbone)
+
+    def _fingerprint(self, config: Any, weights_id: str, combination: Combination) -> str:
+        settings = config.to_dict()
+        settings.pop("logging", None)
+        settings.pop("visualization", None)
+        for key in ("device", "num_workers", "pin_memory"):
+            settings["system"].pop(key, None)
+        return _digest({
+            "format": RESULT_FORMAT, "config": settings, "weights": weights_id,
+            "data": {"fixed_crops": self.fixed_crops, "stride": self.spec.crop_stride,
+                     "cache_dtype": self.spec.cache_dtype if self._reads_cache(combination) else None,
+                     "eval": self.data.eval_split,
+                     "images": [self.data.test.name(i) for i in range(self.data.test.num_images())]},
+            "time_budget_s": self.spec.time_budget_s,
+        })
+
+    def _run_one(self, combination: Combination, seed: int, run_dir: Path
+                 ) -> Generator[CompareEvent, None, dict[str, Any] | None]:
+        result_path, error_path = run_dir / "result.json", run_dir / "error.txt"
+        try:
+            weights = self.spec.weights_for(combination.pfm, self.config)
+            config = run_config(self.config, combination, seed, run_dir, weights=weights, tiny=self.spec.tiny)
+            from ..backbones.registry import get_spec
+            from .cache import weights_identity
+
+            weights_id = weights_identity(weights, get_spec(combination.pfm), self.cache_root / "weights_sha256.json")
+            fingerprint = self._fingerprint(config, weights_id, combination)
+            previous = _read_json(result_path)
+            if previous and previous.get("fingerprint") == fingerprint and previous.get("status") == "ok":
+                log.info("%s seed %d: already done (%s); reused.", combination, seed, result_path)
+                return previous
+            if previous:
+                log.info("%s seed %d: settings changed since %s; training again.", combination, seed, result_path)
+            record = yield from self._train_and_score(combination, seed, run_dir, config, fingerprint, weights_id)
+            if record is None:
+                return None
+            resolved = weights_identity(weights, get_spec(combination.pfm), self.cache_root / "weights_sha256.json")
+            if resolved != weights_id:  # a hub model downloaded by this run: key its result by the file's hash
+                record.update(weights=resolved, fingerprint=self._fingerprint(config, resolved, combination))
+            from ..training.history import atomic_write_text
+
+            atomic_write_text(result_path, json.dumps(record, indent=None, allow_nan=True))
+            error_path.unlink(missing_ok=True)
+            self.trained += 1
+            return record
+        except Exception as exc:  # one failing combination never stops the others
+            message = _describe(exc)
+            log.error("%s seed %d failed: %s", combination, seed, message)
+            log.debug("%s", traceback.format_exc())
+            self.errors[combination] = message
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "error.txt").write_text(message + "\n\n" + traceback.format_exc(), encoding="utf-8")
+            except OSError:
+                pass
+            return {"status": "failed", "pfm": combination.pfm, "strategy": combination.strategy, "seed": seed,
+                    "error": message}
+
+    def _crop_set(self, config: Any) -> CropSetDataset:
+        key = (config.crop_size, self.spec.crop_stride)
+        if key not in self._crop_sets:
+            self._crop_sets[key] = CropSetDataset(
+                self.data.train, crop=config.crop_size, stride=self.spec.crop_stride,
+                transforms=config.training.augmentation.transforms, seed=config.system.seed,
+                ignore_index=self.data.ignore_index)
+        from .data import exact_probabilities, reachable_ops
+
+        dataset = copy.copy(self._crop_sets[key])  # the windows are shared; seed, ops and length are the run's
+        dataset.probabilities = exact_probabilities(config.training.augmentation.transforms)
+        dataset.ops = reachable_ops(dataset.probabilities)
+        dataset.seed, dataset.epoch, dataset.features = config.system.seed, 0, None
+        dataset.length = config.training.samples_per_epoch or len(dataset.boxes)
+        return dataset
+
+    def _train_and_score(self, combination: Combination, seed: int, run_dir: Path, config: Any, fingerprint: str,
+                         weights_id: str) -> Generator[CompareEvent, None, dict[str, Any] | None]:
+        from ..checkpoint import load_into, read_checkpoint
+        from ..training.runner import build_model_for
+        from ..training.trainer import Trainer
+        from .cache import FeatureCache, cache_refusal, cached_forward
+
+        device = self.spec.device or None
+        yield "status", f"{combination} seed {seed}: building the model"
+        model = build_model_for(config)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        token = _RunToken(self.cancel)
+        callbacks = list(self.callbacks)
+        if self.spec.time_budget_s:
+            callbacks.append(_Budget(self.spec.time_budget_s, token))
+        forward, cache_note, cache_seconds = None, "off", 0.0
+        if self.fixed_crops:
+            dataset: Any = self._crop_set(config)
+            refusal = cache_refusal(model) if self.spec.feature_cache != "off" else "feature cache off"
+            cache_note = f"no ({refusal})" if refusal else "yes"
+            if refusal is None:
+                from ..devices import resolve_device
+
+                cache = FeatureCache(self.cache_root, model, crop=config.crop_size, dtype=self.spec.cache_dtype)
+                started = time.perf_counter()
+                model.to(resolve_device(device or config.system.device))
+                computed = yield from self._fill(cache, dataset, model, config, token, device)
+                cache_seconds = time.perf_counter() - started
+                if token.user_cancelled:
+                    return None
+                cache_note = "yes (built)" if computed else "yes"
+                dataset.attach_features(cache.store(dataset))
+                forward = cached_forward
+        else:
+            dataset = self.data.default_train_dataset(config)
+        trainer = Trainer(config, model, dataset, self.data.val, device=device, callbacks=callbacks, cancel=token,
+                          forward=forward)
+        resume = _resumable(run_dir, config)
+        yield "status", f"{combination} seed {seed}: training" + (" (resumed)" if resume else "")
+        result = yield from trainer.iter_fit(resume=resume)
+        if token.user_cancelled:
+            return None
+        best = result.best_checkpoint if result.best_checkpoint.is_file() else result.last_checkpoint
+        load_into(model, read_checkpoint(best), source=f"checkpoint '{best}'")
+        model.eval()
+        yield "status", f"{combination} seed {seed}: scoring on {self.data.eval_split}"
+        scores = score_model(model, self.data.test, config, device=trainer.device)
+        speed = self._throughput(model, config, trainer.device)
+        train_seconds = float(sum(float(r.get("seconds") or 0.0) for r in result.history)) + cache_seconds
+        return {
+            "format": RESULT_FORMAT, "status": "ok", "fingerprint": fingerprint, "pfm": combination.pfm,
+            "strategy": combination.strategy, "head": model.config.head if not model.spec.from_scratch else "own",
+            "seed": seed, "eval_split": self.data.eval_split, "metrics": scores["metrics"],
+            "image_names": scores["names"], "confusions": scores["confusions"], "trainable_params": trainable,
+            "train_seconds": train_seconds, "cache_seconds": cache_seconds, "feature_cache": cache_note,
+            "windows_per_second": speed, "epochs": result.epochs_completed, "best_epoch": result.best_epoch,
+            "stopped_by_time_budget": token.stopped, "checkpoint": str(best), "weights": weights_id,
+            "random_weights": weights_id == "random-init" and not model.spec.from_scratch,
+        }
+
+    def _fill(self, cache: Any, dataset: CropSetDataset, model: Any, config: Any, token: _RunToken,
+              device: Any) -> Generator[CompareEvent, None, int]:
+        """Fill the cache batch by batch, passing its progress on as ``("cache", (done, total))`` events."""
+        filling = cache.iter_fill(dataset, device=next(model.parameters()).device,
+                                  batch_size=config.validation.batch_size, should_stop=lambda: token.cancelled)
+        while True:
+            try:
+                progress = next(filling)
+            except StopIteration as finished:
+                return finished.value
+            yield "cache", progress
+
+    def _throughput(self, model: Any, config: Any, device: Any) -> float | None:
+        if not self.spec.throughput_steps:
+            return None
+        from ..benchmarking import measure_throughput
+
+        try:
+            result = measure_throughput(model, config.window_size, config.validation.batch_size,
+                                        steps=self.spec.throughput_steps, warmup=1, device=device)
+        finally:
+            model.eval()
+        return result.images_per_second
+
+    def _next_steps(self, board: Leaderboard) -> list[str]:
+        winner = board.winner
+        if winner is None:
+            return []
+        config = str(self.config_path) if self.config_path else "YOUR_CONFIG.yaml"
+        options = [f"model.pfm_name={winner.pfm}", f"model.finetune_mode.type={winner.strategy}"]
+        weights = self.spec.weights_for(winner.pfm, self.config)
+        if weights:
+            options.append(f"model.pfm_weights_path={weights}")
+        if self.spec.tiny:
+            options.append("model.tiny=true")
+        return [
+            f"# train the winner with the full schedule ({winner.pfm} / {winner.strategy})",
+            f"python -m pfmseg_engine train --config {config} --options {' '.join(options)}",
+            "# or predict whole slides with the compared checkpoint right away",
+            f"python -m pfmseg_engine infer --checkpoint {winner.checkpoint} --slide SLIDE.svs --output_dir preds",
+        ]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _resumable(run_dir: Path, config: Any) -> Path | None:
+    """``last.pt`` of an interrupted run trained under exactly ``config``, else None."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return None
+    try:
+        from ..checkpoint import read_checkpoint
+
+        payload = read_checkpoint(last)
+    except Exception:
+        return None
+    stored = (payload.get("metadata") or {}).get("train_config")
+    return last if stored == config.to_dict() and payload.get("training_state") else None
+
+
+def score_model(model: Any, source: Any, config: Any, *, device: Any = None) -> dict[str, Any]:
+    """Per-image confusion matrices and pooled metrics of ``model`` on every image of ``source`` with a mask.
+
+    Predicted like validation: native resolution, ``validation.resize_or_windowslide`` with the config's
+    window, overlap and batch size.
+    """
+    from ..training.metrics import ConfusionMeter
+    from ..training.validation import iterate_predictions
+
+    meter = ConfusionMeter(config.num_classes, config.dataset.ignore_index)
+    names = []
+    for index, _image, mask, probs in iterate_predictions(
+            model, source, window=config.window_size, mode=config.validation.resize_or_windowslide,
+            overlap=config.validation.overlap, batch_size=config.validation.batch_size, device=device):
+        if mask is None:
+            continue
+        meter.update(probs.argmax(0), mask)
+        names.append(source.name(index))
+    if not names:
+        raise ConfigError("No scoring image has a mask.")
+    metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in meter.compute().items()}
+    return {"metrics": metrics, "names": names,
+            "confusions": [np.asarray(cm, dtype=np.int64).tolist() for cm in meter.per_image]}
+
+
+def compare_models(config: Any, spec: CompareSpec, output_dir: str | Path, **kwargs: Any) -> CompareResult:
+    """Run a :class:`Comparison` to the end (same arguments) and return its :class:`CompareResult`."""
+    return Comparison(config, spec, output_dir, **kwargs).run()

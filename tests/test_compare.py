@@ -1,0 +1,222 @@
+"""``compare``: every backbone x strategy x seed trained, scored with CIs, ranked, resumable, failures recorded.
+
+Tiny random-weight backbones, 32 px crops and one short epoch on the slide-tile dataset: the numbers are
+meaningless, the files, rows, resumption and failure handling are what is tested.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pfmseg_engine.cli import main
+
+GEOMETRIC_ONLY = {name: {"p": 0.0} for name in ("affine", "elastic", "color_jitter", "hed_jitter",
+                                                "brightness_contrast", "gamma", "blur", "noise", "cutout")}
+
+
+def write_config(tmp_path: Path, dataset: Path, **sections) -> Path:
+    config = {
+        "dataset": {"json_file": str(dataset)},
+        "system": {"num_workers": 0, "device": "cpu"},
+        "training": {"batch_size": 4, "epochs": 1, "samples_per_epoch": 4, "use_amp": False,
+                     "augmentation": {"RandomResizedCropSize": 32, "zoom": None, "transforms": GEOMETRIC_ONLY}},
+        "validation": {"batch_size": 16, "overlap": 0.0},
+        "logging": {"plot_history": False},
+        "visualization": {"save_predictions": False},
+    }
+    for name, values in sections.items():
+        config[name] = {**config.get(name, {}), **values}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def count_training(monkeypatch) -> list[str]:
+    """Record every training run started (Trainer.iter_fit calls)."""
+    from pfmseg_engine.training.trainer import Trainer
+
+    calls: list[str] = []
+    original = Trainer.iter_fit
+
+    def counted(self, resume=None):
+        calls.append(str(self.output_dir))
+        return original(self, resume)
+
+    monkeypatch.setattr(Trainer, "iter_fit", counted)
+    return calls
+
+
+def test_leaderboard_rerun_and_a_failing_combination(slide_tile_dataset, tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path, slide_tile_dataset)
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config), "--pfms", "kaiko-vits16,lunit_vits8,phikon,unet",
+            "--strategies", "frozen,cnn_adapter_small", "--seeds", "2", "--tiny", "--output_dir", str(out),
+            "--weights", f"phikon={tmp_path / 'missing.safetensors'}", "--n_bootstrap", "200",
+            "--throughput_steps", "1", "--no-progress"]
+    calls = count_training(monkeypatch)
+    assert main(args) == 1  # one combination failed: non-zero, the others finished
+    assert len(calls) == 2 * 2 * 2 + 2  # two PFMs x two strategies x two seeds, plus unet (one row) x two seeds
+    text = capsys.readouterr()
+    assert "failed" in text.err
+
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.png", "leaderboard.json"):
+        assert (out / name).stat().st_size > 0
+    rows = read_rows(out / "leaderboard.csv")
+    keys = [(r["pfm"], r["strategy"]) for r in rows]
+    assert sorted(keys) == sorted([("kaiko-vits16", "frozen"), ("kaiko-vits16", "cnn_adapter_small"),
+                                   ("lunit_vits8", "frozen"), ("lunit_vits8", "cnn_adapter_small"),
+                                   ("phikon", "frozen"), ("phikon", "cnn_adapter_small"), ("unet", "full")])
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 5 and [int(r["rank"]) for r in ok] == [1, 2, 3, 4, 5]
+    assert [float(r["mIoU"]) for r in ok] == sorted((float(r["mIoU"]) for r in ok), reverse=True)
+    for row in ok:
+        assert row["seeds"] == "0 1" and row["eval_split"] == "test" and row["n_images"] == "2"
+        for metric in ("mIoU", "Mean_Dice", "Pixel_Accuracy", "Dice_background", "Dice_dark"):
+            assert float(row[f"{metric}_ci_low"]) <= float(row[metric]) + 1e-9 <= float(row[f"{metric}_ci_high"]) + 2e-9
+        assert int(row["trainable_params"]) > 0 and float(row["train_seconds"]) > 0
+        assert float(row["inference_windows_per_s"]) > 0
+        assert Path(row["checkpoint"]).is_file()
+    assert ok[0]["vs_best"] == "best" and all(r["vs_best"] in ("tied", "below") for r in ok[1:])
+    frozen = next(r for r in ok if r["pfm"] == "kaiko-vits16" and r["strategy"] == "frozen")
+    assert frozen["feature_cache"].startswith("yes")
+    assert next(r for r in ok if r["pfm"] == "unet")["feature_cache"].startswith("no")
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert {r["pfm"] for r in failed} == {"phikon"} and all("does not exist" in r["error"] for r in failed)
+    assert all(r["rank"] == "" for r in failed)
+    markdown = (out / "leaderboard.md").read_text()
+    assert "| 1 |" in markdown and "phikon" in markdown and "meaningless" in markdown
+    payload = json.loads((out / "leaderboard.json").read_text())
+    assert payload["winner"]["pfm"] == ok[0]["pfm"] and payload["eval_split"] == "test"
+    for seed in (0, 1):
+        assert (out / "runs" / "kaiko-vits16__frozen" / f"seed_{seed}" / "result.json").is_file()
+        assert (out / "runs" / "phikon__frozen" / f"seed_{seed}" / "error.txt").is_file() or seed == 1
+
+    # the same command again trains nothing: finished runs are reused, the failing one fails again at once
+    before = (out / "runs" / "kaiko-vits16__frozen" / "seed_0" / "checkpoints" / "best.pt").stat().st_mtime_ns
+    calls.clear()
+    assert main(args) == 1
+    assert calls == []
+    assert (out / "runs" / "kaiko-vits16__frozen" / "seed_0" / "checkpoints" / "best.pt").stat().st_mtime_ns == before
+    again = read_rows(out / "leaderboard.csv")
+    assert [(r["pfm"], r["strategy"], r["mIoU"]) for r in again] == [(r["pfm"], r["strategy"], r["mIoU"])
+                                                                        for r in rows]
+
+    # one more seed: only the new seed trains
+    calls.clear()
+    assert main([*args[:args.index("--seeds") + 1], "0,1,2", *args[args.index("--seeds") + 2:]]) == 1
+    assert sorted(Path(c).name for c in calls) == ["seed_2"] * 5
+
+
+@pytest.mark.parametrize("protocol", ["frozen_light_decoder", "densebench"])
+def test_protocol_presets(protocol, slide_tile_dataset, tmp_path):
+    from pfmseg_engine.compare import CompareSpec, Comparison
+    from pfmseg_engine.training import load_config
+
+    config = write_config(tmp_path, slide_tile_dataset)
+    data = yaml.safe_load(config.read_text())
+    data["protocol"] = protocol
+    if protocol == "densebench":  # keep the preset's own crops and augmentation, at a test size
+        del data["training"]["augmentation"]
+        data["training"]["augmentation"] = {"RandomResizedCropSize": 32}
+    config.write_text(yaml.safe_dump(data))
+    train_config = load_config(config, ["training.epochs=1", "system.seeds=[0]"])
+    spec = CompareSpec(pfms=("kaiko-vits16",), strategies=("frozen", "cnn_adapter_small"), tiny=True,
+                       n_bootstrap=50, throughput_steps=0)
+    result = Comparison(train_config, spec, tmp_path / "cmp").run()
+    rows = {row.strategy: row for row in result.leaderboard.rows}
+    frozen = rows["frozen"]
+    assert frozen.status == "ok" and frozen.seeds == [0]
+    if protocol == "frozen_light_decoder":
+        assert frozen.head == "light" and frozen.feature_cache.startswith("yes")
+        assert rows["cnn_adapter_small"].status == "failed" and "light" in rows["cnn_adapter_small"].error
+        assert result.failed
+    else:
+        assert frozen.head == "cup" and rows["cnn_adapter_small"].status == "ok"
+        assert frozen.feature_cache == "off"  # the seed's area-scale crops and colour jitter: no exact reuse
+        assert any("not limited to flips/rotations" in note for note in result.leaderboard.notes)
+
+
+def test_test_split_without_masks_falls_back_to_val(slide_tile_dataset, tmp_path):
+    from pfmseg_engine.compare import CompareData
+    from pfmseg_engine.training import load_config
+
+    data = json.loads(slide_tile_dataset.read_text())
+    for entry in data["data"]["test"]:
+        entry["mask_path"] = None
+        entry["image_path"] = str(slide_tile_dataset.parent / entry["image_path"])
+    for entry in data["data"]["train"] + data["data"]["val"]:
+        for key in ("image_path", "mask_path"):
+            entry[key] = str(slide_tile_dataset.parent / entry[key])
+    dataset = tmp_path / "no_test_masks.json"
+    dataset.write_text(json.dumps(data))
+    compare_data = CompareData.from_seed_json(load_config(write_config(tmp_path, dataset)))
+    assert compare_data.eval_split == "val" and compare_data.test.num_images() == 1
+    assert any("no masks" in note for note in compare_data.notes)
+
+
+def test_spec_checks_names_and_seeds():
+    from pfmseg_engine import ConfigError
+    from pfmseg_engine.compare import CompareSpec, parse_seeds
+
+    assert parse_seeds(3) == (0, 1, 2) and parse_seeds("3") == (0, 1, 2) and parse_seeds("0,5") == (0, 5)
+    with pytest.raises(ConfigError, match="Did you mean 'phikon'"):
+        CompareSpec(pfms=("phikn",))
+    with pytest.raises(ConfigError, match="Did you mean 'frozen'"):
+        CompareSpec(pfms=("uni_v1",), strategies=("frozn",))
+    spec = CompareSpec(pfms="UNI_v1,unet", strategies="frozen,lora")
+    assert [str(c) for c in spec.combinations("frozen")] == ["uni_v1 / frozen", "uni_v1 / lora", "unet / full"]
+
+
+def test_cancel_keeps_finished_runs_and_resumes_the_interrupted_one(slide_tile_dataset, tmp_path, monkeypatch):
+    from pfmseg_engine.compare import CompareSpec, Comparison
+    from pfmseg_engine.training import Callback, CancelToken, load_config
+
+    config = load_config(write_config(tmp_path, slide_tile_dataset, training={"epochs": 2}))
+    spec = CompareSpec(pfms=("kaiko-vits16", "unet"), strategies=("frozen",), seeds=(0,), tiny=True,
+                       n_bootstrap=50, throughput_steps=0)
+    token = CancelToken()
+
+    class CancelInSecondRun(Callback):
+        def on_epoch_end(self, trainer, info):
+            if "unet" in str(trainer.output_dir) and info.epoch == 1:
+                token.cancel()
+
+    first = Comparison(config, spec, tmp_path / "cmp", callbacks=[CancelInSecondRun()], cancel=token).run()
+    assert first.status == "cancelled"
+    assert [r.pfm for r in first.leaderboard.rows if r.ok] == ["kaiko-vits16"]  # ranked and written
+    assert "kaiko-vits16" in (tmp_path / "cmp" / "leaderboard.csv").read_text()
+    assert not (tmp_path / "cmp" / "runs" / "unet__full" / "seed_0" / "result.json").exists()
+
+    resumed = []
+    from pfmseg_engine.training.trainer import Trainer
+
+    original = Trainer.iter_fit
+    monkeypatch.setattr(Trainer, "iter_fit", lambda self, resume=None: resumed.append(resume) or original(self, resume))
+    second = Comparison(config, spec, tmp_path / "cmp").run()
+    assert second.status == "completed" and second.trained == 1
+    assert len(resumed) == 1 and resumed[0] is not None and resumed[0].name == "last.pt"
+    assert next(r for r in second.runs.values() if r["pfm"] == "unet")["epochs"] == 2
+    assert {r.pfm for r in second.leaderboard.rows if r.ok} == {"kaiko-vits16", "unet"}
+
+
+def test_time_budget_stops_runs_after_an_epoch(slide_tile_dataset, tmp_path):
+    from pfmseg_engine.compare import CompareSpec, Comparison
+    from pfmseg_engine.training import load_config
+
+    config = load_config(write_config(tmp_path, slide_tile_dataset, training={"epochs": 5}))
+    spec = CompareSpec(pfms=("kaiko-vits16",), strategies=("frozen",), seeds=(0,), tiny=True, n_bootstrap=50,
+                       throughput_steps=0, time_budget_s=0.01)
+    result = Comparison(config, spec, tmp_path / "cmp").run()
+    [record] = result.runs.values()
+    assert record["epochs"] == 1 and record["stopped_by_time_budget"]
+    assert result.leaderboard.winner.pfm == "kaiko-vits16"
