@@ -234,7 +234,7 @@ def test_exports_and_coordinates(tmp_path):
     labels = labels_of(result)
     assert labels.shape == (128, 128) and (labels[32:64, 48:80] == 2).all() and labels[0, 0] == 1
 
-    geojson = json.loads(export_geojson(result.path, level=0).read_text())
+    geojson = json.loads(export_geojson(result.path, level=0, frame="file").read_text())  # the file's frame
     assert geojson["type"] == "FeatureCollection"
     features = {f["properties"]["classification"]["name"]: f for f in geojson["features"]}
     assert set(features) == {"class_0", "class_1"}

@@ -39,7 +39,7 @@ def test_region_covers_only_the_region_and_records_its_offset(tmp_path):
     assert shift == pytest.approx([(64 + 0.5) * 0.5, (96 + 0.5) * 0.5])  # micrometres, pixel centres
     # PixelModel is per pixel, so the region equals the same pixels of the whole slide's prediction
     np.testing.assert_array_equal(levels(region.path)[0], levels(whole.path)[0][32:67, 48:98])
-    features = json.loads(export_geojson(region.path, level=0).read_text())["features"]
+    features = json.loads(export_geojson(region.path, level=0, frame="file").read_text())["features"]
     xs = np.concatenate([np.array(ring)[:, 0] for f in features for poly in f["geometry"]["coordinates"]
                          for ring in poly])
     assert xs.min() == pytest.approx(1000 + 96) and xs.max() == pytest.approx(1000 + 96 + 100)

@@ -3,18 +3,22 @@
 Painting happens with napari's own labels tools; this widget only creates the layer so that it lines
 up with the slide at the chosen µm/px, edits the class names and colours (label k = class k-1,
 0 = not annotated) and shows how many pixels each class has, which tells the annotator which class
-needs more examples before training.
+needs more examples before training. The QuPath group imports QuPath's GeoJSON export as such a layer
+(plus its outlines) and exports an annotation layer as QuPath objects.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
+    QCheckBox,
     QColorDialog,
+    QComboBox,
     QFormLayout,
     QHeaderView,
     QTableWidget,
@@ -26,7 +30,7 @@ from qtpy.QtWidgets import (
 from ._annotations import classes_of, is_annotation_layer, new_annotation_layer, pixel_counts, set_classes
 from ._layers import META
 from ._notify import notify_error
-from ._qt_helpers import LayerCombo, button, dspin, group, row, wrapped
+from ._qt_helpers import LayerCombo, button, dspin, group, open_file, row, save_file, wrapped
 from ._session import DEFAULT_CLASSES, session_for
 from ._torch_guard import guard_triton
 
@@ -75,9 +79,24 @@ class AnnotateWidget(QWidget):
         classes.addWidget(self.table)
         classes.addWidget(row(button("Add class", self.add_class), button("Remove last class", self.remove_class)))
         classes.addWidget(self.totals)
+        self.per_region = QCheckBox("one object per region")
+        self.per_region.setToolTip("export each connected region as its own QuPath object (else one per class)")
+        self.object_type = QComboBox()
+        self.object_type.addItems(["annotation", "detection"])
+        self.object_type.setToolTip("QuPath object type of exported regions (detections: many small objects)")
+        self.min_area = dspin(0.0, 0.0, 1e9, 10.0, 1, tip="leave out regions smaller than this (µm²)")
+        qupath = QFormLayout()
+        qupath.addRow(row(button("Import GeoJSON…", self._import_dialog,
+                                 "QuPath 'Export objects as GeoJSON' -> an annotation layer (and outlines) on the "
+                                 "slide, at the resolution above"),
+                          button("Export GeoJSON…", self._export_dialog,
+                                 "the annotation layer as QuPath objects (level-0 pixel coordinates)")))
+        qupath.addRow(row(self.per_region, self.object_type))
+        qupath.addRow("min. region area (µm²)", self.min_area)
         layout = QVBoxLayout(self)
         layout.addWidget(group("Annotation layer", create))
         layout.addWidget(group("Classes (label k = class k-1, 0 = not annotated)", classes))
+        layout.addWidget(group("QuPath", qupath))
         layout.addStretch(1)
 
         self.image.layer_changed.connect(self._on_image)
@@ -149,6 +168,75 @@ class AnnotateWidget(QWidget):
         layer.mode = "paint"
         self.annotations.set_layer(layer)
         return layer
+
+    # --- QuPath ---------------------------------------------------------------------------------------
+    def import_geojson(self, path: str | Path) -> Any:
+        """Add a QuPath GeoJSON over the chosen slide as an annotation layer (and an outline shapes layer).
+
+        The layer is at the "annotate at µm/px" resolution, ready to paint and train on; returns it (None on
+        error, which is shown as a notification naming the file, the feature and the fix).
+        """
+        try:
+            image = self.image.layer()
+            if image is None:
+                from pfmseg_engine import ConfigError
+
+                raise ConfigError("Open the slide the annotations were drawn on first (File > Open).")
+            mpp = self._slide_mpp()
+            if mpp and not image.metadata.get(META, {}).get("mpp"):
+                from ._slides import set_slide_mpp
+
+                set_slide_mpp(image, mpp)
+            slide = self.session.slide_for(image, mpp)
+            slide.require_mpp()
+            from ._qupath import import_geojson
+
+            (data, kwargs), shapes = import_geojson(image, slide, path, max(self.target_mpp.value(), slide.mpp))
+        except Exception as exc:
+            notify_error(exc, "Importing the GeoJSON")
+            return None
+        if shapes is not None:
+            polygons, shape_kwargs = shapes
+            self.viewer.add_shapes(polygons, **shape_kwargs)
+        layer = self.viewer.add_labels(data, **kwargs)
+        layer.selected_label = 1
+        self.annotations.set_layer(layer)
+        from ._notify import notify_info
+
+        notify_info(f"Imported {Path(path).name}: classes {', '.join(kwargs['metadata'][META]['class_names'])}.")
+        return layer
+
+    def export_geojson(self, path: str | Path, layer: Any = None) -> Path | None:
+        """Write the annotation layer (or ``layer``) as QuPath objects; returns the file (None on error)."""
+        layer = layer if layer is not None else self.annotations.layer()
+        try:
+            if layer is None:
+                from pfmseg_engine import ConfigError
+
+                raise ConfigError("There is no annotation layer to export; create or import one first.")
+            from ._qupath import export_layer
+
+            written = export_layer(layer, path, image=self.image.layer(), per_region=self.per_region.isChecked(),
+                                   object_type=self.object_type.currentText(), min_area_um2=self.min_area.value())
+        except Exception as exc:
+            notify_error(exc, "Exporting the GeoJSON")
+            return None
+        from ._notify import notify_info
+
+        notify_info(f"Exported {layer.name} to {written} (open it in QuPath: File > Import objects).")
+        return written
+
+    def _import_dialog(self) -> None:
+        path = open_file(self, "Import QuPath GeoJSON", "GeoJSON (*.geojson *.json)")
+        if path:
+            self.import_geojson(path)
+
+    def _export_dialog(self) -> None:
+        layer = self.annotations.layer()
+        default = f"{layer.name}.geojson" if layer is not None else "annotations.geojson"
+        path = save_file(self, "Export as QuPath GeoJSON", "GeoJSON (*.geojson)", default)
+        if path:
+            self.export_geojson(path)
 
     def _classes_for_new_layer(self) -> tuple[list[str], list[list[int]]]:
         current = self.annotations.layer()

@@ -50,6 +50,37 @@ def new_annotation_layer(image: Any, slide: Any, target_mpp: float | None, class
     return np.zeros(plan.shape, dtype=np.uint8), kwargs
 
 
+def annotation_store_layer(path: Any, name: str | None = None) -> tuple[np.ndarray, dict[str, Any], str]:
+    """A saved annotation store (labels written by the plugin) as a paintable annotation layer tuple.
+
+    Whatever its size (a store larger than one chunk is saved as a pyramid), the full-resolution level is
+    read into memory as a plain array, so napari can paint it and the Train widget can train on it; its
+    classes, colours, resolution and placement come from the store.
+    """
+    from pathlib import Path
+
+    from pfmseg_engine.inference.omezarr import LabelOutput
+
+    from ._layers import default_colours, world_units
+
+    output = LabelOutput(path)
+    names = output.class_names
+    stored = output.colours()
+    defaults = default_colours(len(names))
+    colours = [list(stored.get(i + 1, defaults[i]))[:3] for i in range(len(names))]
+    data = np.asarray(output.levels[0][:], dtype=np.uint8)
+    slide_mpp = output.pfmseg.get("slide", {}).get("mpp") or output.mpp / output.downsample
+    unit, units = world_units(slide_mpp)
+    offset = output.region_offset
+    meta = {"kind": KIND, "image": None, "slide_path": None, "slide_mpp": slide_mpp, "target_mpp": output.mpp,
+            "downsample": output.downsample, "shape": list(data.shape), "class_names": list(names),
+            "colours": colours, "store": str(output.path), "offset_px": [float(o) for o in offset]}
+    kwargs = {"name": name or Path(output.path).name.removesuffix(".ome.zarr").removesuffix(".zarr"),
+              "metadata": {META: meta}, "units": (units, units), "opacity": 0.7,
+              **placement(unit, output.downsample, offset), **class_kwargs(names, colours)}
+    return data, kwargs, "labels"
+
+
 def class_kwargs(class_names: Sequence[str], colours: Sequence[Sequence[int]]) -> dict[str, Any]:
     """Colormap and features of a labels layer for these classes."""
     return {"colormap": label_colormap({i + 1: c for i, c in enumerate(colours)}),

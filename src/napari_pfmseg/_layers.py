@@ -139,6 +139,36 @@ def prediction_layer(path: str | Path, name: str | None = None, world: tuple[flo
     return (levels if len(levels) > 1 else levels[0], meta, "labels")
 
 
+def store_attributes(path: Path) -> dict[str, Any] | None:
+    """Our ``pfmseg`` metadata block of a zarr folder (zarr v2 or v3), or None when it has none."""
+    import json
+
+    for name in (".zattrs", "zarr.json"):
+        file = path / name
+        if file.is_file():
+            try:
+                attrs = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            attrs = attrs.get("attributes", attrs)
+            ome = attrs.get("ome", attrs)
+            block = attrs.get(META) or ome.get(META)
+            return block if isinstance(block, dict) else None
+    return None
+
+
+def is_annotation_store(path: Path) -> bool:
+    """Whether a zarr folder holds labels saved from napari (an annotation layer), not an engine prediction.
+
+    The plugin's writer records ``source: napari-pfmseg``; inference outputs record a run ``fingerprint``.
+    Such stores reopen as paintable annotation layers whatever their size.
+    """
+    block = store_attributes(path) or {}
+    return bool(block.get("class_names")) and (block.get("kind") == "annotation"
+                                              or (block.get("source") == "napari-pfmseg"
+                                                  and "fingerprint" not in block))
+
+
 def is_prediction_store(path: Path) -> bool:
     """Whether a zarr folder is a label store pfmseg wrote (a prediction, or labels saved by the plugin).
 

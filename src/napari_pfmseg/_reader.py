@@ -1,5 +1,9 @@
 """Reader: whole-slide images as lazy multiscale RGB layers, engine predictions as labels layers.
 
+Labels saved from napari by this plugin (annotation layers) reopen as paintable annotation layers, at
+any size, so they can be painted and trained on again; engine predictions open as read-only multiscale
+labels.
+
 Slides open through the engine's ``open_slide`` (tiffslide, no native OpenSlide), so the viewer
 sees exactly the pyramid and microns per pixel that training and inference use. Nothing is read
 until napari asks for the tiles in view. Returns layer data tuples only; never builds Qt objects.
@@ -15,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._layers import LayerDataTuple, is_prediction_store, prediction_layer, slide_layer
+from ._layers import LayerDataTuple, is_annotation_store, is_prediction_store, prediction_layer, slide_layer
 from ._torch_guard import guard_triton
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff")
@@ -59,6 +63,10 @@ def read_slides(path: str | list[str]) -> list[LayerDataTuple]:
 def read_one(path: Path) -> LayerDataTuple:
     """Open one slide or prediction store lazily (errors name the file and what to do)."""
     guard_triton()
+    if path.is_dir() and is_annotation_store(path):  # saved annotations: paintable and trainable again
+        from ._annotations import annotation_store_layer
+
+        return annotation_store_layer(path)
     if path.is_dir() and is_prediction_store(path):
         return prediction_layer(path)
     from pfmseg_engine.slides import open_slide

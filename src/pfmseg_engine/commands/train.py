@@ -8,13 +8,50 @@ import sys
 from . import add_command
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..training import TqdmProgress, load_config, train_from_config
+def _class_map(pairs: list[str] | None) -> dict[str, str]:
+    from ..errors import ConfigError
 
-    config = load_config(args.config, args.options)
+    mapping = {}
+    for pair in pairs or []:
+        old, sep, new = pair.partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise ConfigError(f"--class_map takes OLD=NEW pairs (e.g. 'Tumour=Tumor'), got '{pair}'.")
+        mapping[old.strip()] = new.strip()
+    return mapping
+
+
+def _train(args: argparse.Namespace, config, callbacks):
+    from ..errors import ConfigError
+    from ..training import train_from_config
+
+    slide_flags = [args.annotations, args.train_mpp, args.mpp, args.class_map]
+    if not args.slides:
+        if any(flag is not None for flag in slide_flags):
+            raise ConfigError("--annotations, --train_mpp, --mpp and --class_map train from whole slides; name the "
+                              "slides with --slides (one per annotation file).")
+        return train_from_config(config, resume=args.resume, device=args.device, callbacks=callbacks)
+    from ..training.slides import train_on_slides
+
+    if not args.annotations:
+        raise ConfigError("--slides needs --annotations: one QuPath GeoJSON export (or label store saved from napari) "
+                          "per slide, in the same order.")
+    if config.system.seeds:
+        raise ConfigError("system.seeds is not supported with --slides yet; remove it and train one seed per run.")
+    return train_on_slides(config, args.slides, args.annotations, resume=args.resume, device=args.device,
+                           callbacks=callbacks, train_mpp=args.train_mpp, mpp=args.mpp,
+                           validation_share=args.validation_share, frame=args.annotation_frame,
+                           class_map=_class_map(args.class_map),
+                           on_unsupported="skip" if args.skip_unsupported else "error",
+                           clip=args.clip_annotations)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import TqdmProgress, load_config
+
+    config = load_config(args.config, args.options, check_dataset=not args.slides)
     callbacks = [] if args.no_progress else [TqdmProgress()]
     try:
-        result = train_from_config(config, resume=args.resume, device=args.device, callbacks=callbacks)
+        result = _train(args, config, callbacks)
     except KeyboardInterrupt:
         if config.system.seeds:
             print(f"interrupted: every seed's completed epochs are kept under {config.output_dir}; continue with "
@@ -41,10 +78,15 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(
-        subparsers, "train", summary="train a model from a YAML config (seed format)",
+        subparsers, "train", summary="train a model from a YAML config (seed format) or from whole slides",
         description="Train from a seed-style YAML config (keys: docs/config.md). Checkpoints, history and\n"
-                    "curves go to logging.log_dir/logging.experiment_name; an interrupted run resumes.",
+                    "curves go to logging.log_dir/logging.experiment_name; an interrupted run resumes.\n"
+                    "With --slides and --annotations, train from whole slides annotated in QuPath (GeoJSON\n"
+                    "exports) or napari (saved label stores): classes come from the annotations, patches are\n"
+                    "read around them at --train_mpp, unannotated pixels and Ignore* classes are not trained on.",
         examples=["python -m pfmseg_engine train --config my.yaml",
+                  "python -m pfmseg_engine train --config my.yaml --slides a.svs b.ndpi "
+                  "--annotations a.geojson b.geojson --train_mpp 0.5",
                   "python -m pfmseg_engine train --config my.yaml --options training.epochs=50 "
                   "model.finetune_mode.type=lora model.pfm_weights_path=/models/uni.bin",
                   "python -m pfmseg_engine train --config my.yaml --resume logs/exp/checkpoints/last.pt",
@@ -58,4 +100,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--options", nargs="+", default=None, metavar="KEY=VALUE",
                         help="override config keys, e.g. training.epochs=3 model.finetune_mode.type=lora")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    slides = parser.add_argument_group("training from whole slides (dataset.json_file is then not needed)")
+    slides.add_argument("--slides", nargs="+", default=None, metavar="SLIDE",
+                        help="whole-slide images to train on (SVS, NDPI, TIFF, MRXS ...)")
+    slides.add_argument("--annotations", nargs="+", default=None, metavar="PATH",
+                        help="one per slide, same order: QuPath 'Export objects as GeoJSON' files (level-0 pixel "
+                             "coordinates) or label stores (.ome.zarr) saved by the napari plugin")
+    slides.add_argument("--train_mpp", type=float, default=None, metavar="UM_PER_PX",
+                        help="training resolution (default: model.mpp, else the backbone's pretraining "
+                             "resolution, else 0.5)")
+    slides.add_argument("--mpp", type=float, default=None, help="microns per pixel of slides without one in their "
+                                                                 "metadata")
+    slides.add_argument("--validation_share", type=float, default=0.2, metavar="SHARE",
+                        help="share of annotated regions held out for validation (default 0.2; 0: none)")
+    slides.add_argument("--class_map", nargs="+", default=None, metavar="OLD=NEW",
+                        help="rename annotation classes, e.g. 'Tumour=Tumor'")
+    slides.add_argument("--annotation_frame", choices=("qupath", "file"), default="qupath",
+                        help="GeoJSON coordinates as QuPath shows the image (default; cropped to the scanned "
+                             "bounds) or in the file's full level-0 frame")
+    slides.add_argument("--skip_unsupported", action="store_true",
+                        help="skip points and lines (only areas train) instead of stopping")
+    slides.add_argument("--clip_annotations", action="store_true",
+                        help="clip annotations reaching outside their slide instead of stopping")
     parser.set_defaults(func=run)

@@ -1,21 +1,32 @@
-"""Export predicted classes as GeoJSON polygons that QuPath imports as classified annotations.
+"""Export a finished label store as GeoJSON polygons that QuPath imports as classified objects.
 
-One ``MultiPolygon`` feature per class (holes kept), coordinates in slide level-0 pixels with the
-slide's bounds offset added, i.e. the frame of the original file. Polygons are traced on the
-coarsest pyramid level not exceeding ``max_side`` pixels, so the export costs the same for any
-slide size; pass ``level=0`` for full detail on small outputs.
+One ``MultiPolygon`` feature per class, or one ``Polygon`` feature per connected region
+(``per_region=True``), as QuPath ``annotation`` or ``detection`` objects, holes kept, with the area in
+``measurements``; regions below ``min_area_um2`` are left out. Polygons are traced on the coarsest
+pyramid level not exceeding ``max_side`` pixels, so the export costs the same for any slide size; pass
+``level=0`` for full detail on small outputs.
+
+Coordinates are slide level-0 pixels. A region prediction's offset is always added (the polygons
+belong where the region lies). The scanned-area bounds offset follows QuPath's convention: QuPath's
+OpenSlide server crops every image that has ``openslide.bounds-*`` (MIRAX, Leica SCN, ...) to those
+bounds (``OpenslideImageServer``: unless the image was added with ``--no-crop``), i.e. QuPath's pixel
+(0, 0) is the bounds origin, which is also our slide's pixel (0, 0); formats without bounds have a
+zero offset. So ``frame="qupath"`` (default) adds no bounds offset, for every format, and
+``frame="file"`` adds it (the file's full level-0 frame: OpenSlide ``read_region``, QuPath with
+``--no-crop``).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from ..storage import writing
+from ..annotations.export import OBJECT_TYPES, class_polygons, drop_collinear, labels_to_features, write_geojson
+from ..errors import ConfigError
 from .omezarr import LabelOutput
+
+__all__ = ["FRAMES", "OBJECT_TYPES", "class_polygons", "drop_collinear", "export_geojson", "frame_offset"]
+
+FRAMES = ("qupath", "file")
 
 
 def _pick_level(output: LabelOutput, level: int | None, max_side: int) -> int:
@@ -27,95 +38,55 @@ def _pick_level(output: LabelOutput, level: int | None, max_side: int) -> int:
     return len(output.levels) - 1
 
 
-def _signed_area(ring: np.ndarray) -> float:
-    x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))
+def frame_offset(output: LabelOutput, frame: str = "qupath") -> tuple[float, float]:
+    """(x, y) level-0 pixel offset of the store's pixel (0, 0) corner in the chosen coordinate frame."""
+    if frame not in FRAMES:
+        raise ConfigError(f"Unknown GeoJSON coordinate frame '{frame}'; choose one of {', '.join(FRAMES)}.")
+    ry, rx = output.region_offset
+    bx, by = output.bounds_offset if frame == "file" else (0, 0)
+    return bx + rx, by + ry
 
 
-def drop_collinear(ring: np.ndarray) -> np.ndarray:
-    """Remove vertices where the ring goes straight on (lossless for traced pixel outlines)."""
-    closed = ring[:-1]
-    step = np.diff(np.vstack([closed[-1:], closed, closed[:1]]), axis=0)
-    before, after = step[:-1], step[1:]
-    cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
-    keep = np.abs(cross) > 1e-9
-    kept = closed[keep] if keep.any() else closed[:1]
-    return np.vstack([kept, kept[:1]])
-
-
-def class_polygons(mask: np.ndarray, min_area: float = 4.0) -> list[list[np.ndarray]]:
-    """Polygons (outer ring, then holes; (x, y) pixel-corner coordinates) of a boolean mask.
-
-    Each 4-connected component gives one polygon: its largest contour is the outline, the others
-    its holes (tracing with background 8-connected matches 4-connected labelling exactly).
-    """
-    from scipy import ndimage
-    from skimage.measure import find_contours
-
-    components, _ = ndimage.label(mask)
-    sizes = np.bincount(components.ravel())
-    polygons = []
-    for index, box in enumerate(ndimage.find_objects(components), start=1):
-        if box is None or sizes[index] < min_area:
-            continue
-        sub = np.pad(components[box] == index, 1).astype(np.float32)
-        rings = []
-        for contour in find_contours(sub, 0.5, fully_connected="low"):
-            if len(contour) < 4:
-                continue
-            # (row, col) in the padded sub-array, pixel centres -> (x, y) pixel corners in the level
-            xy = np.stack([contour[:, 1] - 0.5 + box[1].start, contour[:, 0] - 0.5 + box[0].start], 1)
-            rings.append(drop_collinear(xy))
-        rings = [r for r in rings if len(r) >= 4]
-        if not rings:
-            continue
-        rings.sort(key=lambda r: -abs(_signed_area(r)))
-        outer, holes = rings[0], rings[1:]
-        # opposite windings for outline and holes (GeoJSON convention; QuPath accepts either)
-        outer = outer if _signed_area(outer) < 0 else outer[::-1]
-        holes = [h if _signed_area(h) > 0 else h[::-1] for h in holes]
-        polygons.append([outer, *holes])
-    return polygons
+def slide_mpp(output: LabelOutput) -> float | None:
+    """Micrometres per slide level-0 pixel of a store (None when unknown)."""
+    recorded = output.pfmseg.get("slide", {}).get("mpp")
+    if recorded:
+        return float(recorded)
+    try:
+        return output.mpp / output.downsample
+    except (KeyError, IndexError, ZeroDivisionError):
+        return None
 
 
 def export_geojson(store: str | Path, path: str | Path | None = None, *, level: int | None = None,
-                   max_side: int = 8192, min_area: float = 4.0, add_bounds_offset: bool = True) -> Path:
-    """Write a GeoJSON FeatureCollection of per-class polygons (default ``<name>.geojson`` beside it).
+                   max_side: int = 8192, min_area: float = 4.0, min_area_um2: float | None = None,
+                   per_region: bool = False, object_type: str = "annotation", frame: str = "qupath",
+                   add_bounds_offset: bool | None = None, measurements: bool = True) -> Path:
+    """Write a GeoJSON FeatureCollection of the store's classes (default ``<name>.geojson`` beside it).
 
-    Coordinates are slide level-0 pixels: a region's offset is always added (the polygons belong where
-    the region lies), the file frame's ``bounds_offset`` when ``add_bounds_offset`` (QuPath's frame).
+    ``per_region``: one feature per connected region instead of one per class; ``object_type``:
+    "annotation" or "detection" (QuPath object type); ``min_area_um2``: leave out regions smaller than
+    this many µm² (``min_area``: the same in pixels of the traced level, used when it is not given);
+    ``frame``: "qupath" or "file" (see the module docstring; ``add_bounds_offset=True``/``False`` is the
+    older spelling of "file"/"qupath").
     """
+    if add_bounds_offset is not None:
+        frame = "file" if add_bounds_offset else "qupath"
+    if object_type not in OBJECT_TYPES:
+        raise ConfigError(f"GeoJSON object type '{object_type}' is not one of {', '.join(OBJECT_TYPES)}.")
     output = LabelOutput(store)
     name = output.path.name.removesuffix(".ome.zarr")
     path = Path(path) if path else output.path.with_name(f"{name}.geojson")
     chosen = _pick_level(output, level, max_side)
-    labels = np.asarray(output.levels[chosen][:])
-    scale = output.downsample * 2**chosen
-    ry, rx = output.region_offset
-    bx, by = output.bounds_offset if add_bounds_offset else (0, 0)
-    ox, oy = bx + rx, by + ry
-    colours = output.colours()
-    features: list[dict[str, Any]] = []
-    for k, class_name in enumerate(output.class_names, start=1):
-        polygons = class_polygons(labels == k, min_area)
-        if not polygons:
-            continue
-        coords = [[np.round(ring * scale + (ox, oy), 2).tolist() for ring in polygon] for polygon in polygons]
-        rgb = colours.get(k, [255, 0, 0, 255])[:3]
-        features.append({
-            "type": "Feature",
-            "geometry": {"type": "MultiPolygon", "coordinates": coords},
-            "properties": {"objectType": "annotation", "name": class_name,
-                           "classification": {"name": class_name, "color": rgb}, "isLocked": False},
-        })
-    collection = {"type": "FeatureCollection", "features": features}
-    tmp = path.with_name(path.name + ".partial")
-    with writing(path, "the GeoJSON export"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            tmp.write_text(json.dumps(collection))
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        tmp.replace(path)
-    return path
+    labels = output.levels[chosen][:]
+    scale = output.downsample * 2**chosen  # slide level-0 px per traced pixel
+    mpp0 = slide_mpp(output)
+    if min_area_um2 is not None:
+        if not mpp0:
+            raise ConfigError("min_area_um2 needs the store's resolution (µm per pixel), which it does not record; "
+                              "give min_area in pixels instead.")
+        min_area = max(1.0, float(min_area_um2) / (mpp0 * scale) ** 2)
+    features = labels_to_features(labels, class_names=output.class_names, colours=output.colours(), scale=scale,
+                                  offset=frame_offset(output, frame), mpp=mpp0, per_region=per_region,
+                                  object_type=object_type, min_area_px=min_area, measurements=measurements)
+    return write_geojson(features, path)

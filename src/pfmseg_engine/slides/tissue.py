@@ -1,8 +1,27 @@
 """Tissue detection on a low-resolution thumbnail, so background is never read or computed.
 
-H&E (and most stains) are coloured, glass and background are grey: the HSV saturation of a
-~8 um/px thumbnail, median-blurred against dust and JPEG noise and thresholded with Otsu (never
-below a floor, so a blank slide finds no tissue), then cleaned with morphology, separates them well.
+H&E (and most stains) are coloured, glass and background are grey. On a ~8 um/px thumbnail (block
+means of a finer level, plus the grey-level spread inside each block as a texture measure):
+
+* **Pen marks are not tissue.** Blue, green and black marker ink is recognised by colour (H&E absorbs
+  green most, so stained tissue always has green as its lowest channel; blue ink has red lowest and blue
+  far above it, green ink has green highest, black ink is dark and grey) and removed, with a small margin
+  for the stroke edges, before anything else, so a heavily inked slide does not raise the saturation
+  threshold either.
+* **Stained tissue** is where the saturation (median-blurred against dust and JPEG noise) exceeds an Otsu
+  threshold over the non-ink pixels, never below a floor (a blank slide finds no tissue).
+* **Pale tissue is not dropped.** Loose stroma and fat are barely coloured: pixels that are faintly
+  coloured, darker than the glass, or textured (fat's thin membranes) are tissue when they are connected
+  to stained or faintly coloured textured tissue (hysteresis), so faint glass shading, dust and scratches
+  away from tissue are not; holes enclosed by tissue (fat cells, lumina) up to :data:`MAX_HOLE_UM2` are filled.
+  A section of pure fat with no coloured tissue at all is the case this cannot see: give an ROI.
+* Morphology removes specks smaller than :data:`MIN_AREA_UM2`.
+
+**Your own mask.** ``detect_tissue(slide, roi=...)`` takes a QuPath GeoJSON (its areas are the tissue;
+"Ignore*" areas are cut out), a label store or mask image, a shapely geometry or a boolean array, and
+either replaces the detection (``roi_mode="replace"``, the default: your mask is the truth) or restricts
+it (``roi_mode="intersect"``). ``TissueMask.from_geojson`` / ``TissueMask.from_mask`` build one directly.
+
 The mask is dilated by the inference window halo so windows that touch tissue edges are kept.
 """
 
@@ -11,6 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +42,18 @@ TISSUE_MPP = 8.0
 MIN_SATURATION = 0.07
 #: Objects and holes smaller than this (um^2) are noise.
 MIN_AREA_UM2 = 20_000.0
+#: Holes enclosed by tissue up to this area (um^2: 4 mm^2) are filled (fat cells, lumina, vessels).
+MAX_HOLE_UM2 = 4_000_000.0
+#: Faint colour of pale tissue (loose stroma, fat membranes): above glass noise, below the Otsu threshold.
+PALE_SATURATION = 0.04
+#: Pixels this much darker (grey levels) than the glass are pale tissue when connected to tissue.
+DARKER_THAN_GLASS = 18.0
+#: Grey-level spread inside a thumbnail block that counts as texture (at least; more on noisy glass).
+MIN_TEXTURE = 8.0
+#: Black ink: darker than this grey level (0-255) at thumbnail resolution.
+BLACK_INK_GREY = 60.0
+#: ROI modes of :func:`detect_tissue`.
+ROI_MODES = ("replace", "intersect")
 
 
 @dataclass
@@ -38,6 +70,8 @@ class TissueMask:
     mpp: float
     downsample: float
     threshold: float
+    ink: np.ndarray | None = None  # pen marks found (thumbnail grid), for QC
+    source: str = "detected"  # "detected", or what the user's ROI was ("roi: slide.geojson")
 
     def __post_init__(self) -> None:
         table = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.int32)
@@ -60,6 +94,18 @@ class TissueMask:
         t = self._table
         return bool(t[r1, c1] - t[r0, c1] - t[r1, c0] + t[r0, c0] > 0)
 
+    @classmethod
+    def from_mask(cls, slide: Slide, mask: Any, *, halo_um: float = 0.0, mpp: float = TISSUE_MPP,
+                  source: str = "mask") -> TissueMask:
+        """A tissue mask from your own boolean mask covering the whole slide (any resolution)."""
+        return detect_tissue(slide, halo_um=halo_um, mpp=mpp, roi=np.asarray(mask, bool), roi_name=source)
+
+    @classmethod
+    def from_geojson(cls, slide: Slide, path: str | Path, *, halo_um: float = 0.0, mpp: float = TISSUE_MPP,
+                     frame: str = "qupath") -> TissueMask:
+        """A tissue mask from the areas of a QuPath GeoJSON (any class; "Ignore*" areas are cut out)."""
+        return detect_tissue(slide, halo_um=halo_um, mpp=mpp, roi=Path(path), roi_frame=frame)
+
 
 def thumbnail(slide: Slide, mpp: float = TISSUE_MPP, block: int = 2048) -> tuple[np.ndarray, float]:
     """(thumbnail, level-0 pixels per thumbnail pixel) near ``mpp``, built block by block.
@@ -67,6 +113,14 @@ def thumbnail(slide: Slide, mpp: float = TISSUE_MPP, block: int = 2048) -> tuple
     Uses the coarsest level not coarser than ``mpp`` and an integer block mean, so memory stays at
     one block whatever the slide size.
     """
+    thumb, _, downsample = thumbnail_with_texture(slide, mpp, block)
+    return thumb, downsample
+
+
+def thumbnail_with_texture(slide: Slide, mpp: float = TISSUE_MPP, block: int = 2048
+                           ) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """(thumbnail, texture, downsample): :func:`thumbnail` plus the grey-level standard deviation inside
+    each thumbnail pixel's block (None when the level is used as is and blocks are single pixels)."""
     slide.require_mpp()
     mpps = slide.level_mpps
     candidates = [i for i, m in enumerate(mpps) if m <= mpp * 1.05] or [0]
@@ -76,16 +130,20 @@ def thumbnail(slide: Slide, mpp: float = TISSUE_MPP, block: int = 2048) -> tuple
     full_h, full_w = reader.shape[:2]
     height, width = -(-full_h // factor), -(-full_w // factor)  # partial edge blocks count too
     out = np.zeros((height, width, 3), np.uint8)
+    texture = np.zeros((height, width), np.float32) if factor > 1 else None
     step = max(1, block // factor)
     for y in range(0, height, step):
         for x in range(0, width, step):
             h, w = min(step, height - y), min(step, width - x)
-            src = np.asarray(reader[y * factor:(y + h) * factor, x * factor:(x + w) * factor])
+            src = np.asarray(reader[y * factor:(y + h) * factor, x * factor:(x + w) * factor])[..., :3]
             pad = ((0, h * factor - src.shape[0]), (0, w * factor - src.shape[1]), (0, 0))
             src = np.pad(src, pad, mode="edge") if pad[0][1] or pad[1][1] else src
             blocks = src.reshape(h, factor, w, factor, 3).astype(np.uint32).sum(axis=(1, 3))
             out[y:y + h, x:x + w] = (blocks + factor * factor // 2) // (factor * factor)
-    return out, slide.downsamples[level] * factor
+            if texture is not None:
+                grey = src.astype(np.float32).mean(axis=2).reshape(h, factor, w, factor)
+                texture[y:y + h, x:x + w] = grey.std(axis=(1, 3))
+    return out, texture, slide.downsamples[level] * factor
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:
@@ -94,23 +152,84 @@ def _saturation(rgb: np.ndarray) -> np.ndarray:
     return np.where(high > 0, (high - low) / np.maximum(high, 1.0), 0.0).astype(np.float32)
 
 
-def tissue_from_thumbnail(thumb: np.ndarray, mpp: float) -> tuple[np.ndarray, float]:
-    """(tissue mask, saturation threshold) of an RGB thumbnail at ``mpp`` um/px."""
+def ink_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pen marks (blue, green, black marker ink) in an RGB thumbnail.
+
+    Stained tissue absorbs green most (haematoxylin and eosin both do), so green is its lowest channel.
+    Blue ink has red lowest and blue well above red; green ink has green highest; black ink is dark and
+    grey. Tissue-marking dyes of the same colours count as ink too.
+    """
+    r, g, b = (rgb[..., i].astype(np.float32) for i in range(3))
+    grey = (r + g + b) / 3.0
+    high, low = np.maximum(np.maximum(r, g), b), np.minimum(np.minimum(r, g), b)
+    sat = np.where(high > 0, (high - low) / np.maximum(high, 1.0), 0.0)
+    blue = (b - r > 40) & (g - r > -10) & (b >= g)
+    green = (g - r > 20) & (g >= b - 10)
+    black = (grey < BLACK_INK_GREY) & (sat < 0.45)
+    return blue | green | black
+
+
+def tissue_from_thumbnail(thumb: np.ndarray, mpp: float, texture: np.ndarray | None = None,
+                          ) -> tuple[np.ndarray, float]:
+    """(tissue mask, saturation threshold) of an RGB thumbnail at ``mpp`` um/px (see the module docstring).
+
+    ``texture`` is the grey-level spread inside each thumbnail pixel (:func:`thumbnail_with_texture`);
+    without it (a level read as is) texture is not used.
+    """
+    mask, threshold, _ = _detect(thumb, mpp, texture)
+    return mask, threshold
+
+
+def _detect(thumb: np.ndarray, mpp: float, texture: np.ndarray | None) -> tuple[np.ndarray, float, np.ndarray]:
     from scipy import ndimage
     from skimage.filters import threshold_otsu
 
+    if thumb.size == 0:
+        empty = np.zeros(thumb.shape[:2], bool)
+        return empty, MIN_SATURATION, empty
+    smooth = ndimage.median_filter(thumb, size=(5, 5, 1), mode="nearest")
     sat = ndimage.median_filter(_saturation(thumb), size=5, mode="nearest")
+    grey = smooth.astype(np.float32).mean(axis=2)
+    ink = ink_mask(smooth)
+    clean = ~ndimage.binary_dilation(ink, iterations=2)  # stroke edges blend with glass or tissue
     threshold = MIN_SATURATION
-    if sat.size and sat.max() > sat.min():
-        threshold = max(MIN_SATURATION, float(threshold_otsu(sat)))
-    mask = sat > threshold
-    mask = ndimage.binary_closing(mask, structure=np.ones((3, 3), bool), iterations=2, border_value=0)
-    mask = ndimage.binary_opening(mask, structure=np.ones((3, 3), bool), iterations=1)
+    values = sat[clean]
+    if values.size and values.max() > values.min():
+        threshold = max(MIN_SATURATION, float(threshold_otsu(values)))
+    strong = (sat > threshold) & clean
+    # glass: bright, colourless, smooth; its level and its noise set the pale-tissue criteria
+    glassy = clean & (sat < PALE_SATURATION) & (grey > 150)
+    glass_grey, glass_texture = None, 0.0
+    if glassy.sum() >= max(16, 0.02 * glassy.size):
+        glass_grey = float(np.median(grey[glassy]))
+        glass_texture = float(np.median(texture[glassy])) if texture is not None else 0.0
+    # texture (fat membranes, loose fibres) needs the spread inside blocks of a finer level; a thumbnail read
+    # as is has none, and its own pixel-to-pixel spread would only outline every tissue edge
+    textured = texture > max(MIN_TEXTURE, 4.0 * glass_texture) if texture is not None else np.zeros_like(clean)
+    faint = sat > PALE_SATURATION
+    pale = faint | textured
+    if glass_grey is not None:
+        pale |= grey < glass_grey - DARKER_THAN_GLASS
+    seeds = strong | (faint & textured & clean)
+    candidates = (pale | strong) & clean
+    candidates = ndimage.binary_closing(candidates, structure=np.ones((3, 3), bool), iterations=2, border_value=0)
+    # holes enclosed by tissue up to MAX_HOLE_UM2 (fat cells inside their membranes, lumina), before the opening
+    # erases thin membranes
+    max_hole = int(MAX_HOLE_UM2 / (mpp * mpp)) + 1
+    small_holes = ~candidates & ~_drop_small(~candidates, max_hole)
+    candidates |= small_holes & ndimage.binary_fill_holes(candidates)
+    candidates = ndimage.binary_opening(candidates, structure=np.ones((3, 3), bool), iterations=1) & clean
+    # hysteresis: pale pixels count where they connect to stained (or faintly coloured, textured) tissue
+    components, _ = ndimage.label(candidates)
+    keep = np.zeros(components.max() + 1, bool)
+    keep[np.unique(components[seeds & candidates])] = True
+    keep[0] = False
+    mask = keep[components]
     # a fixed floor would erase every object of a small crop or biopsy: cap it at 1 % of the image
     min_px = max(1, int(min(MIN_AREA_UM2 / (mpp * mpp), 0.01 * mask.size)))
     mask = _drop_small(mask, min_px)
-    mask = ~_drop_small(~mask, min_px)  # fill small holes
-    return mask, threshold
+    mask = ~_drop_small(~mask, min_px) & clean  # fill small holes; pen marks are never tissue
+    return mask, threshold, ink
 
 
 def _drop_small(mask: np.ndarray, min_px: int) -> np.ndarray:
@@ -135,21 +254,96 @@ def dilate(mask: np.ndarray, radius: float) -> np.ndarray:
     return ndimage.distance_transform_edt(~mask) <= radius
 
 
-def detect_tissue(slide: Slide, *, halo_um: float = 0.0, mpp: float = TISSUE_MPP) -> TissueMask:
-    """Detect tissue at about ``mpp`` um/px and dilate the mask by ``halo_um`` micrometres."""
-    thumb, downsample = thumbnail(slide, mpp)
+def detect_tissue(slide: Slide, *, halo_um: float = 0.0, mpp: float = TISSUE_MPP, roi: Any = None,
+                  roi_mode: str = "replace", roi_frame: str = "qupath", roi_name: str | None = None) -> TissueMask:
+    """Detect tissue at about ``mpp`` um/px and dilate the mask by ``halo_um`` micrometres.
+
+    ``roi`` is your own tissue mask or region of interest: a QuPath GeoJSON path (its areas, any class,
+    are tissue; "Ignore*" areas are cut out; ``roi_frame`` as in :func:`~pfmseg_engine.annotations.read_geojson`),
+    a label store folder (labels > 0) or a mask image (non-zero = tissue, stretched over the slide),
+    a shapely geometry in level-0 pixels, or a boolean array covering the whole slide at any resolution.
+    ``roi_mode="replace"`` (default) uses it instead of the detection, ``"intersect"`` keeps only detected
+    tissue inside it.
+    """
+    if roi_mode not in ROI_MODES:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"roi_mode must be one of {', '.join(ROI_MODES)}, got '{roi_mode}'.")
+    thumb, texture, downsample = thumbnail_with_texture(slide, mpp)
     thumb_mpp = slide.require_mpp() * downsample
-    tissue, threshold = tissue_from_thumbnail(thumb, thumb_mpp)
+    tissue, threshold, ink = _detect(thumb, thumb_mpp, texture)
+    source = "detected"
+    if roi is not None:
+        region, source = roi_mask(slide, roi, thumb.shape[:2], downsample, frame=roi_frame)
+        source = roi_name or source
+        tissue = region if roi_mode == "replace" else tissue & region
+        source = source if roi_mode == "replace" else f"detected within {source}"
     mask = dilate(tissue, math.ceil(halo_um / thumb_mpp) if halo_um > 0 else 0)
     return TissueMask(mask=mask, tissue=tissue, thumbnail=thumb, mpp=thumb_mpp, downsample=downsample,
-                      threshold=threshold)
+                      threshold=threshold, ink=ink, source=source)
+
+
+def roi_mask(slide: Slide, roi: Any, shape: tuple[int, int], downsample: float, frame: str = "qupath"
+             ) -> tuple[np.ndarray, str]:
+    """(boolean mask on the ``shape`` grid of ``downsample`` level-0 px per pixel, description) of an ROI."""
+    from ..errors import DataError
+
+    if isinstance(roi, (str, Path)):
+        path = Path(roi).expanduser()
+        name = f"roi: {path.name}"
+        if not path.exists():
+            raise DataError(f"Tissue ROI '{path}' does not exist; give a QuPath GeoJSON, a label store or a mask "
+                            "image.")
+        if path.is_dir():
+            from ..annotations.rasterize import StoreLabels
+
+            labels = StoreLabels(path, shape, downsample)
+            return np.asarray(labels) > 0, name
+        if path.suffix.lower() in (".geojson", ".json"):
+            from ..annotations.geojson import read_geojson
+
+            found = read_geojson(path, frame=frame, bounds_offset=slide.bounds_offset, keep_unclassified=True)
+            if not found.features:
+                raise DataError(f"Tissue ROI '{path}' holds no areas (Polygon/MultiPolygon); draw the tissue regions "
+                                "in QuPath and export them with File > Export objects as GeoJSON.")
+            return _polygon_mask([f.geometry for f in found.features], [not f.ignored for f in found.features],
+                                 shape, downsample), name
+        from PIL import Image
+
+        try:
+            image = np.asarray(Image.open(path).convert("L")) > 0
+        except Exception as exc:
+            raise DataError(f"Tissue ROI '{path}' is not GeoJSON, a label store or an image ({exc}).") from exc
+        return _resize_mask(image, slide, shape, downsample), name
+    if hasattr(roi, "geom_type"):
+        return _polygon_mask([roi], [True], shape, downsample), "roi: geometry"
+    array = np.asarray(roi)
+    if array.ndim != 2:
+        raise DataError(f"A tissue ROI array must be 2-D (H, W), got shape {array.shape}.")
+    return _resize_mask(array != 0, slide, shape, downsample), "roi: mask"
+
+
+def _polygon_mask(geometries: list[Any], inside: list[bool], shape: tuple[int, int], downsample: float) -> np.ndarray:
+    from ..annotations.rasterize import PolygonLabels
+
+    labels = PolygonLabels(geometries, [1 if keep else 0 for keep in inside], shape, downsample)
+    return np.asarray(labels) > 0
+
+
+def _resize_mask(mask: np.ndarray, slide: Slide, shape: tuple[int, int], downsample: float) -> np.ndarray:
+    """A whole-slide mask at any resolution, sampled (nearest, at pixel centres) onto the thumbnail grid."""
+    width0, height0 = slide.dimensions
+    rows = ((np.arange(shape[0]) + 0.5) * downsample * mask.shape[0] / height0).astype(np.int64)
+    cols = ((np.arange(shape[1]) + 0.5) * downsample * mask.shape[1] / width0).astype(np.int64)
+    return mask[np.ix_(np.clip(rows, 0, mask.shape[0] - 1), np.clip(cols, 0, mask.shape[1] - 1))]
 
 
 def tissue_qc_image(tissue: TissueMask) -> np.ndarray:
-    """Thumbnail with tissue tinted green and the dilation halo tinted blue (RGB uint8)."""
+    """Thumbnail with tissue tinted green, the dilation halo blue and pen marks found red (RGB uint8)."""
     image = tissue.thumbnail.astype(np.float32)
     halo = tissue.mask & ~tissue.tissue
-    for region, colour in ((tissue.tissue, (0, 200, 0)), (halo, (40, 90, 255))):
+    ink = tissue.ink if tissue.ink is not None else np.zeros_like(tissue.tissue)
+    for region, colour in ((tissue.tissue, (0, 200, 0)), (halo, (40, 90, 255)), (ink & ~tissue.mask, (230, 30, 30))):
         image[region] = 0.6 * image[region] + 0.4 * np.asarray(colour, np.float32)
     return image.round().astype(np.uint8)
 

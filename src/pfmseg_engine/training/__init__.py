@@ -16,6 +16,7 @@ from .runner import (
 )
 from .schedulers import SCHEDULERS, build_scheduler
 from .seed_keys import SEED_KEYS
+from .slides import build_slide_trainer, train_on_slides
 from .trainer import Trainer, TrainEvent, TrainingError, TrainResult
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "build_loss",
     "build_optimizer",
     "build_scheduler",
+    "build_slide_trainer",
     "config_from_dict",
     "confusion_matrix",
     "default_config_path",
@@ -50,5 +52,6 @@ __all__ = [
     "metrics_from_confusion",
     "train_from_config",
     "train_on_annotations",
+    "train_on_slides",
     "train_seeds",
 ]
