@@ -6,6 +6,7 @@ everything runs on a CPU in seconds. Predictions are compared with the engine's 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,20 @@ def test_annotate_train_and_predict_the_whole_slide(app, qtbot, tmp_path):
         np.testing.assert_array_equal(got, want)
     assert set(np.unique(shown[0])) <= {0, 1, 2} and (shown[0] > 0).any()
     assert layer.scale[-1] == pytest.approx(1.0) and layer.translate[-1] == pytest.approx(0.25)
+
+    # the dock shows how much of each class the slide holds (the CSV beside the OME-Zarr)
+    measured = outcome.extra["measurements"]
+    assert Path(measured["path"]).is_file() and Path(measured["path"]).parent == Path(outcome.path).parent
+    text = app.predict.measurements.text()
+    for name in ("background", "tissue"):
+        area = sum(float(r["area_mm2"]) for r in measured["rows"] if r["class"] == name)
+        assert area == pytest.approx(float((shown[0] == ("background", "tissue").index(name) + 1).sum()) * 1e-6)
+        assert f"{name}: " in text
+    app.predict.per_region.setChecked(True)
+    app.predict.object_type.setCurrentText("detection")
+    exported = app.predict.export(layer, tmp_path / "regions.geojson", "geojson")
+    features = json.loads(exported.read_text())["features"]
+    assert features and {f["properties"]["objectType"] for f in features} == {"detection"}
 
 
 def test_retraining_continues_from_the_current_model(app, qtbot):

@@ -178,3 +178,23 @@ def test_planning_at_an_unchosen_resolution_warns():
         warnings.simplefilter("error", MagnificationWarning)
         plan_slide(slide, known, SlideInferenceConfig(tissue=False))
         plan_slide(slide, unknown, SlideInferenceConfig(tissue=False, target_mpp=0.5))
+
+
+def test_a_tissue_roi_decides_where_prediction_runs(tmp_path):
+    """--tissue_roi: a QuPath GeoJSON replaces the detected tissue; outside it nothing is predicted."""
+    import zarr
+
+    from pfmseg_engine.inference import predict_slide
+
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"classification": {"name": "Tissue"}},
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [128, 0], [128, 96], [0, 96], [0, 0]]]}}]}))
+    slide = Slide.from_array(random_image(256, 320, seed=4), mpp=8.0, name="roi")
+    result = predict_slide(PixelModel(), slide, tmp_path / "out", window=32, chunk=64, tissue=True,
+                           tissue_roi=str(roi), tissue_halo_um=0.0)
+    labels = np.asarray(zarr.open_group(str(result.path), mode="r")["0"][:])
+    assert labels[:96, :128].all()  # the ROI is predicted
+    assert not labels[160:, :].any() and not labels[:, 192:].any()  # far outside it, nothing
+    with pytest.raises(ConfigError, match="needs tissue detection"):
+        predict_slide(PixelModel(), slide, tmp_path / "other", window=32, tissue=False, tissue_roi=str(roi))

@@ -10,7 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QLineEdit, QProgressBar, QVBoxLayout, QWidget
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QVBoxLayout,
+    QWidget,
+)
 
 from ._annotate_widget import is_slide_layer
 from ._layers import META
@@ -61,7 +70,14 @@ class PredictWidget(QWidget):
         self.progress = QProgressBar()
         self.progress.setFormat("%v / %m chunks")
         self.status = wrapped("Idle.")
+        self.measurements = wrapped("")
+        self.measurements.setToolTip("area of each class in the finished prediction (the CSV beside the OME-Zarr)")
         self.export_layer = LayerCombo(napari_viewer, is_prediction_layer)
+        self.per_region = QCheckBox("GeoJSON: one object per connected region")
+        self.object_type = QComboBox()
+        self.object_type.addItems(["annotation", "detection"])
+        self.object_type.setToolTip("QuPath object type of the exported regions")
+        self.min_area = dspin(0.0, 0.0, 1e9, 10.0, 1, tip="GeoJSON: drop regions smaller than this (µm²)")
         self.predict_button = button("Predict", self.predict)
         self.cancel_button = button("Cancel", self.controller.cancel, "stop after the current chunk (resumable)")
 
@@ -79,6 +95,8 @@ class PredictWidget(QWidget):
         form.addRow("output folder", row(self.output, button("…", self._browse_output)))
         exports = QVBoxLayout()
         exports.addWidget(self.export_layer)
+        exports.addWidget(self.per_region)
+        exports.addWidget(row(QLabel("QuPath objects"), self.object_type, QLabel("min area (µm²)"), self.min_area))
         exports.addWidget(row(*(button(f"{kind.upper() if kind != 'geojson' else 'GeoJSON'}…",
                                        lambda k=kind: self._export_dialog(k)) for kind in EXPORTS)))
         layout = QVBoxLayout(self)
@@ -86,6 +104,7 @@ class PredictWidget(QWidget):
         layout.addWidget(row(self.predict_button, self.cancel_button))
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
+        layout.addWidget(self.measurements)
         layout.addWidget(group("Export", exports))
         layout.addStretch(1)
 
@@ -128,8 +147,10 @@ class PredictWidget(QWidget):
 
     def export(self, layer: Any, path: str | Path, kind: str) -> Path | None:
         """Export a finished prediction layer (``zarr``, ``tiff`` or ``geojson``)."""
+        options = {"per_region": self.per_region.isChecked(), "object_type": self.object_type.currentText(),
+                   "min_area_um2": self.min_area.value()} if kind == "geojson" else {}
         try:
-            written = export_prediction(layer, path, kind)
+            written = export_prediction(layer, path, kind, **options)
         except Exception as exc:
             notify_error(exc, "Export")
             return None
@@ -146,6 +167,7 @@ class PredictWidget(QWidget):
         self._update_buttons()
 
     def _on_finished(self, outcome: Any) -> None:
+        self.measurements.setText(measurement_summary(outcome.extra.get("measurements") or {}))
         if outcome.status == "completed":
             self.status.setText(f"Done: {outcome.path}")
             if outcome.layer is not None:
@@ -177,3 +199,17 @@ class PredictWidget(QWidget):
         path = save_file(self, f"Export {layer.name}", filters, f"{layer.name.split(' ')[0]}{suffix}")
         if path:
             self.export(layer, path, kind)
+
+
+def measurement_summary(measured: dict[str, Any]) -> str:
+    """The finished prediction's class areas as dock text (the full table is the CSV beside the output)."""
+    rows = [r for r in measured.get("rows", ()) if r.get("class")]
+    if not rows:
+        return ""
+    lines = []
+    for r in rows:
+        share = r.get("share_of_tissue")
+        share = f", {float(share):.1%} of tissue" if share not in (None, "") else ""
+        count = f", {int(float(r['count']))} objects" if r.get("count") not in (None, "") else ""
+        lines.append(f"{r['class']}: {float(r['area_mm2']):.4g} mm²{share}{count}")
+    return "Measurements (" + str(measured.get("path", "")) + "):\n" + "\n".join(lines)

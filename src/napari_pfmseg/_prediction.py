@@ -66,7 +66,10 @@ class PredictOutcome:
 
 @guarded_generator
 def _run(model: Any, targets: list[Target], device: str, cancel: threading.Event):
-    """The worker: run each target's plan in turn, yielding (target index, chunk result)."""
+    """The worker: run each target's plan in turn, yielding (target index, chunk result).
+
+    A finished output gets its measurements CSV here, in the worker (it reads the whole store)."""
+    from pfmseg_engine.annotations.measurements import read_measurements, write_measurements
     from pfmseg_engine.inference.slide import iter_execute_plan
 
     results = []
@@ -77,7 +80,10 @@ def _run(model: Any, targets: list[Target], device: str, cancel: threading.Event
                 try:
                     chunk = next(generator)
                 except StopIteration as stop:
-                    results.append(stop.value)
+                    result = stop.value
+                    csv = write_measurements(result.path)
+                    result.extra["measurements"] = {"path": csv, "rows": read_measurements(csv)}
+                    results.append(result)
                     break
                 yield index, chunk
                 if cancel.is_set():
@@ -313,8 +319,9 @@ class PredictionController:
                 target.layer.metadata = {**target.layer.metadata, META: {**meta, "status": "cancelled"}}
             main = main or target
         path = main.result.path if main is not None and main.result is not None else None
+        measured = main.result.extra.get("measurements", {}) if main is not None and main.result is not None else {}
         self.last = PredictOutcome(status, path, main.layer if main else None,
-                                   sum(r.chunks_run for r in results))
+                                   sum(r.chunks_run for r in results), extra={"measurements": measured})
         if status == "completed":
             notify_info(f"Prediction finished: {path}")
 
@@ -383,8 +390,11 @@ def _first_slide_layer(viewer: Any) -> Any:
     return None
 
 
-def export_prediction(layer: Any, path: str | Path, kind: str) -> Path:
-    """Export a finished prediction layer's store: ``zarr`` (copy), ``tiff`` (pyramidal) or ``geojson``."""
+def export_prediction(layer: Any, path: str | Path, kind: str, **geojson_options: Any) -> Path:
+    """Export a finished prediction layer's store: ``zarr`` (copy), ``tiff`` (pyramidal) or ``geojson``.
+
+    ``geojson_options`` go to :func:`~pfmseg_engine.inference.export_geojson.export_geojson`
+    (``per_region``, ``object_type``, ``min_area_um2``, ``frame``)."""
     import shutil
 
     from pfmseg_engine import ConfigError
@@ -406,7 +416,7 @@ def export_prediction(layer: Any, path: str | Path, kind: str) -> Path:
     if kind == "geojson":
         from pfmseg_engine.inference.export_geojson import export_geojson
 
-        return export_geojson(store, path)
+        return export_geojson(store, path, **geojson_options)
     raise ConfigError(f"Unknown export format '{kind}'; choose zarr, tiff or geojson.")
 
 

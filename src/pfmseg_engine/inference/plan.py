@@ -107,7 +107,10 @@ class SlideInferenceConfig:
     ``int(window * (1 - overlap))`` (at least 1), as in MONAI's ``sliding_window_inference``, so a run
     computes the same windows MONAI would. ``chunk``: output chunk side (raised to the window).
     ``tissue_halo_um``: tissue-mask dilation in micrometres (default: the window overlap, window - stride
-    pixels). ``pyramid``: label downsampling, "mode" (2x2 majority) or "nearest".
+    pixels). ``tissue_roi``: your own tissue mask or region of interest (a QuPath GeoJSON, a label
+    store, a mask image: see :func:`~pfmseg_engine.slides.detect_tissue`), used instead of the
+    detection (``tissue_roi_mode="replace"``) or to limit it (``"intersect"``); needs ``tissue``.
+    ``pyramid``: label downsampling, "mode" (2x2 majority) or "nearest".
     Runtime only: ``batch_size`` (windows per model call; batches span chunks), ``prefetch`` (chunks
     read ahead; default: the read workers + 1, at least 2), ``read_workers`` (reader threads; default:
     the CPU cores this process may use).
@@ -121,6 +124,8 @@ class SlideInferenceConfig:
     chunk: int = 1024
     tissue: bool = True
     tissue_halo_um: float | None = None
+    tissue_roi: str | None = None
+    tissue_roi_mode: str = "replace"
     probabilities: bool = False
     ngff: str = "0.4"
     pyramid: str = "mode"
@@ -245,7 +250,7 @@ class SlidePlan:
             return None
         halo = self.config.tissue_halo_um
         halo = self.overlap_px * self.mpp if halo is None else halo
-        return detect_tissue(self.slide, halo_um=halo)
+        return detect_tissue(self.slide, halo_um=halo, roi=self.config.tissue_roi, roi_mode=self.config.tissue_roi_mode)
 
     @cached_property
     def chunks(self) -> dict[tuple[int, int], ChunkPlan]:
@@ -367,6 +372,8 @@ def plan_slide(
     info = model_info if isinstance(model_info, ModelInfo) else ModelInfo.from_model(model_info)
     if info.num_classes > MAX_CLASSES:
         raise ConfigError(f"{info.num_classes} classes do not fit uint8 labels (at most {MAX_CLASSES}).")
+    if config.tissue_roi is not None and not config.tissue:
+        raise ConfigError("A tissue ROI limits where tissue is; it needs tissue detection on (drop --no-tissue).")
     if config.blend not in BLEND_MODES:
         raise ConfigError(f"Unknown blend mode '{config.blend}'; choose one of {', '.join(BLEND_MODES)}.")
     if config.target_mpp is None and info.mpp is None:
