@@ -220,3 +220,30 @@ def test_time_budget_stops_runs_after_an_epoch(slide_tile_dataset, tmp_path):
     [record] = result.runs.values()
     assert record["epochs"] == 1 and record["stopped_by_time_budget"]
     assert result.leaderboard.winner.pfm == "kaiko-vits16"
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_compare_on_real_nuclei(shared_data, tmp_path):
+    """Two backbones x two strategies x two seeds on MoNuSeg: a complete, ranked leaderboard with CIs."""
+    config = write_config(tmp_path, shared_data / "monuseg" / "dataset.json",
+                          training={"batch_size": 4, "epochs": 1, "samples_per_epoch": 40, "use_amp": False,
+                                    "learning_rate": 0.002, "loss": {"type": "ce_dice"},
+                                    "augmentation": {"RandomResizedCropSize": 64, "zoom": None,
+                                                     "transforms": GEOMETRIC_ONLY}},
+                          validation={"batch_size": 16, "overlap": 0.0, "augmentation": {"ResizedSize": 256}})
+    out = tmp_path / "cmp"
+    code = main(["compare", "--config", str(config), "--pfms", "kaiko-vits16,lunit_vits8", "--strategies",
+                 "frozen,cnn_adapter_small", "--seeds", "2", "--tiny", "--output_dir", str(out),
+                 "--n_bootstrap", "200", "--throughput_steps", "1", "--no-progress"])
+    assert code == 0
+    rows = read_rows(out / "leaderboard.csv")
+    assert sorted((r["pfm"], r["strategy"]) for r in rows) == [
+        ("kaiko-vits16", "cnn_adapter_small"), ("kaiko-vits16", "frozen"),
+        ("lunit_vits8", "cnn_adapter_small"), ("lunit_vits8", "frozen")]
+    for row in rows:
+        assert row["status"] == "ok" and row["eval_split"] == "test" and row["n_images"] == "4"
+        assert 0.0 < float(row["Mean_Dice"]) < 1.0
+        for metric in ("mIoU", "Mean_Dice", "Pixel_Accuracy"):
+            assert float(row[f"{metric}_ci_low"]) <= float(row[metric]) + 1e-9 <= float(row[f"{metric}_ci_high"]) + 2e-9
+    assert (out / "leaderboard.png").stat().st_size > 0
