@@ -43,6 +43,19 @@ def _blocks(height: int, width: int, block: int = BLOCK):
             yield y, x, min(height, y + block), min(width, x + block)
 
 
+def label_blocks(labels: Any) -> list[tuple[int, int, int, int]]:
+    """(y0, x0, y1, x1) blocks of ``labels`` that may hold annotations.
+
+    Every ``BLOCK``-sized block of an array; lazy label sources that know where their annotations are
+    (polygon labels over a whole slide, where most blocks are empty) name them by ``candidate_blocks``,
+    so only those are read.
+    """
+    candidates = getattr(labels, "candidate_blocks", None)
+    if candidates is not None:
+        return [(y0, x0, y1, x1) for y0, y1, x0, x1 in candidates(BLOCK)]
+    return list(_blocks(*labels.shape[:2]))
+
+
 class SparsePatchDataset(Dataset):
     """``samples_per_epoch`` patches of ``patch_size`` pixels around annotated pixels.
 
@@ -112,8 +125,7 @@ class SparsePatchDataset(Dataset):
         """label value -> (n, 3) int64 rows (pair, y, x) of annotated pixels, at most ``cap`` per value."""
         found: dict[int, list[np.ndarray]] = {}
         for pair, labels in enumerate(self.labels):
-            height, width = labels.shape
-            for y0, x0, y1, x1 in _blocks(height, width):
+            for y0, x0, y1, x1 in label_blocks(labels):
                 block = np.asarray(labels[y0:y1, x0:x1])
                 if block.min() < 0:
                     raise DataError(f"Labels {pair} contain negative values; use 0 for not annotated, k for class k-1.")

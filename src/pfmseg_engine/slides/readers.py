@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ class ThreadLocalHandles:
         self._local = threading.local()
 
 
-class LevelReader:
+class LevelReader(ABC):
     """One pyramid level of a slide file, read region by region through a backend's handle.
 
     Subclasses say how to open a handle (:meth:`_open`) and how to read a region of the level
@@ -110,11 +111,13 @@ class LevelReader:
         self.offset = (int(offset[0]), int(offset[1]))
         self._handles = handles or ThreadLocalHandles(self._open)
 
+    @abstractmethod
     def _open(self) -> Any:
-        raise NotImplementedError
+        """A new handle on the slide file for the calling thread (the backend's own object)."""
 
+    @abstractmethod
     def _read(self, handle: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        raise NotImplementedError
+        """Pixels (y0:y1, x0:x1) of this level, in level coordinates, as (h, w, 3) uint8."""
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

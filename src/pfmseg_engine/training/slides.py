@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.sparse import BLOCK, SparsePatchDataset, _blocks
+from ..data.sparse import SparsePatchDataset
 from ..errors import ConfigError, DataError
 from .callbacks import Callback, CancelToken
 from .config import TrainConfig, config_from_dict
@@ -52,41 +52,6 @@ class SlideTrainingPair:
     image: Any
     labels: Any
     source: Any
-
-
-class SlidePatchDataset(SparsePatchDataset):
-    """The sparse patch sampler indexing only the label blocks that can hold annotations.
-
-    :class:`~pfmseg_engine.data.sparse.SparsePatchDataset` scans every 4096-px block of every label array
-    for annotated pixels; on a whole slide at the training resolution most blocks are empty, and lazy
-    polygon labels know which ones are (``candidate_blocks``), so only those are rasterised.
-    """
-
-    def _index(self, cap: int) -> dict[int, np.ndarray]:
-        found: dict[int, list[np.ndarray]] = {}
-        for pair, labels in enumerate(self.labels):
-            height, width = labels.shape
-            candidates = getattr(labels, "candidate_blocks", None)
-            blocks = ([(y0, x0, y1, x1) for y0, y1, x0, x1 in candidates(BLOCK)] if candidates is not None
-                      else list(_blocks(height, width)))
-            for y0, x0, y1, x1 in blocks:
-                block = np.asarray(labels[y0:y1, x0:x1])
-                ys, xs = np.nonzero(block)
-                if ys.size == 0:
-                    continue
-                values = block[ys, xs]
-                for value in np.unique(values):
-                    sel = values == value
-                    rows = np.stack([np.full(sel.sum(), pair), ys[sel] + y0, xs[sel] + x0], axis=1)
-                    found.setdefault(int(value), []).append(rows.astype(np.int64))
-        rng = np.random.default_rng(self.seed)
-        points = {}
-        for value, chunks in found.items():
-            rows = np.concatenate(chunks)
-            if len(rows) > cap:
-                rows = rows[np.sort(rng.choice(len(rows), cap, replace=False))]
-            points[value] = rows
-        return points
 
 
 def default_train_mpp(config: TrainConfig) -> float:
@@ -232,7 +197,7 @@ def build_slide_trainer(config: TrainConfig, slides: Sequence[Any], annotations:
                                                                max_validation_regions)
     n, ignore = config.num_classes, config.dataset.ignore_index
     try:
-        train = SlidePatchDataset(
+        train = SparsePatchDataset(
             [p.image for p in pairs], train_labels, patch_size=config.crop_size, num_classes=n,
             samples_per_epoch=samples_per_epoch or config.training.samples_per_epoch or 256, ignore_index=ignore,
             transform=build_augmentation(config, crop=False), seed=config.system.seed,
