@@ -185,3 +185,19 @@ def test_streamed_pyramid_redraws_every_level(make_napari_viewer, qtbot, tmp_pat
     qtbot.wait(50)
     assert layer.data_level == 0 and np.asarray(layer._slice.image.raw).any()
     viewer.layers.clear()
+
+
+def test_reader_opens_openslide_only_formats(make_napari_viewer, tmp_path):
+    """A Hamamatsu VMS (OpenSlide reads it, tiffslide does not) opens in the viewer like any slide."""
+    from test_slide_backends import _write_vms
+
+    assert all(napari_get_reader(str(tmp_path / f"slide{s}")) is not None for s in (".mrxs", ".scn", ".bif", ".dcm"))
+    (tmp_path / "dicom").mkdir()
+    (tmp_path / "dicom" / "level0.dcm").write_bytes(b"")
+    assert napari_get_reader(str(tmp_path / "dicom")) is not None  # a DICOM WSI series folder
+    vms, image = _write_vms(tmp_path)
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(vms), plugin="pfmseg")
+    arrays = list(layer.data) if layer.multiscale else [layer.data]
+    np.testing.assert_array_equal(np.asarray(arrays[0]), image)
+    assert layer.scale[-1] == pytest.approx(0.5)

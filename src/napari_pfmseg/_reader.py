@@ -4,7 +4,7 @@ Labels saved from napari by this plugin (annotation layers) reopen as paintable 
 any size, so they can be painted and trained on again; engine predictions open as read-only multiscale
 labels.
 
-Slides open through the engine's ``open_slide`` (tiffslide, no native OpenSlide), so the viewer
+Slides open through the engine's ``open_slide`` (tiffslide, OpenSlide or wsidicom, chosen per file), so the viewer
 sees exactly the pyramid and microns per pixel that training and inference use. Nothing is read
 until napari asks for the tiles in view. Returns layer data tuples only; never builds Qt objects.
 
@@ -22,16 +22,24 @@ from typing import Any
 from ._layers import LayerDataTuple, is_annotation_store, is_prediction_store, prediction_layer, slide_layer
 from ._torch_guard import guard_triton
 
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff")
+# what the engine's reader backends open (tiffslide; OpenSlide: MIRAX, Hamamatsu, Leica, Ventana, Sakura, Zeiss;
+# DICOM WSI as .dcm files or a folder of them)
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".qptiff", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide",
+                  ".czi", ".dcm")
 
 
 def _accepts(path: Path) -> bool:
     if path.is_dir():
-        return is_prediction_store(path)
+        return is_prediction_store(path) or _is_dicom_folder(path)
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         return _is_rgb_tiff(path)
     return suffix in SLIDE_SUFFIXES
+
+
+def _is_dicom_folder(path: Path) -> bool:
+    """A DICOM WSI series folder (its instances as .dcm files)."""
+    return next(path.glob("*.dcm"), None) is not None
 
 
 def _is_rgb_tiff(path: Path) -> bool:
