@@ -1,4 +1,5 @@
-"""One slide per dask.distributed task; reruns are idempotent (finished slides are not recomputed)."""
+"""One slide per dask.distributed task (an in-process client); reruns are idempotent (finished slides are
+not recomputed). Worker processes, killed workers and failures: test_cohort_cluster.py."""
 
 from __future__ import annotations
 
@@ -39,3 +40,6 @@ def test_slides_over_a_cluster(tmp_path):
         again = predict_slides("unused.pt", paths, tmp_path / "out", config, client=client, mpp=1.0,
                                model_loader=pixel_loader)
         assert [r.chunks_run for r in again] == [0, 0]
+        assert [r.extra["status"] for r in again] == ["reused", "reused"]
+    summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 3 and all(",reused," in line for line in summary[1:])

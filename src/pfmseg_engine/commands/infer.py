@@ -11,9 +11,18 @@ Whole slides::
         [--mpp 0.25] [--target_mpp 0.5] [--no-tissue] [--overlap 0.25] [--blend gaussian] \\
         [--export ome-tiff geojson]
 
+Cohorts (files, globs, folders and manifest CSVs mixed; one task per slide on a local cluster or a
+running dask scheduler)::
+
+    python -m pfmseg_engine infer --slide cohort/ 'more/**/*.ndpi' manifest.csv --checkpoint best.pt \
+        --output_dir out [--scheduler local|local:N|tcp://host:8786] [--retries 1] [--recycle_after K]
+
 Slides go to ``<output_dir>/<name>.ome.zarr`` (plus a tissue QC PNG); an interrupted run resumes
-when the same command is run again. Each slide's plan (resolution, window and stride, windows and
-chunks, output path) is printed first; ``--dry_run`` prints only the plans.
+when the same command is run again, and finished slides are reused. Each slide's plan (resolution,
+window and stride, windows and chunks, output path) is printed first; ``--dry_run`` prints only the
+plans. A slide that fails is retried ``--retries`` times, then recorded as failed while the others go
+on; ``summary.csv``/``.json``/``.md`` in the output folder say what happened to each slide, and the
+exit code is 1 when any failed (a run of one slide stops with its error, exit code 2, as before).
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError
+from ..distributed.cohort import DEFAULT_RETRIES
+from ..errors import CheckpointError, ConfigError, PfmsegError
+from ..slides import READER_HELP, READERS
 from . import add_command
 
 log = logging.getLogger(__name__)
@@ -94,34 +105,18 @@ def run_image_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(result, exports: list[str] | None) -> None:
-    from ..inference.export_geojson import export_geojson
-    from ..inference.export_tiff import export_ome_tiff
-
-    exporters = {"ome-tiff": export_ome_tiff, "geojson": export_geojson}
+def _report(record, write=print) -> None:
+    """One slide's outcome (a :class:`~pfmseg_engine.distributed.SlideRecord`) for people."""
+    result = record.result
+    if result is None:
+        error = record.error or ""
+        write(f"FAILED {record.name} ({record.slide}): {error[:200]}{'...' if len(error) > 200 else ''}")
+        return
     tissue = f", tissue {result.tissue_fraction:.0%}" if result.tissue_fraction is not None else ""
-    print(f"{result.path}  ({result.shape[1]}x{result.shape[0]} px at {result.mpp:.4g} um/px, "
-          f"{result.chunks_run}/{result.chunks_total} chunks run{tissue})")
-    for name in exports or ():
-        print(f"  exported {exporters[name](result.path)}")
-
-
-def run_on_cluster(args: argparse.Namespace, config) -> int:
-    """One slide per task on the dask.distributed scheduler at ``--scheduler``."""
-    from ..distributed import predict_slides
-
-    try:
-        from distributed import Client
-    except ImportError as exc:
-        raise ConfigError('--scheduler needs the distributed package: pip install "dask[distributed]".'
-                          ) from exc
-    if args.region:
-        raise ConfigError("--region predicts part of one slide; run it without --scheduler.")
-    with Client(args.scheduler) as client:
-        predict_slides(resolve_checkpoint(args.checkpoint), args.slide, args.output_dir, config,
-                       client=client, weights=args.weights, mpp=args.mpp, device=args.device,
-                       on_done=lambda result: _report(result, args.export))
-    return 0
+    state = "reused" if record.status == "reused" else f"{result.chunks_run}/{result.chunks_total} chunks run"
+    write(f"{result.path}  ({result.shape[1]}x{result.shape[0]} px at {result.mpp:.4g} um/px, {state}{tissue})")
+    for path in record.exports:
+        write(f"  exported {path}")
 
 
 def slide_config(args: argparse.Namespace):
@@ -134,59 +129,95 @@ def slide_config(args: argparse.Namespace):
     )
 
 
-def plan_only(args: argparse.Namespace, config) -> int:
+def collect(args: argparse.Namespace):
+    """The slides ``--slide`` names (files, globs, folders, manifests), with the run's --mpp and --region."""
+    from ..distributed import collect_slides
+
+    return collect_slides(args.slide, mpp=args.mpp, region=args.region)
+
+
+def plan_only(args: argparse.Namespace, config, jobs) -> int:
     """``--dry_run``: print each slide's plan (geometry, windows, chunks, paths) without building the model."""
+    import dataclasses
+
     from ..checkpoint import read_checkpoint
     from ..inference.plan import ModelInfo, plan_slide
     from ..slides import open_slide
 
     info = ModelInfo.from_model_config(read_checkpoint(resolve_checkpoint(args.checkpoint))["config"])
-    for path in args.slide:
-        with open_slide(path, mpp=args.mpp) as slide:
-            plan = plan_slide(slide, info, config, region=tuple(args.region) if args.region else None,
-                              output_dir=args.output_dir)
-            print(plan.summary())
-            state = ("complete" if plan.final.exists() else
-                     "partial: resumes" if plan.partial.exists() else "new")
-            print(f"  output {state}; tissue QC {plan.qc_path or 'off'}; pyramid "
-                  f"{' '.join(f'{w}x{h}' for h, w in plan.pyramid_shapes)}")
-    return 0
+    failed = 0
+    for job in jobs:
+        settings = config if job.target_mpp is None else dataclasses.replace(config, target_mpp=job.target_mpp)
+        try:
+            with open_slide(job.path, mpp=job.mpp, reader=args.reader) as slide:
+                plan = plan_slide(slide, info, settings, region=job.region, output_dir=args.output_dir,
+                                  name=job.name)
+                print(plan.summary())
+                state = ("complete" if plan.final.exists() else
+                         "partial: resumes" if plan.partial.exists() else "new")
+                print(f"  output {state}; tissue QC {plan.qc_path or 'off'}; pyramid "
+                      f"{' '.join(f'{w}x{h}' for h, w in plan.pyramid_shapes)}")
+        except PfmsegError as exc:
+            if len(jobs) == 1:
+                raise
+            failed += 1
+            print(f"FAILED {job.label} ({job.path}): {exc}")
+    if failed:
+        print(f"{failed} of {len(jobs)} slides cannot be planned.")
+    return 1 if failed else 0
+
+
+def finish(cohort) -> int:
+    """Print the run's outcome; exit code 1 when any slide failed. A run of one slide that failed stops
+    with that slide's error (one message, exit code 2), as single-slide runs always did."""
+    if len(cohort.records) == 1 and cohort.failed and isinstance(cohort.failed[0].exception, PfmsegError | OSError):
+        raise cohort.failed[0].exception
+    print(cohort.line() + f"; summary: {Path(cohort.output_dir) / 'summary.md'}")
+    for record in cohort.failed:
+        print(f"  failed: {record.name} ({record.slide}): {record.error}")
+    if cohort.failed:
+        print("Run the same command again to retry the failed slides (finished ones are reused).")
+    print("Open in napari: napari --plugin pfmseg <slide> (or drag the .ome.zarr onto the viewer).")
+    return 1 if cohort.failed else 0
+
+
+def run_on_cluster(args: argparse.Namespace, config, jobs) -> int:
+    """One slide per task on a local cluster (``local[:N]``) or the scheduler at ``--scheduler``."""
+    from tqdm import tqdm
+
+    from ..distributed import run_cohort
+    from ..distributed.cluster import open_client
+
+    dashboard = None if str(args.dashboard).lower() in ("none", "off", "") else args.dashboard
+    with open_client(args.scheduler, dashboard=dashboard) as client:
+        cohort = run_cohort(resolve_checkpoint(args.checkpoint), jobs, args.output_dir, config, client=client,
+                            weights=args.weights, device=args.device, reader=args.reader, retries=args.retries,
+                            overwrite=args.overwrite, exports=args.export or (), wait=None,
+                            recycle_after=args.recycle_after, progress=True,
+                            on_record=lambda record: _report(record, tqdm.write))
+    return finish(cohort)
 
 
 def run_slides(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..inference.plan import plan_slide
-    from ..inference.runner import model_info
-    from ..inference.slide import execute_plan
-    from ..slides import open_slide
+    from ..distributed import run_cohort
 
     config = slide_config(args)
-    if args.scheduler:
-        return run_on_cluster(args, config)
+    jobs = collect(args)
     if args.dry_run:
-        return plan_only(args, config)
+        return plan_only(args, config, jobs)
+    if args.scheduler:
+        return run_on_cluster(args, config, jobs)
+    if args.recycle_after:
+        log.warning("--recycle_after restarts cluster workers; without --scheduler it has no effect.")
     model = load_model(args)
-    info = model_info(model)
-    for path in args.slide:
-        with open_slide(path, mpp=args.mpp) as slide:
-            plan = plan_slide(slide, info, config, region=tuple(args.region) if args.region else None,
-                              output_dir=args.output_dir)
-            print(plan.summary())
-            bar = tqdm(desc=Path(path).name, unit="chunk")
-
-            def update(chunk, bar=bar) -> None:
-                bar.total = chunk.total
-                bar.update(chunk.done - bar.n)
-
-            try:
-                result = execute_plan(plan, model, device=args.device, callback=update, overwrite=args.overwrite,
-                                      wait=args.wait)
-            finally:
-                bar.close()
-        _report(result, args.export)
-    print("Open in napari: napari --plugin pfmseg <slide> (or drag the .ome.zarr onto the viewer).")
-    return 0
+    cohort = run_cohort(resolve_checkpoint(args.checkpoint), jobs, args.output_dir, config, model=model,
+                        weights=args.weights, device=args.device, reader=args.reader, retries=args.retries,
+                        overwrite=args.overwrite, exports=args.export or (), wait=args.wait, progress=True,
+                        on_plan=lambda plan: tqdm.write(plan.summary()),
+                        on_record=lambda record: _report(record, tqdm.write))
+    return finish(cohort)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -204,11 +235,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "infer", summary="predict an image set (seed JSON) or whole slides",
         description="Predict whole slides into <output_dir>/<name>.ome.zarr (plus a tissue QC PNG; an\n"
                     "interrupted run resumes when the same command runs again), or an image set in the\n"
-                    "seed framework's form (masks, overlays and, with masks, metrics.json).",
+                    "seed framework's form (masks, overlays and, with masks, metrics.json). Cohorts: --slide\n"
+                    "takes files, globs, folders and manifest CSVs; failed slides are retried, then recorded\n"
+                    "in summary.csv/json/md while the others go on; --scheduler spreads slides over workers.",
         examples=["python -m pfmseg_engine infer --slide a.svs b.ndpi --checkpoint best.pt --output_dir out "
                   "--export ome-tiff geojson",
                   "python -m pfmseg_engine infer --slide a.svs --checkpoint logs/exp --output_dir out --mpp 0.25 "
                   "--target_mpp 0.5 --region 1000 2000 4096 4096",
+                  "python -m pfmseg_engine infer --slide cohort/ 'more/*.ndpi' manifest.csv --checkpoint best.pt "
+                  "--output_dir out --scheduler local --recycle_after 50",
                   "python -m pfmseg_engine infer --checkpoint best.pt --input_json data.json --output_dir out "
                   "--input_size 512 --resize_or_windowslide windowslide --batch_size 8 --device cuda"])
     common = parser.add_argument_group("model and output")
@@ -231,9 +266,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     images.add_argument("--resize_or_windowslide", choices=("resize", "windowslide"), default="windowslide",
                         help="resize images to --input_size, or slide windows over them (default)")
     slides = parser.add_argument_group("whole slides")
-    slides.add_argument("--slide", nargs="+", metavar="PATH", help="slide files (SVS, NDPI, TIFF, OME-TIFF, "
-                        "MRXS, PNG/JPEG, zarr)")
-    slides.add_argument("--mpp", type=float, help="level-0 microns per pixel, for slides without it")
+    slides.add_argument("--slide", nargs="+", metavar="PATH",
+                        help="slides: files (SVS, NDPI, TIFF, OME-TIFF, MRXS, DICOM, PNG/JPEG, zarr, ...), globs "
+                             "('cohort/**/*.svs', quoted), folders (the slide files inside) and manifest CSVs (a "
+                             "slide_path column, optional mpp, name, region 'x y w h', target_mpp), mixed freely")
+    slides.add_argument("--reader", choices=READERS, default="auto", help=READER_HELP)
+    slides.add_argument("--mpp", type=float,
+                        help="level-0 microns per pixel, for slides without it (a manifest's mpp column wins)")
     slides.add_argument("--target_mpp", type=float,
                         help="resolution to predict at (default: the model's training mpp, else level 0)")
     slides.add_argument("--window", type=int, help="window size (default: --input_size or the model's)")
@@ -250,9 +289,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="if another process is writing the same output, wait this long for it (then reuse "
                              "its result) instead of stopping at once (default 0)")
     slides.add_argument("--region", nargs=4, type=int, metavar=("X", "Y", "W", "H"),
-                        help="predict only this level-0 pixel rectangle (output keeps the offset)")
+                        help="predict only this level-0 pixel rectangle of each slide (output keeps the offset; "
+                             "a manifest's region column wins)")
+    slides.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+                        help="attempts after a slide's first failure before it is recorded as failed and the run "
+                             f"goes on (default {DEFAULT_RETRIES}); the exit code is 1 when any slide failed")
     slides.add_argument("--scheduler", metavar="ADDRESS",
-                        help="dask.distributed scheduler: one slide per task (e.g. tcp://host:8786)")
+                        help="run one slide per task on dask.distributed: 'local' (a local cluster, one worker "
+                             "process per GPU, else half the CPU cores), 'local:N' (N workers) or the address of "
+                             "a running scheduler (tcp://host:8786)")
+    slides.add_argument("--recycle_after", type=int, metavar="K",
+                        help="with --scheduler: restart each worker process after K slides (frees leaked memory)")
+    slides.add_argument("--dashboard", default=":8787", metavar="ADDRESS",
+                        help="dashboard address of a --scheduler local cluster (default :8787; none: off)")
     slides.add_argument("--dry_run", action="store_true",
                         help="print each slide's plan (resolution, window and stride, windows, chunks, output "
                              "paths) and stop; the model is not built")

@@ -1,0 +1,284 @@
+"""Run a cohort: every slide once, failures retried then recorded, a summary at the end.
+
+:func:`run_cohort` runs the slides in this process one after the other (``client=None``) or as one
+dask.distributed task each on ``client`` (futures with ``retries=``, collected with
+``as_completed``). Either way a slide that still fails after ``retries`` more attempts is recorded
+as failed with its error and the others go on; ``summary.csv``/``.json``/``.md`` describe the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from ..storage import OutputBusyError, StorageError, ensure_output_dir
+from .inputs import SlideJob, collect_slides
+from .jobs import ModelLoader, predict_job, task_key
+from .summary import CohortSummary, SlideRecord, describe_error, worker_id
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RETRIES = 1
+#: Seconds between rewrites of the summary while a long run goes on (it is always written at the end).
+SUMMARY_INTERVAL = 30.0
+
+
+def _pending(job: SlideJob) -> SlideRecord:
+    return SlideRecord(slide=job.path, name=job.output_stem(), status="pending")
+
+
+def fatal(exc: BaseException) -> bool:
+    """Errors that would fail every following slide of a serial run the same way (the output disk is
+    full, read-only or not ours): the run stops instead of trying each slide."""
+    return isinstance(exc, StorageError) and not isinstance(exc, OutputBusyError)
+
+
+class _Run:
+    """The records of a run and the summary they make (rewritten now and then, and at the end)."""
+
+    def __init__(self, jobs: Sequence[SlideJob], output_dir: Path, settings: dict[str, Any], write: bool,
+                 on_record: Callable[[SlideRecord], Any] | None, bar: Any):
+        self.records = [_pending(job) for job in jobs]
+        self.summary = CohortSummary(self.records, output_dir, settings=settings)
+        self.write, self.on_record, self.bar = write, on_record, bar
+        self.start = last = time.perf_counter()
+        self.last_write = last
+
+    def record(self, index: int, record: SlideRecord) -> None:
+        self.records[index] = record
+        if self.bar is not None:
+            self.bar.update(1)
+            failed = sum(r.status == "failed" for r in self.records)
+            if failed:
+                self.bar.set_postfix(failed=failed)
+        if self.on_record is not None:
+            self.on_record(record)
+        if self.write and time.perf_counter() - self.last_write > SUMMARY_INTERVAL:
+            self.save()
+
+    def save(self, quiet: bool = False) -> None:
+        self.summary.seconds = time.perf_counter() - self.start
+        self.last_write = time.perf_counter()
+        if not self.write:
+            return
+        try:
+            self.summary.write()
+        except StorageError as exc:
+            if not quiet:
+                raise
+            log.warning("Could not write the run summary: %s", exc)
+
+
+def run_cohort(
+    checkpoint: str | Path,
+    slides: Iterable[str | Path | SlideJob],
+    output_dir: str | Path,
+    config: Any = None,
+    *,
+    client: Any = None,
+    model: Any = None,
+    model_loader: ModelLoader | None = None,
+    weights: str | None = None,
+    device: str | None = None,
+    reader: str = "auto",
+    mpp: float | None = None,
+    retries: int = DEFAULT_RETRIES,
+    overwrite: bool = False,
+    exports: Sequence[str] = (),
+    wait: float | None = None,
+    recycle_after: int | None = None,
+    progress: bool = False,
+    on_plan: Callable[[Any], Any] | None = None,
+    on_record: Callable[[SlideRecord], Any] | None = None,
+    summary: bool = True,
+) -> CohortSummary:
+    """Predict every slide ``slides`` names (files, globs, folders, manifest CSVs or :class:`SlideJob`).
+
+    Without ``client`` the slides run here, one after the other, with ``model`` (else the checkpoint,
+    or ``model_loader(checkpoint, weights, device)``, loaded once); with a dask.distributed ``client``
+    each slide is a task (``model_loader`` must then be importable or picklable on the workers; the
+    model is loaded once per worker process), retried ``retries`` times by dask, and a worker that dies
+    mid-slide only costs a resumed slide. ``recycle_after`` K restarts each worker process after K
+    slides (cluster only). ``wait`` is how long a slide waits for another writer of its output (None:
+    as long as it takes). ``on_record`` sees each slide's :class:`SlideRecord` as it ends; ``progress``
+    shows tqdm bars (slides, and chunks of the current slide when serial). Failures never raise here
+    (except a full or read-only output disk in a serial run, which would fail every slide): see the
+    returned :class:`CohortSummary`, which is also written to ``output_dir`` when ``summary``.
+    """
+    from ..inference.plan import SlideInferenceConfig
+
+    if int(retries) < 0:
+        raise ConfigError(f"--retries must be 0 or more, got {retries}.")
+    if client is not None and model is not None:
+        raise ConfigError("model= runs slides in this process; on a cluster each worker loads the checkpoint "
+                          "(or calls model_loader), so pass client= without model=.")
+    config = config or SlideInferenceConfig()
+    output_dir = ensure_output_dir(output_dir).absolute()  # workers may run elsewhere, in another folder
+    jobs = collect_slides(slides, mpp=mpp)
+    if not jobs:
+        raise ConfigError("No slides to predict.")
+    settings = {"checkpoint": str(checkpoint), "reader": reader, "retries": int(retries), "overwrite": overwrite,
+                "exports": list(exports or ()), "config": config.to_dict(),
+                "scheduler": _address(client)}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(jobs), desc="slides", unit="slide", position=0)
+    run = _Run(jobs, output_dir, settings, summary, on_record, bar)
+    options = {"weights": weights, "device": device, "reader": reader, "overwrite": overwrite,
+               "exports": tuple(exports or ())}
+    try:
+        if client is None:
+            _serial(run, jobs, checkpoint, output_dir, config, model, model_loader, retries, wait, progress,
+                    on_plan, options)
+        else:
+            _distributed(run, jobs, client, checkpoint, output_dir, config, model_loader, retries, wait,
+                         recycle_after, options)
+    except BaseException:
+        run.save(quiet=True)  # what finished is recorded; the rest stays "pending"
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    run.save()
+    return run.summary
+
+
+def _address(client: Any) -> str:
+    if client is None:
+        return "serial"
+    try:
+        return str(client.scheduler.address)
+    except AttributeError:
+        return "dask"
+
+
+def _serial(run: _Run, jobs, checkpoint, output_dir, config, model, model_loader, retries, wait, progress,
+            on_plan, options) -> None:
+    if model is None:
+        if model_loader is not None:
+            model = model_loader(str(checkpoint), options["weights"], "cpu")
+        else:
+            from ..checkpoint import load_checkpoint
+
+            model = load_checkpoint(checkpoint, weights=options["weights"], device="cpu")
+    for index, job in enumerate(jobs):
+        start = time.perf_counter()
+        for attempt in range(int(retries) + 1):
+            bar = _chunk_bar(job) if progress else None
+            try:
+                result = predict_job(job, checkpoint, output_dir, config, model=model, wait=wait,
+                                     callback=bar and bar.callback, on_plan=on_plan, **options)
+            except Exception as exc:
+                last = attempt == int(retries) or fatal(exc)
+                if not last:
+                    log.warning("Slide '%s' failed (%s); retrying (%d of %d).", job.label, describe_error(exc),
+                                attempt + 1, int(retries))
+                    continue
+                record = SlideRecord.from_error(job.path, job.output_stem(), exc,
+                                                seconds=time.perf_counter() - start, worker=worker_id())
+                run.record(index, record)
+                if fatal(exc):
+                    raise
+                break
+            else:
+                run.record(index, SlideRecord.from_result(job.path, result))
+                break
+            finally:
+                if bar is not None:
+                    bar.close()
+
+
+class _chunk_bar:
+    """A tqdm bar of one slide's chunks, fed by the executor's chunk callback."""
+
+    def __init__(self, job: SlideJob):
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=job.label, unit="chunk", position=1, leave=False)
+
+    def callback(self, chunk) -> None:
+        self.bar.total = chunk.total
+        self.bar.update(chunk.done - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _distributed(run: _Run, jobs, client, checkpoint, output_dir, config, model_loader, retries, wait,
+                 recycle_after, options) -> None:
+    from distributed import as_completed
+
+    from .recycle import SlideRecycler
+
+    if recycle_after:
+        client.register_plugin(SlideRecycler(recycle_after), name=SlideRecycler.name)
+    index: dict[str, int] = {}
+    futures = []
+    try:
+        for i, job in enumerate(jobs):
+            key = task_key(job, output_dir)
+            index[key] = i
+            futures.append(client.submit(predict_job, job, str(checkpoint), str(output_dir), config.to_dict(),
+                                         model_loader=model_loader, wait=wait, key=key, retries=int(retries),
+                                         pure=False, **options))
+        completed = as_completed(futures)
+        futures = []  # as_completed holds them; each is released once its result is in
+        for future in completed:
+            i = index[future.key]
+            try:
+                record = SlideRecord.from_result(jobs[i].path, future.result())
+            except Exception as exc:
+                record = SlideRecord.from_error(jobs[i].path, jobs[i].output_stem(), exc)
+            future.release()
+            run.record(i, record)
+    finally:
+        if recycle_after:
+            try:
+                client.unregister_worker_plugin(SlideRecycler.name)
+            except Exception as exc:  # the cluster may be gone already
+                log.debug("Could not unregister the recycling plugin: %s", exc)
+
+
+def predict_slides(
+    checkpoint: str | Path,
+    slides: Iterable[str | Path | SlideJob],
+    output_dir: str | Path,
+    config=None,
+    *,
+    client=None,
+    weights: str | None = None,
+    mpp: float | None = None,
+    reader: str = "auto",
+    device: str | None = None,
+    retries: int = DEFAULT_RETRIES,
+    overwrite: bool = False,
+    exports: Sequence[str] = (),
+    recycle_after: int | None = None,
+    on_done: Callable[[Any], Any] | None = None,
+    model_loader: ModelLoader | None = None,
+    summary: bool = True,
+) -> list[Any]:
+    """Predict every slide (one task each on ``client``; in this process without one) and return the
+    :class:`~pfmseg_engine.inference.SlideResult` of each, in input order.
+
+    The same run as :func:`run_cohort` (inputs, retries, summary files), but a slide that still fails
+    after ``retries`` raises its error here, once every other slide has finished. ``on_done`` sees each
+    result as it finishes.
+    """
+    cohort = run_cohort(checkpoint, slides, output_dir, config, client=client, weights=weights, mpp=mpp,
+                        reader=reader, device=device, retries=retries, overwrite=overwrite, exports=exports,
+                        recycle_after=recycle_after, model_loader=model_loader, summary=summary,
+                        on_record=(lambda r: on_done(r.result) if r.result is not None else None) if on_done else None)
+    for record in cohort.records:
+        if record.status == "failed":
+            raise record.exception or RuntimeError(record.error)
+    return [record.result for record in cohort.records]
+
+
+__all__ = ["DEFAULT_RETRIES", "predict_slides", "run_cohort"]

@@ -1,0 +1,172 @@
+"""One slide as one task: :func:`predict_job` (what a worker runs), the per-process model cache and
+the check that lets :class:`~.recycle.SlideRecycler` restart a worker process after K slides.
+
+A task plans its slide (:func:`~pfmseg_engine.inference.plan_slide`) and runs the plan
+(:func:`~pfmseg_engine.inference.execute_plan`). A finished output is reused and a ``.partial`` one
+resumed, so a task that fails or loses its worker is simply run again; ``wait=None`` (the default
+here) makes a retry that starts while an earlier attempt still writes wait for it, then reuse it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .inputs import SlideJob
+from .summary import tissue_area_mm2, worker_id
+
+log = logging.getLogger(__name__)
+
+ModelLoader = Callable[[str, "str | None", str], Any]
+
+_MODELS: dict[tuple[Any, ...], Any] = {}
+_LOCK = threading.Lock()
+
+#: Default export file of each ``--export`` kind, beside ``<name>.ome.zarr``.
+EXPORT_FILES = {"ome-tiff": "{name}.labels.ome.tif", "geojson": "{name}.geojson"}
+
+
+def _loader_id(loader: ModelLoader | None) -> str | None:
+    if loader is None:
+        return None
+    return f"{getattr(loader, '__module__', '')}.{getattr(loader, '__qualname__', repr(loader))}"
+
+
+def cached_model(checkpoint: str, weights: str | None, device: str, loader: ModelLoader | None = None):
+    """This process's model for the checkpoint, loaded on first use (loading a PFM per slide would
+    dominate); ``loader(checkpoint, weights, device)`` replaces :func:`~pfmseg_engine.checkpoint.load_checkpoint`."""
+    key = (str(checkpoint), weights, device, _loader_id(loader))
+    with _LOCK:
+        if key not in _MODELS:
+            if loader is None:
+                from ..checkpoint import load_checkpoint
+
+                _MODELS[key] = load_checkpoint(checkpoint, weights=weights, device=device)
+            else:
+                _MODELS[key] = loader(str(checkpoint), weights, device)
+        return _MODELS[key]
+
+
+def task_key(slide: str | Path | SlideJob, output_dir: str | Path) -> str:
+    """Deterministic task key: submitting the same slide (and region and name) into the same output twice
+    never runs it twice at once."""
+    job = slide if isinstance(slide, SlideJob) else SlideJob(path=str(slide))
+    ident = f"{Path(job.path).resolve()}|{Path(output_dir).resolve()}|{job.region}|{job.name}"
+    digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
+    return f"pfmseg-slide-{Path(job.path).name}-{digest}"
+
+
+def _this_worker_recycler():
+    """The :class:`~.recycle.SlideRecycler` of the worker running this task (None outside a worker)."""
+    import sys
+
+    if "distributed" not in sys.modules:  # not on a dask worker
+        return None
+    from distributed import get_worker
+
+    from .recycle import SlideRecycler
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return None
+    plugin = worker.plugins.get(SlideRecycler.name)
+    return plugin if isinstance(plugin, SlideRecycler) else None
+
+
+# ---- the task ------------------------------------------------------------------------------------
+def predict_job(
+    job: SlideJob,
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    config: Any = None,
+    *,
+    model: Any = None,
+    model_loader: ModelLoader | None = None,
+    weights: str | None = None,
+    device: str | None = None,
+    reader: str = "auto",
+    overwrite: bool = False,
+    exports: Sequence[str] = (),
+    wait: float | None = None,
+    callback: Callable[[Any], Any] | None = None,
+    on_plan: Callable[[Any], Any] | None = None,
+):
+    """Predict one slide of a cohort; returns its :class:`~pfmseg_engine.inference.SlideResult`.
+
+    ``model`` is used as given; else the process's cached model (:func:`cached_model`). ``config``
+    is a :class:`~pfmseg_engine.inference.SlideInferenceConfig` or its dict; the job's ``target_mpp``
+    replaces the config's. ``exports``: "ome-tiff", "geojson" (a reused slide is exported only where
+    the export is missing). ``result.extra`` carries the plan summary ("plan"), "status" ("done", or
+    "reused" when the output was complete when the task started), "tissue_mm2", "exports", "worker"
+    (host:pid) and "seconds" (the whole task, model loading aside); ``result.slide_plan`` is dropped
+    (it holds the open slide).
+    """
+    from ..devices import resolve_device
+    from ..inference.plan import SlideInferenceConfig, plan_slide
+    from ..inference.runner import model_info
+    from ..inference.slide import execute_plan
+    from ..slides import open_slide
+
+    recycler = _this_worker_recycler()
+    if recycler is not None:
+        recycler.gate()
+    try:
+        device = str(resolve_device(device))  # resolved here, on the worker that owns the GPU
+        if model is None:
+            model = cached_model(str(checkpoint), weights, device, model_loader)
+        start = time.perf_counter()
+        if config is None or isinstance(config, dict):
+            config = SlideInferenceConfig(**(config or {}))
+        if job.target_mpp is not None:
+            config = dataclasses.replace(config, target_mpp=job.target_mpp)
+        with open_slide(job.path, mpp=job.mpp, reader=reader) as slide:
+            plan = plan_slide(slide, model_info(model), config, region=job.region, output_dir=output_dir,
+                              name=job.name)
+            if on_plan is not None:
+                on_plan(plan)
+            reused = plan.final.exists() and not overwrite
+            result = execute_plan(plan, model, device=device, callback=callback, overwrite=overwrite, wait=wait)
+            result.extra.update(plan=plan.summary(), status="reused" if reused else "done",
+                                tissue_mm2=tissue_area_mm2(plan), worker=worker_id())
+        result.slide_plan = None
+        result.extra["exports"] = [str(p) for p in export(result.path, exports, only_missing=reused)]
+        result.extra["seconds"] = time.perf_counter() - start
+        return result
+    finally:
+        if recycler is not None:
+            recycler.finished()
+
+
+def export(store: Path, kinds: Sequence[str], only_missing: bool = False) -> list[Path]:
+    """Write the requested exports of a finished output (skipping existing ones when ``only_missing``)."""
+    from ..inference.export_geojson import export_geojson
+    from ..inference.export_tiff import export_ome_tiff
+
+    exporters = {"ome-tiff": export_ome_tiff, "geojson": export_geojson}
+    name = store.name.removesuffix(".ome.zarr")
+    written = []
+    for kind in kinds or ():
+        target = store.with_name(EXPORT_FILES[kind].format(name=name))
+        if only_missing and target.exists():
+            written.append(target)
+            continue
+        written.append(Path(exporters[kind](store)))
+    return written
+
+
+def predict_one(checkpoint: str, slide: str, output_dir: str, config: dict[str, Any], *,
+                weights: str | None = None, mpp: float | None = None, device: str | None = None,
+                reader: str = "auto", model_loader: ModelLoader | None = None):
+    """One slide with the process's cached model (the earlier single-slide task; see :func:`predict_job`)."""
+    return predict_job(SlideJob(path=str(slide), mpp=mpp), checkpoint, output_dir, config, weights=weights,
+                       device=device, reader=reader, model_loader=model_loader)
+
+
+__all__ = ["EXPORT_FILES", "cached_model", "export", "predict_job", "predict_one", "task_key"]
