@@ -157,7 +157,24 @@ def test_runner_uses_shared_device_names():
 
 def test_inference_and_slides_import_without_torchvision():
     code = ("import sys, pfmseg_engine.inference, pfmseg_engine.slides, pfmseg_engine.inference.export_tiff, "
-            "pfmseg_engine.inference.export_geojson; "
+            "pfmseg_engine.inference.geojson_export; "
             "print(sorted(m for m in ('torchvision', 'timm', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_exporters_stay_functions_after_their_modules_are_imported():
+    """No submodule shares a name with the function the package exports (importing it would shadow it)."""
+    import importlib
+    import inspect
+
+    from pfmseg_engine import inference
+
+    for name in inference.__all__:
+        try:
+            importlib.import_module(f"pfmseg_engine.inference.{name}")
+        except ModuleNotFoundError:
+            continue
+        raise AssertionError(f"pfmseg_engine.inference.{name} is a module and an export")
+    importlib.import_module("pfmseg_engine.inference.geojson_export")
+    assert inspect.isfunction(inference.export_geojson) and inspect.isfunction(inference.export_ome_tiff)

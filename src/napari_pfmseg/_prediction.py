@@ -393,7 +393,7 @@ def _first_slide_layer(viewer: Any) -> Any:
 def export_prediction(layer: Any, path: str | Path, kind: str, **geojson_options: Any) -> Path:
     """Export a finished prediction layer's store: ``zarr`` (copy), ``tiff`` (pyramidal) or ``geojson``.
 
-    ``geojson_options`` go to :func:`~pfmseg_engine.inference.export_geojson.export_geojson`
+    ``geojson_options`` go to :func:`~pfmseg_engine.inference.geojson_export.export_geojson`
     (``per_region``, ``object_type``, ``min_area_um2``, ``frame``)."""
     import shutil
 
@@ -414,7 +414,7 @@ def export_prediction(layer: Any, path: str | Path, kind: str, **geojson_options
 
         return export_ome_tiff(store, path)
     if kind == "geojson":
-        from pfmseg_engine.inference.export_geojson import export_geojson
+        from pfmseg_engine.inference.geojson_export import export_geojson
 
         return export_geojson(store, path, **geojson_options)
     raise ConfigError(f"Unknown export format '{kind}'; choose zarr, tiff or geojson.")

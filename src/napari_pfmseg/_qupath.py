@@ -113,7 +113,7 @@ def export_layer(layer: Any, path: str | Path, *, image: Any = None, per_region:
     names = list(meta.get("class_names") or [])
     store = meta.get("store") if meta.get("kind") == "prediction" else None
     if store and Path(store).exists():
-        from pfmseg_engine.inference.export_geojson import export_geojson
+        from pfmseg_engine.inference.geojson_export import export_geojson
 
         return export_geojson(store, path, per_region=per_region, object_type=object_type,
                               min_area_um2=min_area_um2 or None)

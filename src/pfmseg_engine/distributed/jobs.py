@@ -146,8 +146,8 @@ def predict_job(
 
 def export(store: Path, kinds: Sequence[str], only_missing: bool = False) -> list[Path]:
     """Write the requested exports of a finished output (skipping existing ones when ``only_missing``)."""
-    from ..inference.export_geojson import export_geojson
     from ..inference.export_tiff import export_ome_tiff
+    from ..inference.geojson_export import export_geojson
 
     exporters = {"ome-tiff": export_ome_tiff, "geojson": export_geojson}
     name = store.name.removesuffix(".ome.zarr")

@@ -19,7 +19,7 @@ from .._lazy import lazy_exports
 
 # public name -> submodule that defines it
 _EXPORTS: dict[str, str] = {
-    "export_geojson": "export_geojson",
+    "export_geojson": "geojson_export",
     "export_ome_tiff": "export_tiff",
     "infer_image_set": "imageset",
     **dict.fromkeys(("LabelOutput", "LabelStore", "write_labels"), "omezarr"),
