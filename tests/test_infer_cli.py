@@ -102,3 +102,36 @@ def test_slide_form_errors_are_clear(checkpoint, tmp_path, capsys):
     assert code == 2 and "--mpp" in err and "Traceback" not in err
     assert main(["infer", "--checkpoint", str(checkpoint), "--output_dir", str(tmp_path)]) == 2
     assert "--input_json" in capsys.readouterr().err
+
+
+def test_manifest_with_tissue_roi_measurements_and_qupath_regions(checkpoint, tmp_path, capsys):
+    """A manifest row's own tissue ROI limits the prediction; every slide gets its measurements CSV (and
+    the cohort one table); GeoJSON exports one QuPath detection per region when asked."""
+    import csv
+
+    from pfmseg_engine.inference import LabelOutput
+
+    roi = tmp_path / "roi.geojson"  # the top-left quarter of the slide (QuPath frame, level-0 pixels)
+    roi.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"classification": {"name": "Tissue"}},
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1100, 0], [1100, 1480], [0, 1480], [0, 0]]]}}]}))
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"slide_path,name,tissue_roi\n{CMU},cmu_roi,roi.geojson\n")
+    out = tmp_path / "out"
+    code = main(["infer", "--slide", str(manifest), "--checkpoint", str(checkpoint), "--output_dir", str(out),
+                 "--target_mpp", "4.0", "--input_size", "64", "--export", "geojson", "--geojson_per_region",
+                 "--geojson_object_type", "detection"])
+    assert code == 0
+    output = LabelOutput(out / "cmu_roi.ome.zarr")
+    labels = np.asarray(output.levels[0][:])
+    # the ROI ends at output pixel 137 (x) and 185 (y); windows touching it (64 px, halo 16) may reach beyond
+    assert labels[:185, :137].all() and not labels[270:, :].any() and not labels[:, 225:].any()
+    rows = list(csv.DictReader((out / "cmu_roi_measurements.csv").open()))
+    assert {r["class"] for r in rows} <= set(CLASSES) and rows
+    area = sum(float(r["area_um2"]) for r in rows)
+    assert area == pytest.approx(float((labels > 0).sum()) * output.mpp ** 2, rel=1e-6)
+    cohort = list(csv.DictReader((out / "measurements.csv").open()))
+    assert {r["slide"] for r in cohort} == {"cmu_roi"}
+    features = json.loads((out / "cmu_roi.geojson").read_text())["features"]
+    assert features and {f["properties"]["objectType"] for f in features} == {"detection"}
+    assert "measurements" in capsys.readouterr().out

@@ -117,6 +117,8 @@ def _report(record, write=print) -> None:
     write(f"{result.path}  ({result.shape[1]}x{result.shape[0]} px at {result.mpp:.4g} um/px, {state}{tissue})")
     for path in record.exports:
         write(f"  exported {path}")
+    if result.extra.get("measurements"):
+        write(f"  measurements {result.extra['measurements']}")
 
 
 def slide_config(args: argparse.Namespace):
@@ -133,7 +135,13 @@ def collect(args: argparse.Namespace):
     """The slides ``--slide`` names (files, globs, folders, manifests), with the run's --mpp and --region."""
     from ..distributed import collect_slides
 
-    return collect_slides(args.slide, mpp=args.mpp, region=args.region)
+    return collect_slides(args.slide, mpp=args.mpp, region=args.region, tissue_roi=args.tissue_roi)
+
+
+def geojson_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--geojson_*`` flags as :func:`~pfmseg_engine.inference.export_geojson` options."""
+    return {"per_region": args.geojson_per_region, "object_type": args.geojson_object_type,
+            "min_area_um2": args.geojson_min_area_um2, "frame": args.geojson_frame}
 
 
 def plan_only(args: argparse.Namespace, config, jobs) -> int:
@@ -192,7 +200,8 @@ def run_on_cluster(args: argparse.Namespace, config, jobs) -> int:
     with open_client(args.scheduler, dashboard=dashboard) as client:
         cohort = run_cohort(resolve_checkpoint(args.checkpoint), jobs, args.output_dir, config, client=client,
                             weights=args.weights, device=args.device, reader=args.reader, retries=args.retries,
-                            overwrite=args.overwrite, exports=args.export or (), wait=None,
+                            overwrite=args.overwrite, exports=args.export or (),
+                            geojson_options=geojson_options(args), wait=None,
                             recycle_after=args.recycle_after, progress=True,
                             on_record=lambda record: _report(record, tqdm.write))
     return finish(cohort)
@@ -214,7 +223,8 @@ def run_slides(args: argparse.Namespace) -> int:
     model = load_model(args)
     cohort = run_cohort(resolve_checkpoint(args.checkpoint), jobs, args.output_dir, config, model=model,
                         weights=args.weights, device=args.device, reader=args.reader, retries=args.retries,
-                        overwrite=args.overwrite, exports=args.export or (), wait=args.wait, progress=True,
+                        overwrite=args.overwrite, exports=args.export or (), geojson_options=geojson_options(args),
+                        wait=args.wait, progress=True,
                         on_plan=lambda plan: tqdm.write(plan.summary()),
                         on_record=lambda record: _report(record, tqdm.write))
     return finish(cohort)
@@ -284,6 +294,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="OME-Zarr version (default 0.4)")
     slides.add_argument("--export", nargs="+", choices=EXPORTS,
                         help="also write pyramidal OME-TIFF / GeoJSON")
+    slides.add_argument("--tissue_roi", metavar="PATH",
+                        help="your own tissue mask or region of interest (QuPath GeoJSON, label store or mask "
+                             "image) instead of tissue detection; per slide: a manifest's tissue_roi column")
+    slides.add_argument("--geojson_per_region", action="store_true",
+                        help="GeoJSON export: one object per connected region (default: one per class)")
+    slides.add_argument("--geojson_object_type", choices=("annotation", "detection"), default="annotation",
+                        help="GeoJSON export: QuPath object type (default annotation)")
+    slides.add_argument("--geojson_min_area_um2", type=float, default=0.0, metavar="UM2",
+                        help="GeoJSON export: drop regions smaller than this many µm² (default 0)")
+    slides.add_argument("--geojson_frame", choices=("qupath", "file"), default="qupath",
+                        help="GeoJSON export coordinates: QuPath's (cropped to the scanned bounds, default) or "
+                             "the file's full level-0 frame")
     slides.add_argument("--overwrite", action="store_true", help="redo slides whose output is complete")
     slides.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="if another process is writing the same output, wait this long for it (then reuse "

@@ -89,6 +89,7 @@ def run_cohort(
     retries: int = DEFAULT_RETRIES,
     overwrite: bool = False,
     exports: Sequence[str] = (),
+    geojson_options: dict[str, Any] | None = None,
     wait: float | None = None,
     recycle_after: int | None = None,
     progress: bool = False,
@@ -131,7 +132,7 @@ def run_cohort(
         bar = tqdm(total=len(jobs), desc="slides", unit="slide", position=0)
     run = _Run(jobs, output_dir, settings, summary, on_record, bar)
     options = {"weights": weights, "device": device, "reader": reader, "overwrite": overwrite,
-               "exports": tuple(exports or ())}
+               "exports": tuple(exports or ()), "geojson_options": dict(geojson_options or {})}
     try:
         if client is None:
             _serial(run, jobs, checkpoint, output_dir, config, model, model_loader, retries, wait, progress,
@@ -146,7 +147,16 @@ def run_cohort(
         if bar is not None:
             bar.close()
     run.save()
+    _cohort_measurements(run.summary, output_dir)
     return run.summary
+
+
+def _cohort_measurements(summary: CohortSummary, output_dir: Path) -> Path | None:
+    """``measurements.csv`` in ``output_dir``: every finished slide's measurements in one table."""
+    from ..annotations.measurements import write_cohort_measurements
+
+    stores = [record.result.path for record in summary.records if record.result is not None]
+    return write_cohort_measurements(stores, output_dir / "measurements.csv") if stores else None
 
 
 def _address(client: Any) -> str:

@@ -34,7 +34,7 @@ from ..errors import ConfigError, SlideError
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("slide_path", "mpp", "name", "region", "target_mpp")
+MANIFEST_COLUMNS = ("slide_path", "mpp", "name", "region", "target_mpp", "tissue_roi")
 GLOB_CHARS = re.compile(r"[*?\[]")
 ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
 
@@ -47,7 +47,8 @@ class SlideJob:
 
     ``path``: the slide (absolute); ``mpp``: level-0 microns per pixel, for slides without it;
     ``name``: output name (default: the slide's, plus the region); ``region``: (x, y, width, height)
-    in level-0 pixels; ``target_mpp``: resolution to predict at; ``source``: where it was listed.
+    in level-0 pixels; ``target_mpp``: resolution to predict at; ``tissue_roi``: the slide's own tissue
+    mask or region of interest (a QuPath GeoJSON, label store or mask image); ``source``: where it was listed.
     """
 
     path: str
@@ -55,6 +56,7 @@ class SlideJob:
     name: str | None = None
     region: Region | None = None
     target_mpp: float | None = None
+    tissue_roi: str | None = None
     source: str | None = None
 
     @property
@@ -145,10 +147,13 @@ def read_manifest(path: str | Path) -> list[SlideJob]:
         name = row.get("name") or None
         if name and (os.sep in name or "/" in name or name in (".", "..")):
             raise ConfigError(f"{where}: name '{name}' must be a plain file name (no folders).")
+        roi = (row.get("tissue_roi") or "").strip() or None
+        if roi is not None and not Path(roi).expanduser().is_absolute():
+            roi = str(path.parent / roi)
         jobs.append(SlideJob(path=str(slide_path), mpp=_positive(row.get("mpp"), "mpp", where), name=name,
                              region=parse_region(row.get("region"), where),
                              target_mpp=_positive(row.get("target_mpp"), "target_mpp", where),
-                             source=f"{path.name}:{line}"))
+                             tissue_roi=roi, source=f"{path.name}:{line}"))
     if not jobs:
         raise ConfigError(f"Manifest '{path}' lists no slides.")
     return jobs
@@ -204,11 +209,12 @@ def _expand(item: str) -> list[SlideJob]:
 
 
 def collect_slides(items: Iterable[str | Path | SlideJob], *, mpp: float | None = None,
-                   region: Sequence[float] | None = None, target_mpp: float | None = None) -> list[SlideJob]:
+                   region: Sequence[float] | None = None, target_mpp: float | None = None,
+                   tissue_roi: str | Path | None = None) -> list[SlideJob]:
     """Every slide the ``items`` name (files, globs, folders, manifests or :class:`SlideJob`), in order.
 
-    ``mpp``, ``region`` and ``target_mpp`` are the defaults for slides whose manifest row does not
-    give them. Duplicates (same file and region) are kept once, where first listed, with a warning; a
+    ``mpp``, ``region``, ``target_mpp`` and ``tissue_roi`` are the defaults for slides whose manifest
+    row does not give them. Duplicates (same file and region) are kept once, where first listed, with a warning; a
     manifest row's settings fill in what the other listing lacks (a slide in a folder and in a
     manifest gets the manifest's mpp). Two slides that would write the same output name raise a
     :class:`ConfigError`.
@@ -220,6 +226,8 @@ def collect_slides(items: Iterable[str | Path | SlideJob], *, mpp: float | None 
     return unique_jobs([SlideJob(path=job.path, mpp=job.mpp if job.mpp is not None else mpp, name=job.name,
                                  region=job.region if job.region is not None else region,
                                  target_mpp=job.target_mpp if job.target_mpp is not None else target_mpp,
+                                 tissue_roi=job.tissue_roi if job.tissue_roi is not None else
+                                 (str(tissue_roi) if tissue_roi is not None else None),
                                  source=job.source) for job in merge_duplicates(jobs)])
 
 
@@ -235,7 +243,7 @@ def merge_duplicates(jobs: Sequence[SlideJob]) -> list[SlideJob]:
         log.warning("Slide '%s' is listed more than once (%s and %s); predicting it once.", job.path,
                     first.source or first.path, job.source or job.path)
         merged = {}
-        for field in ("mpp", "name", "target_mpp"):
+        for field in ("mpp", "name", "target_mpp", "tissue_roi"):
             old, new = getattr(first, field), getattr(job, field)
             if old is None and new is not None:
                 merged[field] = new

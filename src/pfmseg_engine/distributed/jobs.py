@@ -94,6 +94,7 @@ def predict_job(
     reader: str = "auto",
     overwrite: bool = False,
     exports: Sequence[str] = (),
+    geojson_options: dict[str, Any] | None = None,
     wait: float | None = None,
     callback: Callable[[Any], Any] | None = None,
     on_plan: Callable[[Any], Any] | None = None,
@@ -102,11 +103,12 @@ def predict_job(
 
     ``model`` is used as given; else the process's cached model (:func:`cached_model`). ``config``
     is a :class:`~pfmseg_engine.inference.SlideInferenceConfig` or its dict; the job's ``target_mpp``
-    replaces the config's. ``exports``: "ome-tiff", "geojson" (a reused slide is exported only where
-    the export is missing). ``result.extra`` carries the plan summary ("plan"), "status" ("done", or
-    "reused" when the output was complete when the task started), "tissue_mm2", "exports", "worker"
-    (host:pid) and "seconds" (the whole task, model loading aside); ``result.slide_plan`` is dropped
-    (it holds the open slide).
+    and ``tissue_roi`` replace the config's. ``exports``: "ome-tiff", "geojson" (a reused slide is
+    exported only where the export is missing; ``geojson_options`` go to ``export_geojson``). Every
+    finished output gets its ``<name>_measurements.csv``. ``result.extra`` carries the plan summary
+    ("plan"), "status" ("done", or "reused" when the output was complete when the task started),
+    "tissue_mm2", "exports", "measurements" (the CSV), "worker" (host:pid) and "seconds" (the whole
+    task, model loading aside); ``result.slide_plan`` is dropped (it holds the open slide).
     """
     from ..devices import resolve_device
     from ..inference.plan import SlideInferenceConfig, plan_slide
@@ -126,6 +128,8 @@ def predict_job(
             config = SlideInferenceConfig(**(config or {}))
         if job.target_mpp is not None:
             config = dataclasses.replace(config, target_mpp=job.target_mpp)
+        if job.tissue_roi is not None:
+            config = dataclasses.replace(config, tissue_roi=job.tissue_roi)
         with open_slide(job.path, mpp=job.mpp, reader=reader) as slide:
             plan = plan_slide(slide, model_info(model), config, region=job.region, output_dir=output_dir,
                               name=job.name)
@@ -136,7 +140,9 @@ def predict_job(
             result.extra.update(plan=plan.summary(), status="reused" if reused else "done",
                                 tissue_mm2=tissue_area_mm2(plan), worker=worker_id())
         result.slide_plan = None
-        result.extra["exports"] = [str(p) for p in export(result.path, exports, only_missing=reused)]
+        result.extra["exports"] = [str(p) for p in export(result.path, exports, only_missing=reused,
+                                                          geojson_options=geojson_options)]
+        result.extra["measurements"] = str(measure(result.path, only_missing=reused))
         result.extra["seconds"] = time.perf_counter() - start
         return result
     finally:
@@ -144,12 +150,14 @@ def predict_job(
             recycler.finished()
 
 
-def export(store: Path, kinds: Sequence[str], only_missing: bool = False) -> list[Path]:
+def export(store: Path, kinds: Sequence[str], only_missing: bool = False,
+           geojson_options: dict[str, Any] | None = None) -> list[Path]:
     """Write the requested exports of a finished output (skipping existing ones when ``only_missing``)."""
     from ..inference.export_tiff import export_ome_tiff
     from ..inference.geojson_export import export_geojson
 
-    exporters = {"ome-tiff": export_ome_tiff, "geojson": export_geojson}
+    exporters = {"ome-tiff": export_ome_tiff,
+                 "geojson": lambda path: export_geojson(path, **(geojson_options or {}))}
     name = store.name.removesuffix(".ome.zarr")
     written = []
     for kind in kinds or ():
@@ -161,6 +169,14 @@ def export(store: Path, kinds: Sequence[str], only_missing: bool = False) -> lis
     return written
 
 
+def measure(store: Path, only_missing: bool = False) -> Path:
+    """The output's ``<name>_measurements.csv`` (area per class, regions, nucleus counts), written beside it."""
+    from ..annotations.measurements import measurements_path, write_measurements
+
+    target = measurements_path(store)
+    return target if only_missing and target.exists() else write_measurements(store)
+
+
 def predict_one(checkpoint: str, slide: str, output_dir: str, config: dict[str, Any], *,
                 weights: str | None = None, mpp: float | None = None, device: str | None = None,
                 reader: str = "auto", model_loader: ModelLoader | None = None):
@@ -169,4 +185,4 @@ def predict_one(checkpoint: str, slide: str, output_dir: str, config: dict[str, 
                        device=device, reader=reader, model_loader=model_loader)
 
 
-__all__ = ["EXPORT_FILES", "cached_model", "export", "predict_job", "predict_one", "task_key"]
+__all__ = ["EXPORT_FILES", "cached_model", "export", "measure", "predict_job", "predict_one", "task_key"]
