@@ -21,11 +21,15 @@ _EXPORTS: dict[str, str] = {
                     "errors"),
     **dict.fromkeys(("ModelConfig", "SegmentationModel", "build_model"), "model"),
     **dict.fromkeys(("CancelToken", "TrainConfig", "Trainer", "build_annotation_trainer", "load_config",
-                     "train_from_config", "train_on_annotations"), "training"),
+                     "train_from_config", "train_on_annotations", "train_on_slides"), "training"),
     **dict.fromkeys(("STRATEGIES", "TuningConfig"), "tuning"),
-    **dict.fromkeys(("Slide", "open_slide", "detect_tissue"), "slides"),
-    **dict.fromkeys(("SlideInferenceConfig", "export_geojson", "export_ome_tiff", "infer_image_set",
-                     "iter_predict_slide", "predict_image", "predict_slide"), "inference"),
+    **dict.fromkeys(("READERS", "Slide", "open_slide", "detect_tissue"), "slides"),
+    **dict.fromkeys(("SlideInferenceConfig", "SlidePlan", "execute_plan", "export_geojson", "export_ome_tiff",
+                     "infer_image_set", "iter_predict_slide", "plan_slide", "predict_image", "predict_slide"),
+                    "inference"),
+    **dict.fromkeys(("collect_slides", "predict_slides", "run_cohort"), "distributed"),
+    **dict.fromkeys(("compare_models", "feature_pca"), "compare"),
+    **dict.fromkeys(("measure_output", "read_geojson", "write_measurements"), "annotations"),
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
