@@ -247,3 +247,37 @@ def test_compare_on_real_nuclei(shared_data, tmp_path):
         for metric in ("mIoU", "Mean_Dice", "Pixel_Accuracy"):
             assert float(row[f"{metric}_ci_low"]) <= float(row[metric]) + 1e-9 <= float(row[f"{metric}_ci_high"]) + 2e-9
     assert (out / "leaderboard.png").stat().st_size > 0
+
+
+def test_compare_on_whole_slides_with_qupath_annotations(tmp_path, monkeypatch):
+    """--slides/--annotations: rows trained on lazily sampled slide patches, scored on held-out annotated squares."""
+    from pfmseg_engine.annotations.rasterize import PolygonLabels
+    from test_annotations import qupath_export
+    from testdata import CMU
+
+    def no_whole_raster(self, *args, **kwargs):
+        raise AssertionError("a whole-slide label raster was requested")
+
+    monkeypatch.setattr(PolygonLabels, "__array__", no_whole_raster)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "system": {"num_workers": 0, "device": "cpu"},
+        "training": {"batch_size": 2, "epochs": 1, "samples_per_epoch": 4, "use_amp": False,
+                     "augmentation": {"RandomResizedCropSize": 32}},
+        "validation": {"batch_size": 8}, "logging": {"plot_history": False},
+        "visualization": {"save_predictions": False}}))
+    out = tmp_path / "cmp"
+    code = main(["compare", "--config", str(config), "--pfms", "kaiko-vits16,unet", "--strategies", "frozen",
+                 "--seeds", "1", "--tiny", "--output_dir", str(out), "--slides", str(CMU), "--annotations",
+                 str(qupath_export(tmp_path)), "--train_mpp", "2.0", "--n_bootstrap", "50",
+                 "--throughput_steps", "0", "--no-progress"])
+    assert code == 0
+    rows = read_rows(out / "leaderboard.csv")
+    assert sorted((r["pfm"], r["strategy"]) for r in rows) == [("kaiko-vits16", "frozen"), ("unet", "full")]
+    for row in rows:
+        assert row["status"] == "ok" and row["eval_split"] == "held-out annotations"
+        assert float(row["mIoU_ci_low"]) <= float(row["mIoU"]) <= float(row["mIoU_ci_high"]) + 1e-9
+        assert {"Dice_Tissue", "Dice_Glass"} <= set(row)  # the classes come from the QuPath classifications
+        assert not row["feature_cache"].startswith("yes")  # whole slides train without the fixed crop set
+    assert main(["compare", "--config", str(config), "--pfms", "kaiko-vits16", "--output_dir", str(out),
+                 "--slides", str(CMU), "--tiny"]) == 2  # a slide without its annotation file: one clear error

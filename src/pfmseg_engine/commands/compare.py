@@ -10,9 +10,21 @@ from . import add_command
 
 def run(args: argparse.Namespace) -> int:
     from ..compare import CompareSpec, Comparison
+    from ..errors import ConfigError
     from ..training import TqdmProgress, load_config
 
-    config = load_config(args.config, args.options)
+    data = None
+    if args.slides or args.annotations:
+        from ..compare.data import compare_on_slides
+
+        if len(args.slides or ()) != len(args.annotations or ()):
+            raise ConfigError(f"{len(args.slides or ())} slides but {len(args.annotations or ())} annotation files; "
+                              "give one annotation file (QuPath GeoJSON or saved label store) per slide, in order.")
+        config = load_config(args.config, args.options, check_dataset=False)
+        config, data = compare_on_slides(config, args.slides, args.annotations, train_mpp=args.train_mpp,
+                                         mpp=args.mpp)
+    else:
+        config = load_config(args.config, args.options)
     spec = CompareSpec(
         pfms=args.pfms, strategies=args.strategies or (), seeds=args.seeds or (), weights=args.weights or {},
         tiny=args.tiny, feature_cache=args.feature_cache, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
@@ -20,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         throughput_steps=args.throughput_steps, device=args.device,
     )
     callbacks = [] if args.no_progress else [TqdmProgress()]
-    comparison = Comparison(config, spec, args.output_dir, callbacks=callbacks, config_path=args.config)
+    comparison = Comparison(config, spec, args.output_dir, data=data, callbacks=callbacks, config_path=args.config)
     events = comparison.iter_run()
     try:
         while True:
@@ -67,7 +79,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                   "--options protocol=frozen_light_decoder training.augmentation.zoom=null "
                   "'training.augmentation.transforms={color_jitter: {p: 0}, hed_jitter: {p: 0}}'",
                   "python -m pfmseg_engine compare --config my.yaml --pfms kaiko-vits16,lunit_vits8,unet --tiny "
-                  "--seeds 2 --output_dir demo_cmp --options training.epochs=2"])
+                  "--seeds 2 --output_dir demo_cmp --options training.epochs=2",
+                  "python -m pfmseg_engine compare --config my.yaml --pfms uni_v1,phikon --slides a.svs b.ndpi "
+                  "--annotations a.geojson b.geojson --train_mpp 0.5 --output_dir cmp"])
     parser.add_argument("--config", required=True, help="YAML training config (seed format; its dataset is used)")
     parser.add_argument("--pfms", required=True, help="comma-separated backbones; 'unet' adds the UNet baseline row")
     parser.add_argument("--strategies", default=None,
@@ -76,6 +90,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="number of seeds (3: seeds 0,1,2) or a list (0,5,7); default: system.seeds, else "
                              "system.seed")
     parser.add_argument("--output_dir", required=True, help="folder for runs/, the leaderboard and the cache")
+    parser.add_argument("--slides", nargs="+", metavar="SLIDE",
+                        help="compare on whole slides instead of the config's dataset (with --annotations)")
+    parser.add_argument("--annotations", nargs="+", metavar="FILE",
+                        help="one QuPath GeoJSON or saved label store per --slides entry, in the same order; a "
+                             "share of the annotated regions is held out and scored")
+    parser.add_argument("--train_mpp", type=float, default=None,
+                        help="resolution to train and score slides at (default: the model's, else 0.5 µm/px)")
+    parser.add_argument("--mpp", type=float, default=None, help="level-0 µm/px, for slides without it")
     parser.add_argument("--weights", nargs="+", default=None, metavar="NAME=PATH",
                         help="backbone weights, e.g. uni_v1=/models/uni.bin phikon=hf-hub: (the config's "
                              "pfm_weights_path applies to its own pfm_name)")

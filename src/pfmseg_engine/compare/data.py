@@ -361,6 +361,54 @@ class CompareData:
                           "run's best epoch."])
 
 
+def compare_on_slides(config: Any, slides: Sequence[Any], annotations: Sequence[Any], *,
+                      train_mpp: float | None = None, mpp: float | None = None, validation_share: float = 0.2,
+                      frame: str = "qupath") -> tuple[Any, CompareData]:
+    """(the config with the annotations' classes and resolution, the data) to compare models on whole slides.
+
+    ``annotations`` are one QuPath GeoJSON or saved label store per slide, read as slide-level training
+    reads them (:func:`~pfmseg_engine.training.slides.prepare_slides`): lazily, at ``train_mpp`` (default:
+    the model's, else 0.5 µm/px). ``validation_share`` of the annotated squares is held out: runs validate
+    on them and the leaderboard scores them. Patches are sampled lazily around the annotations, never a
+    whole-slide raster; the fixed crop set of the feature cache would scan whole slides, so slides train
+    without it.
+    """
+    from ..data.dataset import ArrayImageSet
+    from ..data.masks import sparse_to_targets
+    from ..data.sparse import SparsePatchDataset
+    from ..training.slides import config_for_classes, default_train_mpp, hold_out, prepare_slides
+
+    train_mpp = float(train_mpp or default_train_mpp(config))
+    pairs, table = prepare_slides(slides, annotations, train_mpp=train_mpp, class_names=config.dataset.class_names,
+                                  class_colours=config.dataset.class_colors, mpp=mpp, frame=frame)
+    config = config_for_classes(config, table, train_mpp)
+    n, ignore = config.num_classes, config.dataset.ignore_index
+    train_labels, val_images, val_labels, val_names = hold_out(pairs, validation_share, 2 * config.crop_size,
+                                                               config.system.seed)
+    if not val_images:
+        raise DataError("Too few annotated squares to hold some out for scoring; annotate more places (at least "
+                        f"two {2 * config.crop_size} px squares per slide) or raise the validation share.")
+    images = [pair.image for pair in pairs]
+    val = ArrayImageSet(val_images, [sparse_to_targets(lab, n, ignore) for lab in val_labels], names=val_names)
+
+    def default_train_dataset(run_config: Any) -> Dataset:
+        from ..training.runner import build_augmentation
+
+        return SparsePatchDataset(images, train_labels, patch_size=run_config.crop_size, num_classes=n,
+                                  samples_per_epoch=run_config.training.samples_per_epoch or 256,
+                                  ignore_index=ignore, transform=build_augmentation(run_config, crop=False),
+                                  seed=run_config.system.seed, zoom=run_config.training.augmentation.zoom)
+
+    data = CompareData(train=None, val=val, test=val, eval_split="held-out annotations", num_classes=n,
+                       class_names=tuple(config.class_names), ignore_index=ignore,
+                       default_train_dataset=default_train_dataset,
+                       description=", ".join(pair.name for pair in pairs),
+                       notes=[f"Models are scored on {len(val_images)} held-out annotated squares of "
+                              f"{len(pairs)} slide(s) at {train_mpp:g} µm/px, which also chose each run's best "
+                              "epoch; slides train without the fixed crop set (no feature cache)."])
+    return config, data
+
+
 class _SeedSource:
     """A seed-JSON training split as an image source with content identities."""
 

@@ -169,6 +169,8 @@ class Comparison:
         self.seeds = spec.seeds_for(config)
         self.cache_root = Path(spec.cache_dir).expanduser() if spec.cache_dir else self.output_dir / "feature_cache"
         reasons = cache_incompatibilities(config.training.augmentation)
+        if self.data.train is None:  # whole slides: a fixed crop set would scan every slide
+            reasons.append("the data are whole slides, sampled lazily around their annotations")
         if spec.feature_cache == "on" and reasons:
             raise ConfigError("feature_cache 'on' needs training inputs that repeat exactly (a fixed crop set with "
                               "flips/rotations only), but " + "; ".join(reasons) + ".")
