@@ -175,16 +175,4 @@ def is_prediction_store(path: Path) -> bool:
     Only the ``pfmseg`` metadata block counts: other OME-Zarr images and label images belong to other
     readers (napari-ome-zarr), which napari asks when this reader declines.
     """
-    import json
-
-    for name in (".zattrs", "zarr.json"):
-        file = path / name
-        if file.is_file():
-            try:
-                attrs = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return False
-            attrs = attrs.get("attributes", attrs)
-            ome = attrs.get("ome", attrs)
-            return "class_names" in (attrs.get(META) or ome.get(META) or {})
-    return False
+    return "class_names" in (store_attributes(path) or {})

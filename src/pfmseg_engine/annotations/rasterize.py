@@ -19,6 +19,7 @@ not coarser than the requested resolution, read box by box, class values remappe
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -193,7 +194,48 @@ def rasterize(geometries: Sequence[Any], values: Sequence[int], box: Box, out: n
     return out
 
 
-class PolygonLabels:
+class LazyLabels(ABC):
+    """What every lazy label source shares: reads by box or slice, and hold-out boxes read as 0.
+
+    Subclasses hold ``shape``, ``excluded`` (boxes of this array's pixels) and ``read(box)``, which
+    ends with :meth:`clear_excluded`.
+    """
+
+    shape: tuple[int, int]
+    excluded: list[Box]
+
+    @abstractmethod
+    def read(self, box: Box) -> np.ndarray:
+        """The labels of ``box`` (y0, y1, x0, x1) as uint8, held-out boxes cleared."""
+
+    def clear_excluded(self, out: np.ndarray, box: Box) -> np.ndarray:
+        """``out`` (the pixels of ``box``) with the held-out boxes set to 0 (not annotated)."""
+        y0, y1, x0, x1 = box
+        for ey0, ey1, ex0, ex1 in self.excluded:
+            r0, r1, c0, c1 = max(y0, ey0), min(y1, ey1), max(x0, ex0), min(x1, ex1)
+            if r1 > r0 and c1 > c0:
+                out[r0 - y0:r1 - y0, c0 - x0:c1 - x0] = 0
+        return out
+
+    def with_excluded(self, boxes: Sequence[Box]) -> LazyLabels:
+        """The same labels with ``boxes`` (pixels of this array) cleared: the training side of a hold-out."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__getstate__())
+        clone.excluded = [*self.excluded, *(tuple(int(v) for v in b) for b in boxes)]
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return self.read(_slices(key, self.shape))
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        whole = self.read((0, self.shape[0], 0, self.shape[1]))
+        return whole.astype(dtype) if dtype is not None else whole
+
+
+class PolygonLabels(LazyLabels):
     """A lazy (H, W) uint8 label array of polygons at ``downsample`` level-0 pixels per pixel.
 
     ``geometries`` are shapely (Multi)Polygons in slide level-0 pixels with their label ``values``
@@ -243,12 +285,6 @@ class PolygonLabels:
             self._tree = STRtree(self.geometries)
         return self._tree
 
-    def with_excluded(self, boxes: Sequence[Box]) -> PolygonLabels:
-        """The same labels with ``boxes`` (pixels of this array) cleared: the training side of a hold-out."""
-        clone = object.__new__(PolygonLabels)
-        clone.__dict__.update(self.__getstate__())
-        clone.excluded = [*self.excluded, *(tuple(int(v) for v in b) for b in boxes)]
-        return clone
 
     def hits(self, box: Box) -> np.ndarray:
         """Indices of geometries whose bounding boxes touch a pixel box (sorted in draw order)."""
@@ -266,18 +302,7 @@ class PolygonLabels:
         if len(found):
             rasterize([self.geometries[i] for i in found], [self.values[i] for i in found], box, out,
                       small=[self.small[i] for i in found])
-        for ey0, ey1, ex0, ex1 in self.excluded:
-            r0, r1, c0, c1 = max(y0, ey0), min(y1, ey1), max(x0, ex0), min(x1, ex1)
-            if r1 > r0 and c1 > c0:
-                out[r0 - y0:r1 - y0, c0 - x0:c1 - x0] = 0
-        return out
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return self.read(_slices(key, self.shape))
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        whole = self.read((0, self.shape[0], 0, self.shape[1]))
-        return whole.astype(dtype) if dtype is not None else whole
+        return self.clear_excluded(out, box)
 
     def candidate_blocks(self, block: int) -> list[Box]:
         """The ``block``-sized squares of a grid over this array that a trained polygon's bounding box touches
@@ -335,7 +360,7 @@ class PolygonLabels:
         return checked
 
 
-class StoreLabels:
+class StoreLabels(LazyLabels):
     """A label store (``write_labels`` / inference OME-Zarr) resampled to a slide grid, read lazily.
 
     The grid has ``shape`` pixels of ``downsample`` slide level-0 pixels; pixel centres are mapped into
@@ -379,11 +404,6 @@ class StoreLabels:
             self._array = zarr.open_group(self.path, mode="r")[str(self.level)]
         return self._array
 
-    def with_excluded(self, boxes: Sequence[Box]) -> StoreLabels:
-        clone = object.__new__(StoreLabels)
-        clone.__dict__.update(self.__getstate__())
-        clone.excluded = [*self.excluded, *(tuple(int(v) for v in b) for b in boxes)]
-        return clone
 
     def _index(self, start: int, stop: int, axis: int) -> np.ndarray:
         centres = (np.arange(start, stop) + 0.5) * self.downsample - self.offset[axis]
@@ -403,18 +423,7 @@ class StoreLabels:
             block = np.asarray(self.array[r0:r1, c0:c1])
             picked = block[np.ix_(rows[row_ok] - r0, cols[col_ok] - c0)]
             out[np.ix_(np.flatnonzero(row_ok), np.flatnonzero(col_ok))] = self.lut[picked]
-        for ey0, ey1, ex0, ex1 in self.excluded:
-            r0, r1, c0, c1 = max(y0, ey0), min(y1, ey1), max(x0, ex0), min(x1, ex1)
-            if r1 > r0 and c1 > c0:
-                out[r0 - y0:r1 - y0, c0 - x0:c1 - x0] = 0
-        return out
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        return self.read(_slices(key, self.shape))
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        whole = self.read((0, self.shape[0], 0, self.shape[1]))
-        return whole.astype(dtype) if dtype is not None else whole
+        return self.clear_excluded(out, box)
 
     def annotated_cells(self, block: int, step: int = 4096) -> list[Box]:
         """The ``block``-sized grid squares holding annotations, scanning a few thousand pixels at a time."""
