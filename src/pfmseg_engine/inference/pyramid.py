@@ -57,6 +57,18 @@ def pyramid_shapes(shape: tuple[int, int], chunk: int, min_side: int = 256) -> l
     return shapes  # type: ignore[return-value]
 
 
+def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Half-open spans with touching neighbours joined (``(0, 4), (4, 8)`` -> ``(0, 8)``)."""
+    spans = sorted(spans)
+    merged = [spans[0]]
+    for start, stop in spans[1:]:
+        if start == merged[-1][1]:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    return merged
+
+
 def merge_boxes(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
     """Disjoint boxes (y0, y1, x0, x1) merged into fewer rectangles covering exactly the same pixels.
 
@@ -66,32 +78,11 @@ def merge_boxes(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int, 
     rows: dict[tuple[int, int], list[tuple[int, int]]] = {}
     for y0, y1, x0, x1 in boxes:
         rows.setdefault((y0, y1), []).append((x0, x1))
-    strips: list[tuple[int, int, int, int]] = []
-    for (y0, y1), spans in sorted(rows.items()):
-        spans.sort()
-        start, stop = spans[0]
-        for x0, x1 in spans[1:]:
-            if x0 == stop:
-                stop = x1
-            else:
-                strips.append((y0, y1, start, stop))
-                start, stop = x0, x1
-        strips.append((y0, y1, start, stop))
     columns: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for y0, y1, x0, x1 in strips:
-        columns.setdefault((x0, x1), []).append((y0, y1))
-    merged = []
-    for (x0, x1), spans in sorted(columns.items()):
-        spans.sort()
-        start, stop = spans[0]
-        for y0, y1 in spans[1:]:
-            if y0 == stop:
-                stop = y1
-            else:
-                merged.append((start, stop, x0, x1))
-                start, stop = y0, y1
-        merged.append((start, stop, x0, x1))
-    return sorted(merged)
+    for (y0, y1), spans in sorted(rows.items()):
+        for x0, x1 in _merge_spans(spans):
+            columns.setdefault((x0, x1), []).append((y0, y1))
+    return sorted((y0, y1, x0, x1) for (x0, x1), spans in columns.items() for y0, y1 in _merge_spans(spans))
 
 
 def update_levels(levels: list, box: tuple[int, int, int, int], method: str) -> None:
