@@ -10,19 +10,16 @@ from . import add_command
 
 def run(args: argparse.Namespace) -> int:
     from ..compare import CompareSpec, Comparison
-    from ..errors import ConfigError
     from ..training import TqdmProgress, load_config
 
     data = None
     if args.slides or args.annotations:
         from ..compare.data import compare_on_slides
 
-        if len(args.slides or ()) != len(args.annotations or ()):
-            raise ConfigError(f"{len(args.slides or ())} slides but {len(args.annotations or ())} annotation files; "
-                              "give one annotation file (QuPath GeoJSON or saved label store) per slide, in order.")
         config = load_config(args.config, args.options, check_dataset=False)
-        config, data = compare_on_slides(config, args.slides, args.annotations, train_mpp=args.train_mpp,
-                                         mpp=args.mpp)
+        # prepare_slides checks that there is one annotation file per slide
+        config, data = compare_on_slides(config, args.slides or [], args.annotations or [],
+                                         train_mpp=args.train_mpp, mpp=args.mpp)
     else:
         config = load_config(args.config, args.options)
     spec = CompareSpec(
