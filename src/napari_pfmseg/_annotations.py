@@ -23,6 +23,11 @@ def is_annotation_layer(layer: Any) -> bool:
     return layer.metadata.get(META, {}).get("kind") == KIND
 
 
+def is_trainable_labels(layer: Any) -> bool:
+    """Layers training can read labels from: annotation layers, and any single-scale labels layer."""
+    return is_annotation_layer(layer) or (layer.__class__.__name__ == "Labels" and not layer.multiscale)
+
+
 def working_plan(slide: Any, target_mpp: float | None) -> Any:
     """The engine's resolution plan (level, resampling, shape) for annotating at ``target_mpp``."""
     from pfmseg_engine.slides import plan_resolution

@@ -39,7 +39,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._annotate_widget import is_slide_layer
-from ._annotations import is_annotation_layer
+from ._annotations import is_trainable_labels
 from ._notify import Failure, guarded, guarded_generator, notify_error, notify_info
 from ._qt_helpers import LayerCombo, button, dspin, group, row, spin, wrapped
 from ._session import BusyError, session_for
@@ -425,8 +425,7 @@ class CompareWidget(QWidget):
         self.controller = compare_controller(self.session)
 
         self.image = LayerCombo(napari_viewer, is_slide_layer)
-        self.annotations = LayerCombo(napari_viewer, lambda layer: is_annotation_layer(layer)
-                                      or (layer.__class__.__name__ == "Labels" and not layer.multiscale))
+        self.annotations = LayerCombo(napari_viewer, is_trainable_labels)
         self.models = QListWidget()
         self.models.setToolTip("backbones to compare; a backbone is available when its weights are (a local file or "
                                "the Hugging Face cache), or with 'tiny test models'")

@@ -12,7 +12,7 @@ from typing import Any
 from qtpy.QtWidgets import QCheckBox, QFormLayout, QProgressBar, QVBoxLayout, QWidget
 
 from ._annotate_widget import is_slide_layer
-from ._annotations import is_annotation_layer
+from ._annotations import is_trainable_labels
 from ._curve import CurvePlot
 from ._qt_helpers import LayerCombo, button, dspin, group, row, spin, wrapped
 from ._session import session_for
@@ -46,8 +46,7 @@ class TrainWidget(QWidget):
         self.controller = training_controller(self.session)
 
         self.image = LayerCombo(napari_viewer, is_slide_layer)
-        self.annotations = LayerCombo(napari_viewer, lambda layer: is_annotation_layer(layer)
-                                      or (layer.__class__.__name__ == "Labels" and not layer.multiscale))
+        self.annotations = LayerCombo(napari_viewer, is_trainable_labels)
         self.epochs = spin(5, 1, 10_000, tip="passes over the sampled patches")
         self.batch = spin(4, 1, 512, tip="patches per batch")
         self.lr = dspin(1e-3, 1e-6, 1.0, 1e-4, 6, tip="learning rate")
