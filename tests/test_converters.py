@@ -155,17 +155,49 @@ def test_dinov2_family_matches_transformers(tmp_path, name, hub_layout):
     assert_features_match(backbone, x, [1, 3], expected)
 
 
-@pytest.mark.parametrize("name", ["phikon_v2", "hibou_b"])
-def test_dinov2_position_table_is_resampled_like_the_vendor(tmp_path, name):
-    """Checkpoint at a 4x4 grid, build at 8x8: the vendor interpolates on the fly, we at load time."""
-    patch, size, swiglu, registers = DINOV2_CASES[name]
-    vendor = _dinov2_vendor(patch, size, swiglu, registers)
+TRANSFORMERS_CASES = {"phikon": (16, 64, False, 0), **DINOV2_CASES}  # name: (patch, size, swiglu, registers)
+
+
+def _transformers_vendor(name: str):
+    patch, size, swiglu, registers = TRANSFORMERS_CASES[name]
+    return _phikon_vendor(size) if name == "phikon" else _dinov2_vendor(patch, size, swiglu, registers)
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS_CASES))
+def test_position_table_is_resampled_once_like_the_vendor_at_every_size(tmp_path, name):
+    """Checkpoint at a 4x4 grid, spec build size 224: the grid is kept, and each run size (larger,
+    smaller, non-square) is resampled once at run time with the vendor's kernel, as the vendor model does."""
+    patch, _, _, registers = TRANSFORMERS_CASES[name]
+    vendor = _transformers_vendor(name)
     path = save(vendor.state_dict(), tmp_path / "w.safetensors")
-    backbone = build_backbone(name, weights=path, tiny=True, overrides={"img_size": 2 * size})
-    assert backbone.vit.patch_embed.grid_size == (8, 8)
-    x = torch.randn(1, 3, 2 * size, 2 * size)
-    hidden = hf_hidden_states(vendor, x)
-    assert_features_match(backbone, x, [3], [to_grid(hidden[4], 1 + registers, (8, 8))])
+    backbone = build_backbone(name, weights=path, tiny=True).eval()
+    assert backbone.vit.patch_embed.grid_size == (4, 4)
+    vendor_kwargs = {"interpolate_pos_encoding": True} if name == "phikon" else {}
+    for cells in [(4, 4), (8, 8), (3, 3), (6, 9), (7, 5)]:
+        x = torch.randn(1, 3, cells[0] * patch, cells[1] * patch)
+        hidden = hf_hidden_states(vendor, x, **vendor_kwargs)
+        assert_features_match(backbone, x, [3], [to_grid(hidden[4], 1 + registers, cells)])
+
+
+@pytest.mark.parametrize("name", ["phikon", "midnight12k", "hibou_b"])
+def test_the_vendor_kernel_matters(name):
+    """The model resamples with the vendor's kernel (transformers' ViT/DINOv2: no antialias, DINOv2
+    with registers: antialias), and the other kernel would differ clearly, even when upsampling."""
+    from timm.layers import resample_abs_pos_embed
+
+    patch, size, _, registers = TRANSFORMERS_CASES[name]
+    vendor = _transformers_vendor(name)
+    vit = create_vit(get_spec(name), tiny=True, overrides={"img_size": size}).eval()
+    vit.load_state_dict(CONVERTERS[get_spec(name).checkpoint_layout](vendor.state_dict(), vit))
+    assert vit.vendor_antialias == bool(registers)
+    embeddings = vendor.embeddings.interpolate_pos_encoding(torch.zeros(1, 64 + 1, 48), 8 * patch, 8 * patch)
+    grid = embeddings[:, 1:]
+    with torch.no_grad():
+        ours = vit._pos_embed(torch.zeros(1, 8, 8, 48))[:, vit.num_prefix_tokens:]
+        other_kernel = resample_abs_pos_embed(vendor.embeddings.position_embeddings[:, 1:], [8, 8],
+                                              num_prefix_tokens=0, antialias=not registers)
+    torch.testing.assert_close(ours, grid, atol=1e-5, rtol=1e-5)
+    assert (other_kernel - grid).abs().max() > 1e-2
 
 
 # ---------------------------------------------------------------------------------------- CONCH v1, v1.5

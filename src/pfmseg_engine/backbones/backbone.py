@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, WeightsError
 from .converters import CONVERTERS
+from .positions import RUNTIME_RESAMPLED_LAYOUTS, checkpoint_position_grid, use_vendor_resampling
 from .registry import get_spec
 from .specs import BackboneSpec
 from .weights import read_state_dict, resolve_weights_file
@@ -52,12 +52,17 @@ def resolve_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def create_vit(spec: BackboneSpec, tiny: bool = False, overrides: dict[str, Any] | None = None) -> nn.Module:
-    """Create the timm model of ``spec`` (random weights, never a download)."""
+    """Create the timm model of ``spec`` (random weights, never a download).
+
+    The model resamples its position table at run time with the kernel of the checkpoint's vendor
+    (see :mod:`.positions`), so a converted transformers checkpoint computes what its vendor does.
+    """
     import timm
 
     kwargs = spec.build_kwargs(tiny)
     kwargs.update(overrides or {})
-    return timm.create_model(spec.timm_arch, pretrained=False, **resolve_kwargs(kwargs))
+    vit = timm.create_model(spec.timm_arch, pretrained=False, **resolve_kwargs(kwargs))
+    return use_vendor_resampling(vit, spec.checkpoint_layout)
 
 
 def default_feature_indices(depth: int, levels: int = 4) -> tuple[int, ...]:
@@ -220,33 +225,17 @@ def build_backbone(
     return backbone.to(device) if device is not None else backbone
 
 
-# Layouts whose vendor model is itself a timm ViT, so timm's per-forward position resampling (from the
-# checkpoint's own grid to the run grid) is exactly what the vendor computes at every input size.
-TIMM_RUNTIME_LAYOUTS = ("timm", "open_clip_conch", "conch_v1_5")
-
-
-def checkpoint_position_grid(state: dict[str, torch.Tensor], vit: nn.Module) -> tuple[int, int] | None:
-    """The square patch grid of a timm-layout ``pos_embed`` in ``state`` (None if absent or ambiguous)."""
-    tables = [v for k, v in state.items() if (k == "pos_embed" or k.endswith(".pos_embed")) and v.ndim == 3]
-    if len(tables) != 1:
-        return None
-    prefix = 0 if getattr(vit, "no_embed_class", False) else int(vit.num_prefix_tokens)
-    side = math.isqrt(max(0, tables[0].shape[1] - prefix))
-    return (side, side) if side and side * side == tables[0].shape[1] - prefix else None
-
-
 def adopt_checkpoint_grid(backbone: Backbone, state: dict[str, torch.Tensor]) -> None:
     """Build the position table at the checkpoint's grid so it is resampled once, not twice.
 
-    With ``dynamic_img_size`` timm resamples the model's table to the run grid on every forward.
-    Resampling the checkpoint's table to the spec's build grid at load time first would make that two
-    bicubic interpolations (checkpoint grid -> build grid -> run grid; e.g. a UNI fine-tuned at 448 px,
-    28x28, squeezed to 14x14 and then stretched to 32x32 for 512 px inputs), losing detail. Only for
-    layouts whose vendor is timm itself, where one run-time resample is exactly the vendor's
-    computation; the transformers layouts keep their vendor-matching load-time resample (see
-    ``hf_converters.resample_patch_grid``).
+    With ``dynamic_img_size`` the model resamples its table to the run grid on every forward, with the
+    vendor's kernel (:mod:`.positions`). Resampling the checkpoint's table to the spec's build grid at
+    load time first would make that two bicubic interpolations (checkpoint grid -> build grid -> run
+    grid; e.g. a UNI fine-tuned at 448 px, 28x28, squeezed to 14x14 and then stretched to 32x32 for
+    512 px inputs), losing detail and departing from the vendor model. Keeping the checkpoint's grid
+    makes the one run-time resample exactly the vendor's computation at every input size.
     """
-    if backbone.spec.checkpoint_layout not in TIMM_RUNTIME_LAYOUTS:
+    if backbone.spec.checkpoint_layout not in RUNTIME_RESAMPLED_LAYOUTS:
         return
     grid = checkpoint_position_grid(state, backbone.vit)
     if grid is None or tuple(grid) == tuple(backbone.vit.patch_embed.grid_size):

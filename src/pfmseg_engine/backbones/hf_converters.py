@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .converters import StateDict, convert_timm, register_converter
+from .positions import vendor_antialias
 
 _PART = re.compile(r"^(?P<head>.*)#(?P<index>\d+)(?P<tail>(\..*)?)$")
 
@@ -101,8 +102,8 @@ def resample_patch_grid(
     """Resize a square ``(1, h*w, C)`` patch position table the way the vendor code does at run time.
 
     Bicubic with ``align_corners=False``, as transformers and MUSK do; ``antialias`` as the vendor class
-    does (``ViTModel``/``Dinov2Model``/MUSK: no, ``Dinov2WithRegistersModel``: yes), so the converted
-    model at its build size matches the vendor model run at that size.
+    does (``positions.VENDOR_ANTIALIAS``), so a model built at another size than its checkpoint's grid
+    matches the vendor model run at that size.
     """
     from timm.layers import resample_abs_pos_embed
 
@@ -117,7 +118,8 @@ def place_class_position(state: StateDict, model: nn.Module, antialias: bool = F
     transformers and BEiT3 give the class token a position and registers none. timm either keeps the
     class position in ``pos_embed`` (then registers get zero positions) or, with ``no_embed_class``
     (the DINOv2-with-registers builds), adds no position to prefix tokens, so the class position is
-    folded into ``cls_token``. Both are exact rewrites; the grid is resampled to the build size.
+    folded into ``cls_token``. Both are exact rewrites; the grid is resampled to the build size (a no-op
+    when the model was built at the checkpoint's grid, the default).
     """
     pos = state.get("pos_embed")
     if pos is None:
@@ -187,21 +189,24 @@ HF_DINOV2_KEYS = KeyMap(
 HF_MODEL_PREFIXES = ("vit.", "dinov2.", "dinov2_with_registers.")
 
 
-def convert_hf(state: StateDict, model: nn.Module, keymap: KeyMap) -> StateDict:
-    """Shared path of the transformers layouts: unprefix, rename, fuse, place positions."""
+def convert_hf(state: StateDict, model: nn.Module, keymap: KeyMap, layout: str) -> StateDict:
+    """Shared path of the transformers layouts: unprefix, rename, fuse, place positions.
+
+    The table keeps the checkpoint's grid when the model was built at it (the default, see
+    ``adopt_checkpoint_grid``); a build at another size resamples it here with the vendor's kernel.
+    """
     state = rename_keys(strip_model_prefix(state, HF_MODEL_PREFIXES), keymap)
-    # Dinov2WithRegistersModel resamples positions with antialiasing, ViTModel and Dinov2Model without.
-    antialias = "reg_token" in state
+    antialias = bool(vendor_antialias(layout, model))
     return convert_timm(place_class_position(state, model, antialias), model)
 
 
 @register_converter("hf_vit")
 def convert_hf_vit(state: StateDict, model: nn.Module) -> StateDict:
     """transformers ``ViTModel`` (Phikon) -> timm ViT."""
-    return convert_hf(state, model, HF_VIT_KEYS)
+    return convert_hf(state, model, HF_VIT_KEYS, "hf_vit")
 
 
 @register_converter("hf_dinov2")
 def convert_hf_dinov2(state: StateDict, model: nn.Module) -> StateDict:
     """transformers ``Dinov2Model``/``Dinov2WithRegistersModel`` (Phikon-v2, Midnight, Hibou) -> timm."""
-    return convert_hf(state, model, HF_DINOV2_KEYS)
+    return convert_hf(state, model, HF_DINOV2_KEYS, "hf_dinov2")
