@@ -155,3 +155,63 @@ def test_format_1_transformer_adapter_checkpoint_is_refused_with_the_fix(tmp_pat
     _as_format_1(path, "transformer_adapter")
     with pytest.raises(CheckpointError, match="Retrain"):
         load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------ position grids
+def grid_backbone_file(tmp_path: Path, name: str, img_size: int) -> Path:
+    """A tiny 'published' backbone stored at another grid than its spec's 224 px build (timm layout keys;
+    the transformers converter accepts them, as a state dict taken from a converted model)."""
+    torch.manual_seed(5)
+    vit = create_vit(get_spec(name), tiny=True, overrides={"img_size": img_size})
+    path = tmp_path / f"{name}_{img_size}.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return path
+
+
+def test_full_fine_tune_reloads_at_its_trained_grid_with_or_without_backbone_weights(tmp_path):
+    """The weights' 4x4 grid is kept, so the trained table is 4x4: a reload without the backbone file, or
+    against a backbone kept at another grid, builds the table at the stored grid and predicts the same."""
+    weights = grid_backbone_file(tmp_path, "kaiko-vits16", 64)
+    model = trained_model("full", weights)
+    assert model.encoder.backbone.position_grid == (4, 4)
+    path = save_checkpoint(tmp_path / "full.pt", model)
+    other_grid = grid_backbone_file(tmp_path, "kaiko-vits16", 96)
+    x = torch.rand(1, 3, 80, 48)
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        without = load_checkpoint(path, weights="")
+    for loaded in (without, load_checkpoint(path, weights=str(other_grid))):
+        assert loaded.encoder.backbone.position_grid == (4, 4)
+        with torch.no_grad():
+            assert torch.allclose(model(x), loaded(x), atol=1e-5)
+
+
+def test_resuming_does_not_replace_parameters_an_optimizer_holds(tmp_path):
+    from pfmseg_engine.checkpoint import load_into
+
+    model = trained_model("full", grid_backbone_file(tmp_path, "kaiko-vits16", 64))
+    payload = read_checkpoint(save_checkpoint(tmp_path / "full.pt", model))
+    rebuilt = build_model(model.config.with_changes(weights=str(grid_backbone_file(tmp_path, "kaiko-vits16", 96))))
+    with pytest.raises(CheckpointError, match="pos_embed"):
+        load_into(rebuilt, payload, adopt_position_grid=False)
+
+
+@pytest.mark.parametrize(("name", "warns"), [("phikon", True), ("midnight12k", True), ("kaiko-vits16", False)])
+def test_format_2_checkpoints_of_transformers_backbones_warn_about_the_position_kernel(tmp_path, name, warns):
+    import warnings
+
+    from pfmseg_engine.checkpoint import PositionKernelWarning
+
+    config = ModelConfig(backbone=name, tiny=True, num_classes=2, input_size=112,
+                         weights=str(grid_backbone_file(tmp_path, name, 224)))
+    path = save_checkpoint(tmp_path / "old.pt", build_model(config).eval())
+    payload = torch.load(str(path), weights_only=True)
+    payload["format_version"] = 2
+    torch.save(payload, str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = load_checkpoint(path)
+    kernel_warnings = [w for w in caught if issubclass(w.category, PositionKernelWarning)]
+    assert bool(kernel_warnings) == warns
+    if warns:
+        assert "Retrain" in str(kernel_warnings[0].message) and get_spec(name).name in str(kernel_warnings[0].message)
+    assert read_checkpoint(path)["format_version"] == 3 and loaded.config == config

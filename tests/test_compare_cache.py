@@ -142,6 +142,21 @@ def test_cache_features_are_those_of_the_live_backbone_and_follow_the_weights(tm
     assert random_init.key["weights"] == "random-init" and random_init.directory != cache.directory
 
 
+def test_key_holds_the_position_grid_and_kernel(tmp_path):
+    """Features depend on the grid the table is stored at and on the kernel resampling it: both key the cache."""
+    kaiko = tiny_model(tiny_weights(tmp_path / "backbone.safetensors", seed=1))
+    base = FeatureCache(tmp_path, kaiko, crop=32)
+    assert base.key["positions"] == {"grid": [14, 14], "antialias": "timm"}  # the weights file's grid
+    kaiko.encoder.backbone.use_position_grid((3, 3))
+    assert FeatureCache(tmp_path, kaiko, crop=32).directory != base.directory
+
+    phikon = build_model(ModelConfig(backbone="phikon", tiny=True, num_classes=3, input_size=32)).eval()
+    plain = FeatureCache(tmp_path, phikon, crop=32)
+    assert plain.key["positions"]["antialias"] is False
+    phikon.encoder.backbone.vit.position_antialias = True
+    assert FeatureCache(tmp_path, phikon, crop=32).directory != plain.directory
+
+
 def test_interrupted_fill_resumes(tmp_path):
     model = tiny_model()
     dataset = CropSetDataset(Source(), crop=32)

@@ -179,6 +179,20 @@ def test_position_table_is_resampled_once_like_the_vendor_at_every_size(tmp_path
         assert_features_match(backbone, x, [3], [to_grid(hidden[4], 1 + registers, cells)])
 
 
+@pytest.mark.parametrize("name", ["phikon", "phikon_v2", "hibou_b"])
+def test_explicit_build_size_resamples_at_load_like_the_vendor(tmp_path, name):
+    """A caller who fixes the build size gets the table resampled once at load, to that size, with the
+    vendor's kernel: equal to the vendor model run at that size."""
+    _, size, _, registers = TRANSFORMERS_CASES[name]
+    vendor = _transformers_vendor(name)
+    path = save(vendor.state_dict(), tmp_path / "w.safetensors")
+    backbone = build_backbone(name, weights=path, tiny=True, overrides={"img_size": 2 * size})
+    assert backbone.vit.patch_embed.grid_size == (8, 8)
+    x = torch.randn(1, 3, 2 * size, 2 * size)
+    hidden = hf_hidden_states(vendor, x, **({"interpolate_pos_encoding": True} if name == "phikon" else {}))
+    assert_features_match(backbone, x, [3], [to_grid(hidden[4], 1 + registers, (8, 8))])
+
+
 @pytest.mark.parametrize("name", ["phikon", "midnight12k", "hibou_b"])
 def test_the_vendor_kernel_matters(name):
     """The model resamples with the vendor's kernel (transformers' ViT/DINOv2: no antialias, DINOv2
@@ -189,7 +203,7 @@ def test_the_vendor_kernel_matters(name):
     vendor = _transformers_vendor(name)
     vit = create_vit(get_spec(name), tiny=True, overrides={"img_size": size}).eval()
     vit.load_state_dict(CONVERTERS[get_spec(name).checkpoint_layout](vendor.state_dict(), vit))
-    assert vit.vendor_antialias == bool(registers)
+    assert vit.position_antialias == bool(registers)
     embeddings = vendor.embeddings.interpolate_pos_encoding(torch.zeros(1, 64 + 1, 48), 8 * patch, 8 * patch)
     grid = embeddings[:, 1:]
     with torch.no_grad():

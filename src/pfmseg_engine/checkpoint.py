@@ -10,10 +10,12 @@ without any backbone weights file.
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +25,18 @@ from .errors import CheckpointError
 from .model import ModelConfig, SegmentationModel, build_model
 from .tuning import STRATEGIES
 
+log = logging.getLogger(__name__)
+
 FORMAT = "pfmseg-checkpoint"
 #: 2: ``cnn_adapter`` is the seed's ResNetV2 branch (the earlier small adapter is ``cnn_adapter_small``) and
 #: the Transformer adapter reads the whole token sequence after the final norm.
-FORMAT_VERSION = 2
+#: 3: backbones published as transformers models resample their position table with the vendor's kernel,
+#: from the weights file's grid.
+FORMAT_VERSION = 3
+
+
+class PositionKernelWarning(UserWarning):
+    """A checkpoint was trained when its backbone resampled positions with another kernel than today."""
 
 
 def _versions() -> dict[str, str]:
@@ -134,10 +144,39 @@ def upgrade_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoint")
     framework's ResNetV2 branch, so such checkpoints load as ``cnn_adapter_small``, which computes
     exactly what they were trained with. A version-1 Transformer adapter saw patch tokens only; the
     adapter now sees the whole sequence, so its weights would compute something else: refused.
+    Versions 1-2 resampled the position tables of transformers-published backbones (Phikon, Phikon-v2,
+    Midnight, Hibou) with timm's kernel; they now follow the vendor's, which changes their features
+    slightly at input sizes other than the weights' own: loaded, with a :class:`PositionKernelWarning`.
     """
-    if payload.get("format_version", 0) >= FORMAT_VERSION:
+    version = payload.get("format_version", 0)
+    if version >= FORMAT_VERSION:
         return payload
     payload = {**payload, "config": dict(payload["config"])}
+    if version < 2:
+        payload = _upgrade_adapters_from_format_1(payload, path)
+    _warn_about_position_kernel(payload["config"], path)
+    payload["format_version"] = FORMAT_VERSION
+    return payload
+
+
+def _warn_about_position_kernel(config: dict[str, Any], path: str | Path) -> None:
+    from .backbones.positions import ANTIALIAS_BY_LAYOUT
+    from .backbones.registry import get_spec
+
+    spec = get_spec(config["backbone"])
+    if spec.checkpoint_layout not in ANTIALIAS_BY_LAYOUT:
+        return
+    message = (
+        f"Checkpoint '{path}' was trained with an earlier pfmseg that resampled {spec.name}'s position table "
+        "with timm's kernel; it now uses the vendor's (transformers), as the published model computes. At "
+        "input sizes other than the backbone weights' own, features differ slightly from those it was trained "
+        "on, so outputs can shift a little. Retrain (the same config) for an exact match."
+    )
+    log.warning(message)
+    warnings.warn(message, PositionKernelWarning, stacklevel=3)
+
+
+def _upgrade_adapters_from_format_1(payload: dict[str, Any], path: str | Path) -> dict[str, Any]:
     tuning = dict(payload["config"].get("tuning") or {})
     strategy = tuning.get("strategy")
     if strategy == "cnn_adapter" and any(k.startswith("encoder.cnn_adapter.stages.") for k in payload["state"]):
@@ -149,12 +188,17 @@ def upgrade_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoint")
             "do not apply. Retrain it (python -m pfmseg_engine train ... with the same config)."
         )
     payload["config"]["tuning"] = tuning
-    payload["format_version"] = FORMAT_VERSION
     return payload
 
 
-def load_into(model: SegmentationModel, payload: dict[str, Any], source: str = "checkpoint") -> None:
-    """Load a checkpoint's trainable state into an existing model, refusing mismatches by name."""
+def load_into(model: SegmentationModel, payload: dict[str, Any], source: str = "checkpoint",
+              adopt_position_grid: bool = True) -> None:
+    """Load a checkpoint's trainable state into an existing model, refusing mismatches by name.
+
+    ``adopt_position_grid``: a trained position table brings its grid along
+    (:meth:`SegmentationModel.adopt_stored_position_grid`). Off when an optimizer already holds the
+    model's parameters (resuming), where a replaced table would go stale: a mismatch is then refused.
+    """
     stored = ModelConfig.from_dict(payload["config"])
     ours = model.config
     differences = [
@@ -168,6 +212,8 @@ def load_into(model: SegmentationModel, payload: dict[str, Any], source: str = "
             "checkpoint's config (load_checkpoint) instead."
         )
     try:
+        if adopt_position_grid:
+            model.adopt_stored_position_grid(payload["state"])
         model.load_trainable_state_dict(payload["state"])
     except ValueError as exc:
         raise CheckpointError(f"{source} does not fit the model: {exc}") from exc

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .backbones.backbone import build_backbone
+from .backbones.positions import checkpoint_position_grid
 from .backbones.registry import get_spec
 from .backbones.specs import BackboneSpec
 from .errors import ConfigError, reject_unknown_keys
@@ -121,6 +122,10 @@ def nearest_valid_sizes(size: int, patch: int) -> str:
     return f"{below} or {above}" if below != above else str(below)
 
 
+# Where a trained position table sits in a model's state (only strategies that train the backbone store it).
+POSITION_TABLE_KEY = "encoder.backbone.vit.pos_embed"
+
+
 class SegmentationModel(nn.Module):
     """Takes RGB in [0, 1] of any size, returns per-pixel class logits of the same size.
 
@@ -183,6 +188,21 @@ class SegmentationModel(nn.Module):
         """Weights the strategy trains (plus buffers of those modules), detached on the CPU."""
         state = self.state_dict()
         return {k: v.detach().cpu().clone() for k, v in state.items() if self.is_trainable_name(k)}
+
+    def adopt_stored_position_grid(self, state: dict[str, torch.Tensor]) -> None:
+        """Build the position table at the grid of a trained one in ``state`` (``full`` fine-tunes store it).
+
+        A backbone keeps its weights file's grid (``adopt_checkpoint_grid``), so a trained table has that
+        grid; reloading with other weights, none, or from an earlier pfmseg that used the spec's grid would
+        otherwise meet a table of another shape. The stored table then replaces the rebuilt one.
+        """
+        table = state.get(POSITION_TABLE_KEY)
+        backbone = getattr(self.encoder, "backbone", None)
+        if table is None or backbone is None or getattr(backbone.vit, "pos_embed", None) is None:
+            return
+        grid = checkpoint_position_grid({"pos_embed": table}, backbone.vit)
+        if grid is not None:
+            backbone.use_position_grid(grid)
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load exactly the trainable part; anything else is a mismatch, never silently ignored."""

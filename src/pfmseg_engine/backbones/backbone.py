@@ -114,6 +114,16 @@ class Backbone(nn.Module):
     def num_prefix_tokens(self) -> int:
         return int(self.vit.num_prefix_tokens)
 
+    @property
+    def position_grid(self) -> tuple[int, int]:
+        """The patch grid the position table is stored at (resampled from it to each input's grid)."""
+        return tuple(self.vit.patch_embed.grid_size)
+
+    def use_position_grid(self, grid: Sequence[int]) -> None:
+        """Rebuild the position table at ``grid`` (the model's nominal input size follows)."""
+        if tuple(grid) != self.position_grid:
+            self.vit.set_input_size(img_size=(grid[0] * self.patch_size, grid[1] * self.patch_size))
+
     def pad_to_patch_multiple(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pad bottom/right so height and width are multiples of the patch size."""
         p = self.patch_size
@@ -238,11 +248,11 @@ def adopt_checkpoint_grid(backbone: Backbone, state: dict[str, torch.Tensor]) ->
     if backbone.spec.checkpoint_layout not in RUNTIME_RESAMPLED_LAYOUTS:
         return
     grid = checkpoint_position_grid(state, backbone.vit)
-    if grid is None or tuple(grid) == tuple(backbone.vit.patch_embed.grid_size):
+    if grid is None or grid == backbone.position_grid:
         return
-    log.info("%s: keeping the checkpoint's %dx%d position grid (build default %s); timm resamples it to each "
-             "input size", backbone.spec.name, grid[0], grid[1], tuple(backbone.vit.patch_embed.grid_size))
-    backbone.vit.set_input_size(img_size=(grid[0] * backbone.patch_size, grid[1] * backbone.patch_size))
+    log.info("%s: keeping the checkpoint's %dx%d position grid (build default %s); it is resampled to each "
+             "input size with the vendor's kernel", backbone.spec.name, grid[0], grid[1], backbone.position_grid)
+    backbone.use_position_grid(grid)
 
 
 def load_backbone_weights(backbone: Backbone, source: str | Path, strict: bool = True,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .converters import StateDict, convert_timm, register_converter
-from .positions import vendor_antialias
+from .positions import antialias_for
 
 _PART = re.compile(r"^(?P<head>.*)#(?P<index>\d+)(?P<tail>(\..*)?)$")
 
@@ -101,9 +101,9 @@ def resample_patch_grid(
 ) -> torch.Tensor:
     """Resize a square ``(1, h*w, C)`` patch position table the way the vendor code does at run time.
 
-    Bicubic with ``align_corners=False``, as transformers and MUSK do; ``antialias`` as the vendor class
-    does (``positions.VENDOR_ANTIALIAS``), so a model built at another size than its checkpoint's grid
-    matches the vendor model run at that size.
+    Bicubic with ``align_corners=False``, as transformers does; ``antialias`` as the vendor class does
+    (``positions.ANTIALIAS_BY_LAYOUT``), so a model built at another size than its checkpoint's grid
+    matches the vendor model run at that size. MUSK's table is only ever placed at its own 384 px grid.
     """
     from timm.layers import resample_abs_pos_embed
 
@@ -196,7 +196,7 @@ def convert_hf(state: StateDict, model: nn.Module, keymap: KeyMap, layout: str) 
     ``adopt_checkpoint_grid``); a build at another size resamples it here with the vendor's kernel.
     """
     state = rename_keys(strip_model_prefix(state, HF_MODEL_PREFIXES), keymap)
-    antialias = bool(vendor_antialias(layout, model))
+    antialias = bool(antialias_for(layout, model))
     return convert_timm(place_class_position(state, model, antialias), model)
 
 

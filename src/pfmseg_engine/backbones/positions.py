@@ -26,7 +26,7 @@ from torch import nn
 
 # Published layouts whose vendor resamples positions with another kernel than timm: layout -> whether
 # the vendor antialiases, given the built model. Layouts not listed run timm's own resampling.
-VENDOR_ANTIALIAS: MappingProxyType[str, Callable[[nn.Module], bool]] = MappingProxyType({
+ANTIALIAS_BY_LAYOUT: MappingProxyType[str, Callable[[nn.Module], bool]] = MappingProxyType({
     "hf_vit": lambda vit: False,  # ViTModel.interpolate_pos_encoding
     # Dinov2Model: no antialiasing; Dinov2WithRegistersModel: antialias=True (the timm builds with registers)
     "hf_dinov2": lambda vit: int(getattr(vit, "num_reg_tokens", 0)) > 0,
@@ -35,27 +35,27 @@ VENDOR_ANTIALIAS: MappingProxyType[str, Callable[[nn.Module], bool]] = MappingPr
 # Layouts whose vendor model resamples its table on every forward, so the converted model keeps the
 # checkpoint's grid and resamples at run time. MUSK ('beit3_musk') accepts only its trained size and
 # is absent on purpose.
-RUNTIME_RESAMPLED_LAYOUTS = ("timm", "open_clip_conch", "conch_v1_5", *VENDOR_ANTIALIAS)
+RUNTIME_RESAMPLED_LAYOUTS = ("timm", "open_clip_conch", "conch_v1_5", *ANTIALIAS_BY_LAYOUT)
 
 # Names of a stored position table: timm's, and transformers' (whose table holds the class position only).
 TIMM_TABLE, TRANSFORMERS_TABLE = "pos_embed", "embeddings.position_embeddings"
 
 
-def vendor_antialias(layout: str, vit: nn.Module) -> bool | None:
+def antialias_for(layout: str, vit: nn.Module) -> bool | None:
     """Whether the vendor of ``layout`` antialiases when resampling (None: timm's own resampling)."""
-    rule = VENDOR_ANTIALIAS.get(layout)
+    rule = ANTIALIAS_BY_LAYOUT.get(layout)
     return None if rule is None else rule(vit)
 
 
 class VendorResampledViT(VisionTransformer):
     """A timm ViT whose per-forward position resampling uses its checkpoint vendor's kernel.
 
-    Only :meth:`_pos_embed` differs from timm's: the table is resampled with ``vendor_antialias`` instead
+    Only :meth:`_pos_embed` differs from timm's: the table is resampled with ``position_antialias`` instead
     of timm's fixed ``antialias=True``. Instances come from :func:`use_vendor_resampling`, which re-types
     a model timm built, so timm's registry still decides the architecture.
     """
 
-    vendor_antialias: bool = False
+    position_antialias: bool = False
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is None or not self.dynamic_img_size:
@@ -66,7 +66,7 @@ class VendorResampledViT(VisionTransformer):
             new_size=[height, width],
             old_size=list(self.patch_embed.grid_size),
             num_prefix_tokens=0 if self.no_embed_class else self.num_prefix_tokens,
-            antialias=self.vendor_antialias,
+            antialias=self.position_antialias,
             align_corners=False,
         )
         x = x.view(batch, -1, channels)
@@ -78,13 +78,13 @@ class VendorResampledViT(VisionTransformer):
 
 def use_vendor_resampling(vit: nn.Module, layout: str) -> nn.Module:
     """Make ``vit`` resample positions as the vendor of ``layout`` does (unchanged for timm's vendors)."""
-    antialias = vendor_antialias(layout, vit)
+    antialias = antialias_for(layout, vit)
     if antialias is None:
         return vit
     if type(vit) not in (VisionTransformer, VendorResampledViT):
         raise TypeError(f"Layout '{layout}' needs a timm VisionTransformer, got {type(vit).__name__}.")
     vit.__class__ = VendorResampledViT
-    vit.vendor_antialias = antialias
+    vit.position_antialias = antialias
     return vit
 
 

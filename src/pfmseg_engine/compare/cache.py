@@ -9,8 +9,9 @@ cheap head training.
 
 **Key.** A cache directory is keyed by everything that decides the features: backbone name and
 architecture settings (``tiny``), the weights file's *content* (SHA-256, memoised by path, size,
-modification/change time and inode so it is hashed once), the timm version, the input normalisation
-and the crop size; inside it, one folder per image keyed by the image's identity (seed datasets:
+modification/change time and inode so it is hashed once), the timm version, the position table's grid
+and resampling kernel (:mod:`~pfmseg_engine.backbones.positions`), the input normalisation and the crop
+size; inside it, one folder per image keyed by the image's identity (seed datasets:
 resolved path, size, modification time; annotations: what the caller passes, e.g. slide path and
 resolution) and the crop grid. One file per (op, tapped block) holds the (windows, C, h, w) features
 as a ``numpy`` memmap (``float32`` by default, which is exact; ``float16`` halves the disk), with a
@@ -47,7 +48,7 @@ from .data import CropSetDataset, crop_positions, source_identity
 
 log = logging.getLogger("pfmseg_engine.compare")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the key holds the position grid and kernel
 DTYPES = ("float32", "float16")
 
 
@@ -178,6 +179,9 @@ class FeatureCache:
             "tiny": bool(config.tiny),
             "weights": weights_identity(config.weights, spec, self.root / "weights_sha256.json"),
             "timm": str(timm.__version__),
+            # the grid the table is stored at and the kernel resampling it to the crop's grid
+            "positions": {"grid": list(backbone.position_grid),
+                          "antialias": getattr(backbone.vit, "position_antialias", "timm")},
             "mean": list(spec.mean),
             "std": list(spec.std),
             "crop": self.crop,

@@ -239,7 +239,7 @@ class Trainer:
                 f"Checkpoint '{path}' has no training state to resume from (best.pt holds weights only); "
                 "resume from checkpoints/last.pt."
             )
-        load_into(self.model, payload, source=f"Checkpoint '{path}'")
+        load_into(self.model, payload, source=f"Checkpoint '{path}'", adopt_position_grid=False)
         self.optimizer.load_state_dict(state["optimizer"])
         scheduler_state = dict(state["scheduler"])
         scheduler_state["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)  # keep this run's schedule
