@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 
 from ._annotate_widget import is_slide_layer
 from ._annotations import is_trainable_labels
+from ._controller import WorkerController
 from ._notify import Failure, guarded, guarded_generator, notify_error, notify_info
 from ._qt_helpers import LayerCombo, button, dspin, group, row, spin, wrapped
 from ._session import BusyError, session_for
@@ -161,39 +162,21 @@ def compare_controller(session: Any) -> CompareController:
     return session.controllers["compare"]
 
 
-class CompareController:
+class CompareController(WorkerController):
     """Starts and cancels comparisons of one session; the widget listens to its signals."""
 
-    status = Signal(str)
+    claim_name, job_title = "comparing", "Comparing models"
     run = Signal(object)  # engine RunStart
     step = Signal(object)  # engine StepInfo
     ranking = Signal(object)  # engine Leaderboard (so far)
     previews = Signal(object)  # [(caption, rgb)]
-    started = Signal()
     finished = Signal(object)  # CompareOutcome
 
     def __init__(self, session: Any):
-        self.session = session
-        self.worker: Any = None
-        self.cancel_token: Any = None
+        super().__init__(session)
         self.leaderboard: Any = None
         self.last: CompareOutcome | None = None
-        self.runs = 0
         self.context: dict[str, Any] = {}
-
-    @property
-    def running(self) -> bool:
-        return self.worker is not None
-
-    def start(self, image: Any, annotations: Any, settings: CompareSettings) -> Any:
-        """Start comparing on ``annotations`` over ``image``; returns the worker (None after an error notice)."""
-        try:
-            return self._start(image, annotations, settings)
-        except Exception as exc:
-            if not self.running:
-                self.session.release("comparing")
-            notify_error(exc, "Comparing models")
-            return None
 
     def _start(self, image: Any, annotations: Any, settings: CompareSettings) -> Any:
         from napari.qt.threading import create_worker
@@ -248,22 +231,7 @@ class CompareController:
                         "names": names, "device": device, "output_dir": output_dir}
         self.leaderboard = None
         worker = create_worker(_run, comparison, source, box, colours, device, _start_thread=False)
-        worker.yielded.connect(self._on_event)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        self._outcome = None
-        self.status.emit(f"comparing {len(spec.combinations(settings.strategy))} model(s)")
-        self.started.emit()
-        worker.start()
-        return worker
-
-    def cancel(self) -> None:
-        """Stop after the current batch; finished runs stay ranked."""
-        if self.cancel_token is not None and self.running:
-            self.cancel_token.cancel()
-            self.status.emit("cancelling")
+        return self._launch(worker, f"comparing {len(spec.combinations(settings.strategy))} model(s)")
 
     # --- worker events (GUI thread) ------------------------------------------------------------------
     def _on_event(self, event: tuple[str, Any]) -> None:
@@ -283,10 +251,7 @@ class CompareController:
         elif kind == "previews":
             self.previews.emit(value)
 
-    def _on_returned(self, value: Any) -> None:
-        if isinstance(value, Failure):
-            self._on_error(value.exc)
-            return
+    def _on_result(self, value: Any) -> None:
         result, previews = value
         self.leaderboard = result.leaderboard
         winner = result.leaderboard.winner

@@ -18,7 +18,8 @@ from typing import Any
 
 from psygnal import Signal
 
-from ._notify import Failure, guarded_generator, notify_error, notify_info
+from ._controller import WorkerController
+from ._notify import guarded_generator, notify_error, notify_info
 
 
 @dataclass(frozen=True)
@@ -106,34 +107,13 @@ def training_controller(session: Any) -> TrainingController:
     return session.controllers["training"]
 
 
-class TrainingController:
+class TrainingController(WorkerController):
     """Starts, pauses and cancels training runs of one session; widgets listen to its signals."""
 
-    status = Signal(str)  # human-readable state
+    claim_name, job_title = "training", "Training"
     step = Signal(object)  # engine StepInfo
     epoch = Signal(object)  # engine EpochInfo
-    started = Signal()
     finished = Signal(object)  # TrainOutcome
-
-    def __init__(self, session: Any):
-        self.session = session
-        self.worker: Any = None
-        self.cancel_token: Any = None  # the engine's CancelToken: cancel, pause and resume
-        self.runs = 0
-
-    @property
-    def running(self) -> bool:
-        return self.worker is not None
-
-    def start(self, image: Any, annotations: Any, settings: TrainSettings) -> Any:
-        """Start training on ``annotations`` over ``image``; returns the napari worker (or None on error)."""
-        try:
-            return self._start(image, annotations, settings)
-        except Exception as exc:
-            if not self.running:  # never release the claim of a run that is still going
-                self.session.release("training")
-            notify_error(exc, "Training")
-            return None
 
     def _start(self, image: Any, annotations: Any, settings: TrainSettings) -> Any:
         from napari.qt.threading import create_worker
@@ -184,15 +164,7 @@ class TrainingController:
         self.output_dir = output_dir
         worker = create_worker(_run, model, build, sections, source, labels, settings, device,
                                self.cancel_token, _start_thread=False)
-        worker.yielded.connect(self._on_event)
-        worker.returned.connect(self._on_returned)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self.worker = worker
-        self.status.emit("starting")
-        self.started.emit()
-        worker.start()
-        return worker
+        return self._launch(worker, "starting")
 
     # --- control (GUI thread) ------------------------------------------------------------------------
     def pause(self) -> None:
@@ -210,12 +182,6 @@ class TrainingController:
     def paused(self) -> bool:
         return self.cancel_token is not None and self.running and self.cancel_token.paused
 
-    def cancel(self) -> None:
-        """Stop after the current batch (a paused run wakes and stops); the best model so far is kept."""
-        if self.cancel_token is not None and self.running:
-            self.cancel_token.cancel()
-            self.status.emit("cancelling")
-
     # --- worker events (GUI thread) ------------------------------------------------------------------
     def _on_event(self, event: tuple[str, Any]) -> None:
         kind, value = event
@@ -228,10 +194,7 @@ class TrainingController:
         elif kind == "model" and self.session.model is not value:
             self.session.set_model(value, "new (training)")
 
-    def _on_returned(self, value: tuple[Any, Any, str] | Failure) -> None:
-        if isinstance(value, Failure):
-            self._on_error(value.exc)
-            return
+    def _on_result(self, value: tuple[Any, Any, str]) -> None:
         model, result, restored = value
         state = self.session.state
         epochs = (state.epochs_trained if state.model is model else 0) + result.epochs_completed
@@ -249,7 +212,7 @@ class TrainingController:
         self._outcome = TrainOutcome("failed", message=notify_error(exc, "Training"))
 
     def _on_finished(self) -> None:
-        outcome = getattr(self, "_outcome", None) or TrainOutcome("failed", message="Training stopped.")
+        outcome = self._outcome or TrainOutcome("failed", message="Training stopped.")
         self._outcome = None
         self.worker = None
         self.session.release("training")
