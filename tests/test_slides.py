@@ -41,8 +41,9 @@ def test_missing_mpp_needs_override():
     assert open_slide(TCGA, require_mpp=False).mpp is None
 
 
-def test_readers_per_thread_and_picklable():
-    slide = open_slide(CMU)
+@pytest.mark.parametrize("backend", ["tiffslide", "openslide"])
+def test_readers_per_thread_and_picklable(backend):
+    slide = open_slide(CMU, reader=backend)
     reader = slide.readers[0]
     boxes = [(y, y + 64, x, x + 80) for y in range(0, 2900, 300) for x in range(0, 2100, 350)]
     expected = [reader[y0:y1, x0:x1] for y0, y1, x0, x1 in boxes]
