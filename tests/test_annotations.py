@@ -94,14 +94,15 @@ def test_self_intersecting_polygon_is_repaired_with_a_warning(caplog):
     assert geometry.is_valid and geometry.area == pytest.approx(50.0)
 
 
-def test_unknown_geometry_names_file_feature_and_fix(tmp_path):
+def test_unknown_geometry_names_file_feature_and_fix_in_strict_mode(tmp_path):
     path = tmp_path / "points.geojson"
     path.write_text(json.dumps([feature(polygon(rect(0, 0, 9, 9)), "Tumor"),
                                 feature({"type": "Point", "coordinates": [3, 4]}, "Tumor")]))
-    with pytest.raises(DataError, match=r"points\.geojson, feature 1 has a Point geometry.*QuPath.*skip"):
-        read_geojson(path)
-    skipped = read_geojson(path, on_unsupported="skip")
+    with pytest.raises(DataError, match=r"points\.geojson, feature 1 has a Point geometry.*QuPath.*--strict"):
+        read_geojson(path, options={"strict": True})
+    skipped = read_geojson(path)  # the default: left out, counted
     assert len(skipped.features) == 1 and skipped.skipped == [(1, "Point geometry")]
+    assert skipped.unsupported == {"Point": 1}
 
 
 def test_coordinates_outside_the_slide_and_the_file_frame(tmp_path):
@@ -124,10 +125,12 @@ def test_coordinates_outside_the_slide_and_the_file_frame(tmp_path):
 def test_class_tables_across_files():
     a = ("a.geojson", {"Tumor": (255, 0, 0), "Stroma": None}, {"Tumor": "a.geojson, feature 0"})
     b = ("b.geojson", {"Stroma": (0, 255, 0), "Necrosis": None, "Ignore*": None}, {})
-    table = class_table([a, b])
+    table = class_table([a, b], ignore_classes="prefix")
     assert table.names == ("Tumor", "Stroma", "Necrosis") and table.ignored == ("Ignore*",)
     assert table.colours[0] == (255, 0, 0) and table.colours[1] == (0, 255, 0)  # colours from the files
     assert table.label_of("Ignore*") == 0 and table.label_of("Necrosis") == 3
+    qupath = class_table([a, b])  # the default: QuPath trains its ignored classes
+    assert qupath.names == ("Tumor", "Stroma", "Necrosis", "Ignore*") and qupath.label_of("Ignore*") == 4
     typo = ("c.geojson", {"Tumour": None}, {"Tumour": "c.geojson, feature 7"})
     with pytest.raises(DataError, match=r"c\.geojson, feature 7 has class 'Tumour', found only in this file.*"
                                         r"'Tumor'.*--class_map 'Tumour=Tumor'"):
@@ -135,7 +138,9 @@ def test_class_tables_across_files():
     with pytest.raises(DataError, match=r"a\.geojson, feature 0 has class 'Tumor'.*not one of the model's classes"):
         class_table([a], class_names=["Stroma", "Fat"])
     with pytest.raises(DataError, match="No classified areas"):
-        class_table([("e.geojson", {"Ignore*": None}, {})])
+        class_table([("e.geojson", {"Ignore*": None}, {})], ignore_classes="prefix")
+    with pytest.raises(DataError, match=r"No classified areas.*Region\*"):
+        class_table([("e.geojson", {"Region*": None}, {})])
 
 
 # --- rasterisation ------------------------------------------------------------------------------------------
@@ -234,10 +239,11 @@ def test_cli_trains_from_slides_with_geojson_and_a_saved_layer_then_resumes(tmp_
     experiment = tmp_path / "logs" / "slides"
     assert "completed: 1 epochs" in out and str(experiment) in out
     last = read_checkpoint(experiment / "checkpoints" / "last.pt")
-    assert last["config"]["class_names"] == ["Tissue", "Glass", "Fat"] and last["config"]["mpp"] == 2.0
+    # Ignore* is trained, as QuPath's pixel classifier trains its ignored classes
+    assert last["config"]["class_names"] == ["Tissue", "Glass", "Ignore*", "Fat"] and last["config"]["mpp"] == 2.0
     assert (experiment / "checkpoints" / "best.pt").is_file()  # validation regions were held out and scored
     saved = yaml.safe_load((experiment / "config.yaml").read_text())
-    assert saved["dataset"]["class_colors"][:3] == [[200, 0, 100], [230, 230, 230], [250, 220, 0]]
+    assert saved["dataset"]["class_colors"][:4] == [[200, 0, 100], [230, 230, 230], [0, 0, 0], [250, 220, 0]]
     history = json.loads((experiment / "history.json").read_text())
     assert "mIoU" in history[0]
 
@@ -270,8 +276,8 @@ def test_slide_trainer_api_holds_out_regions_and_reads_lazily(tmp_path, slide_co
     trainer = build_slide_trainer(config, [CMU], [qupath_export(tmp_path)], train_mpp=2.0, validation_share=0.5)
     pair = trainer.slide_pairs[0]
     assert pair.plan.mpp == pytest.approx(2.0, rel=0.01) and pair.labels.shape == pair.plan.shape
-    assert trainer.class_table.names == ("Tissue", "Glass")
+    assert trainer.class_table.names == ("Tissue", "Glass", "Ignore*")
     assert trainer.val_source.num_images() >= 2  # squares of 64 px held out on both classes' regions
     for image, mask in zip(trainer.val_source.images, trainer.val_source.masks, strict=True):
         assert image.shape[:2] == mask.shape and (mask != 255).any()
-    assert trainer.config.model.mpp == 2.0 and trainer.config.num_classes == 2
+    assert trainer.config.model.mpp == 2.0 and trainer.config.num_classes == 3

@@ -17,6 +17,7 @@ from pfmseg_engine.annotations import (
     write_cohort_measurements,
     write_measurements,
 )
+from pfmseg_engine.annotations.export import polygon_area
 from pfmseg_engine.inference import LabelOutput, export_geojson, predict_slide, write_labels
 from pfmseg_engine.slides import Slide
 from test_wsi_support import PixelModel
@@ -107,10 +108,12 @@ def test_geojson_export_options_and_the_bounds_offset_frame(tmp_path, predicted)
     for f in features:
         by_class.setdefault(f["properties"]["classification"]["name"], []).append(f)
     assert len(by_class["class_2"]) == 3  # the 1 um^2 speck is below the minimum area
-    assert all(f["properties"]["measurements"]["Area µm^2"] == pytest.approx(16.0) for f in by_class["class_2"])
+    for square in by_class["class_2"]:  # our measurement, and QuPath's own area of the outline, in µm^2
+        assert square["properties"]["measurements"] == {"pfmseg: area µm^2": pytest.approx(16.0)}
+        assert polygon_area([np.asarray(r) for r in square["geometry"]["coordinates"]]) * 0.5**2 == 16.0
     [ring] = by_class["class_1"]
     assert len(ring["geometry"]["coordinates"]) == 2  # outline + hole
-    assert ring["properties"]["measurements"]["Area µm^2"] == pytest.approx(64 * 64 / 4 - 32 * 32 / 4)
+    assert ring["properties"]["measurements"]["pfmseg: area µm^2"] == pytest.approx(64 * 64 / 4 - 32 * 32 / 4)
     outline = np.array(ring["geometry"]["coordinates"][0])
     # QuPath crops formats with bounds to them: our slide's frame, no offset
     assert outline[:, 0].min() == 96 and outline[:, 0].max() == 160 and outline[:, 1].min() == 64
@@ -129,7 +132,8 @@ def test_geojson_export_options_and_the_bounds_offset_frame(tmp_path, predicted)
     ring = np.array(classes["class_1"]["geometry"]["coordinates"][0][0])
     assert ring[:, 0].min() == 1096 and ring[:, 1].min() == 2064
     assert classes["class_1"]["properties"]["objectType"] == "annotation"
-    assert classes["class_2"]["properties"]["measurements"] == {"Area µm^2": pytest.approx(49.0), "Num regions": 4.0}
+    assert classes["class_2"]["properties"]["measurements"] == {"pfmseg: area µm^2": pytest.approx(49.0),
+                                                                "pfmseg: regions": 4.0}
     again = read_geojson(whole, frame="file", bounds_offset=slide.bounds_offset)
     assert again.features[1].geometry.bounds[:2] == (96.0, 64.0)
 

@@ -28,15 +28,15 @@ def config_file(tmp_path) -> Path:
     (data / "msk").mkdir()
     rng = np.random.default_rng(1)
     entries = []
-    for i in range(5):
+    for i in range(8):  # splits never share an image: 3 train, 2 val, 2 test with masks, 1 without
         image = rng.integers(0, 255, (40, 44, 3), dtype=np.uint8)
         Image.fromarray(image).save(data / "img" / f"{i}.png")
         Image.fromarray((image[..., 2] > 127).astype(np.uint8), mode="L").save(data / "msk" / f"{i}.png")
         entries.append({"image_path": f"img/{i}.png", "mask_path": f"msk/{i}.png"})
-    test = [*entries[3:], {"image_path": "img/0.png", "mask_path": None}]
+    test = [*entries[5:7], {"image_path": "img/7.png", "mask_path": None}]
     (data / "dataset.json").write_text(json.dumps(
         {"num_classes": 2, "class_names": ["other", "blue"],
-         "data": {"train": entries[:3], "val": entries[3:], "test": test}}))
+         "data": {"train": entries[:3], "val": entries[3:5], "test": test}}))
     config = {
         "dataset": {"json_file": "data/dataset.json"},  # relative to the config file
         "system": {"num_workers": 0, "device": "cpu"},

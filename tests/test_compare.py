@@ -81,12 +81,16 @@ def test_leaderboard_rerun_and_a_failing_combination(slide_tile_dataset, tmp_pat
     assert [float(r["mIoU"]) for r in ok] == sorted((float(r["mIoU"]) for r in ok), reverse=True)
     for row in ok:
         assert row["seeds"] == "0 1" and row["eval_split"] == "test" and row["n_images"] == "2"
+        assert row["ci_resampling"] == "seeds (n=2) > images (n=2)"  # tile names carry no slide or patient
         for metric in ("mIoU", "Mean_Dice", "Pixel_Accuracy", "Dice_background", "Dice_dark"):
             assert float(row[f"{metric}_ci_low"]) <= float(row[metric]) + 1e-9 <= float(row[f"{metric}_ci_high"]) + 2e-9
         assert int(row["trainable_params"]) > 0 and float(row["train_seconds"]) > 0
         assert float(row["inference_windows_per_s"]) > 0
         assert Path(row["checkpoint"]).is_file()
     assert ok[0]["vs_best"] == "best" and all(r["vs_best"] in ("tied", "below") for r in ok[1:])
+    for row in ok[1:]:  # the verdict follows the Holm-adjusted p-value of the paired gap
+        assert float(row["mIoU_gap_p_holm"]) >= float(row["mIoU_gap_p"])
+        assert row["vs_best"] == ("below" if float(row["mIoU_gap_p_holm"]) < 0.05 else "tied")
     frozen = next(r for r in ok if r["pfm"] == "kaiko-vits16" and r["strategy"] == "frozen")
     assert frozen["feature_cache"].startswith("yes")
     assert next(r for r in ok if r["pfm"] == "unet")["feature_cache"].startswith("no")
@@ -95,6 +99,7 @@ def test_leaderboard_rerun_and_a_failing_combination(slide_tile_dataset, tmp_pat
     assert all(r["rank"] == "" for r in failed)
     markdown = (out / "leaderboard.md").read_text()
     assert "| 1 |" in markdown and "phikon" in markdown and "meaningless" in markdown
+    assert "CI: bootstrap over seeds (n=2) > images (n=2)" in markdown and "p (Holm)" in markdown
     payload = json.loads((out / "leaderboard.json").read_text())
     assert payload["winner"]["pfm"] == ok[0]["pfm"] and payload["eval_split"] == "test"
     for seed in (0, 1):
@@ -279,5 +284,8 @@ def test_compare_on_whole_slides_with_qupath_annotations(tmp_path, monkeypatch):
         assert float(row["mIoU_ci_low"]) <= float(row["mIoU"]) <= float(row["mIoU_ci_high"]) + 1e-9
         assert {"Dice_Tissue", "Dice_Glass"} <= set(row)  # the classes come from the QuPath classifications
         assert not row["feature_cache"].startswith("yes")  # whole slides train without the fixed crop set
+        # one slide: its squares are resampled, and the leaderboard says the interval is within-slide only
+        assert row["ci_resampling"].startswith("seeds (n=1) > images (n=")
+        assert row["ci_resampling"].endswith("(all of one slide: within-slide variation only)")
     assert main(["compare", "--config", str(config), "--pfms", "kaiko-vits16", "--output_dir", str(out),
                  "--slides", str(CMU), "--tiny"]) == 2  # a slide without its annotation file: one clear error

@@ -184,9 +184,28 @@ def test_disk_full_during_exports_and_history_leaves_no_torn_file(tmp_path, monk
         real_write_text(self, data[: len(data) // 2], *args, **kwargs)
         raise enospc()
 
-    monkeypatch.setattr(Path, "write_text", full_write_text)
+    real_open = Path.open
+
+    def full_open(self, mode="r", *args, **kwargs):  # the GeoJSON export streams: the disk fills mid-file
+        handle = real_open(self, mode, *args, **kwargs)
+        if "w" not in mode:
+            return handle
+
+        class Full:
+            def __getattr__(self, name):
+                return getattr(handle, name)
+
+            def write(self, text):
+                handle.write(text[: len(text) // 2])
+                raise enospc()
+
+        return Full()
+
+    monkeypatch.setattr(Path, "open", full_open)
     with pytest.raises(StorageError, match="GeoJSON export"):
         export_geojson(store, tmp_path / "labels.geojson")
+    monkeypatch.setattr(Path, "open", real_open)
+    monkeypatch.setattr(Path, "write_text", full_write_text)
     history = History([{"epoch": 1, "train_loss": 0.5}])
     with pytest.raises(StorageError, match="training history"):
         history.write(tmp_path / "run")

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from pfmseg_engine.training.metrics import (
     SUMMARY,
@@ -50,12 +51,12 @@ def test_class_absent_everywhere_is_not_scored():
     assert m["Mean_Precision"] == pytest.approx((4 / 5 + 1.0) / 2)
 
 
-def test_class_predicted_but_absent_from_truth_counts_as_zero():
+def test_class_predicted_but_absent_from_truth_counts_as_zero_except_in_mean_recall():
     cm = np.array([[3, 1], [0, 0]])
     m = metrics_from_confusion(cm)
     assert m["IoU_Class_1"] == 0.0 and m["Precision_Class_1"] == 0.0 and m["Recall_Class_1"] == 0.0
     assert m["mIoU"] == pytest.approx(3 / 4 / 2)
-    assert m["Mean_Recall"] == pytest.approx(3 / 4 / 2)
+    assert m["Mean_Recall"] == pytest.approx(3 / 4)  # the seed's: only classes present in the truth
     assert m["Mean_Accuracy"] == pytest.approx(3 / 4)  # FCN: only classes present in the truth
     assert math.isnan(m["Accuracy_Class_1"])
 
@@ -106,3 +107,149 @@ def test_bootstrap_of_identical_images_has_zero_width():
     cm = np.array([[5, 1], [2, 7]])
     low, high = bootstrap_intervals([cm] * 5, n_bootstrap=100)["Mean_Dice"]
     assert low == pytest.approx(high) == pytest.approx(metrics_from_confusion(cm)["Mean_Dice"])
+
+
+# --- the seed's utils/metrics.py SegmentationMetrics, transcribed (computations on its confusion matrix) ---
+class SeedSegmentationMetrics:
+    def __init__(self, confusion_matrix):
+        self.confusion_matrix = torch.as_tensor(confusion_matrix, dtype=torch.int64)
+        self.num_classes = self.confusion_matrix.shape[0]
+
+    def compute_iou(self):
+        tp = torch.diag(self.confusion_matrix).float()
+        fp = self.confusion_matrix.sum(dim=0) - tp
+        fn = self.confusion_matrix.sum(dim=1) - tp
+        denominator = tp + fp + fn
+        iou = tp / (denominator + 1e-8)
+        valid_classes = (denominator > 0)
+        iou = iou * valid_classes.float()
+        mean_iou = iou[valid_classes].mean() if valid_classes.any() else torch.tensor(0.0)
+        return iou, mean_iou
+
+    def compute_pixel_accuracy(self):
+        correct_pixels = torch.diag(self.confusion_matrix).sum()
+        total_pixels = self.confusion_matrix.sum()
+        return correct_pixels / (total_pixels + 1e-8)
+
+    def compute_mean_accuracy(self):
+        tp = torch.diag(self.confusion_matrix).float()
+        total_per_class = self.confusion_matrix.sum(dim=1).float()
+        class_accuracy = tp / (total_per_class + 1e-8)
+        valid_classes = (total_per_class > 0)
+        return class_accuracy[valid_classes].mean() if valid_classes.any() else torch.tensor(0.0)
+
+    def compute_frequency_weighted_iou(self):
+        iou, _ = self.compute_iou()
+        class_frequencies = self.confusion_matrix.sum(dim=1).float()
+        total_pixels = class_frequencies.sum()
+        weights = class_frequencies / (total_pixels + 1e-8)
+        return (weights * iou).sum()
+
+    def compute_dice_score(self):
+        tp = torch.diag(self.confusion_matrix).float()
+        fp = self.confusion_matrix.sum(dim=0) - tp
+        fn = self.confusion_matrix.sum(dim=1) - tp
+        dice = (2 * tp) / (2 * tp + fp + fn + 1e-8)
+        valid_classes = ((tp + fp + fn) > 0)
+        dice = dice * valid_classes.float()
+        mean_dice = dice[valid_classes].mean() if valid_classes.any() else torch.tensor(0.0)
+        return dice, mean_dice
+
+    def compute_precision_recall(self):
+        tp = torch.diag(self.confusion_matrix).float()
+        fp = self.confusion_matrix.sum(dim=0) - tp
+        fn = self.confusion_matrix.sum(dim=1) - tp
+        precision = tp / (tp + fp + 1e-8)
+        valid_precision = ((tp + fp) > 0)
+        precision = precision * valid_precision.float()
+        mean_precision = precision[valid_precision].mean() if valid_precision.any() else torch.tensor(0.0)
+        recall = tp / (tp + fn + 1e-8)
+        valid_recall = ((tp + fn) > 0)
+        recall = recall * valid_recall.float()
+        mean_recall = recall[valid_recall].mean() if valid_recall.any() else torch.tensor(0.0)
+        return precision, mean_precision, recall, mean_recall
+
+    def compute_f1_score(self):
+        precision, _, recall, _ = self.compute_precision_recall()
+        f1 = 2 * (precision * recall) / (precision + recall + 1e-8)
+        valid_classes = ((precision + recall) > 0)
+        f1 = f1 * valid_classes.float()
+        mean_f1 = f1[valid_classes].mean() if valid_classes.any() else torch.tensor(0.0)
+        return f1, mean_f1
+
+    def compute(self):
+        per_class_iou, mean_iou = self.compute_iou()
+        pixel_accuracy = self.compute_pixel_accuracy()
+        mean_accuracy = self.compute_mean_accuracy()
+        fwiou = self.compute_frequency_weighted_iou()
+        per_class_dice, mean_dice = self.compute_dice_score()
+        per_class_precision, mean_precision, per_class_recall, mean_recall = self.compute_precision_recall()
+        per_class_f1, mean_f1 = self.compute_f1_score()
+        metrics = {
+            'mIoU': mean_iou.item(),
+            'Pixel_Accuracy': pixel_accuracy.item(),
+            'Mean_Accuracy': mean_accuracy.item(),
+            'Frequency_Weighted_IoU': fwiou.item(),
+            'Mean_Dice': mean_dice.item(),
+            'Mean_Precision': mean_precision.item(),
+            'Mean_Recall': mean_recall.item(),
+            'Mean_F1': mean_f1.item()
+        }
+        for i in range(self.num_classes):
+            metrics[f'IoU_Class_{i}'] = per_class_iou[i].item()
+            metrics[f'Dice_Class_{i}'] = per_class_dice[i].item()
+            metrics[f'Precision_Class_{i}'] = per_class_precision[i].item()
+            metrics[f'Recall_Class_{i}'] = per_class_recall[i].item()
+            metrics[f'F1_Class_{i}'] = per_class_f1[i].item()
+        return metrics
+
+
+def random_matrix(rng: np.random.Generator) -> np.ndarray:
+    """Counts where classes may be absent from the truth, never predicted, without any hit, or unused."""
+    n = int(rng.integers(2, 7))
+    cm = rng.integers(0, 40, (n, n)) * (rng.random((n, n)) < 0.7)
+    for c in range(n):
+        role = rng.choice(["normal", "absent_from_truth", "never_predicted", "no_hit", "unused"],
+                          p=[0.4, 0.2, 0.15, 0.15, 0.1])
+        if role in ("absent_from_truth", "unused"):
+            cm[c, :] = 0
+        if role in ("never_predicted", "unused"):
+            cm[:, c] = 0
+        if role == "no_hit":
+            cm[c, c] = 0
+    return cm
+
+
+SAME_AS_SEED = ("mIoU", "Pixel_Accuracy", "Mean_Accuracy", "Frequency_Weighted_IoU", "Mean_Dice", "Mean_Recall")
+
+
+def test_metrics_against_the_seeds_code_on_random_matrices():
+    rng = np.random.default_rng(20)
+    recall_rule_matters = 0
+    for _ in range(200):
+        cm = random_matrix(rng)
+        if cm.sum() == 0:
+            continue  # an empty matrix is NaN here, 0 in the seed (test_empty_matrix_is_nan_not_a_crash)
+        ours, seed = metrics_from_confusion(cm), SeedSegmentationMetrics(cm).compute()
+        for key in SAME_AS_SEED:
+            assert ours[key] == pytest.approx(seed[key], rel=1e-5, abs=1e-6), (key, cm.tolist())
+        tp, gt, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+        scored = (gt + predicted) > 0
+        for name in ("IoU", "Dice", "Precision", "Recall", "F1"):
+            for c in range(len(cm)):
+                if scored[c]:
+                    assert ours[f"{name}_Class_{c}"] == pytest.approx(seed[f"{name}_Class_{c}"], rel=1e-5, abs=1e-6)
+                else:
+                    assert math.isnan(ours[f"{name}_Class_{c}"]) and seed[f"{name}_Class_{c}"] == 0.0
+        # the documented differences: ours also averages in, as 0, what the seed leaves out
+        precision_same = np.array_equal(scored, predicted > 0)
+        f1_same = np.array_equal(scored, tp > 0)
+        for key, same in (("Mean_Precision", precision_same), ("Mean_F1", f1_same)):
+            if same:
+                assert ours[key] == pytest.approx(seed[key], rel=1e-5, abs=1e-6), (key, cm.tolist())
+            else:
+                assert ours[key] < seed[key] or seed[key] == ours[key] == 0.0, (key, cm.tolist())
+        assert ours["Mean_Recall"] == pytest.approx(ours["Mean_Accuracy"])
+        recall_over_scored = np.mean([ours[f"Recall_Class_{c}"] for c in range(len(cm)) if scored[c]])
+        recall_rule_matters += not math.isclose(recall_over_scored, ours["Mean_Recall"])
+    assert recall_rule_matters > 25  # many matrices had a predicted class absent from the truth

@@ -135,7 +135,7 @@ def test_densebench_is_the_seed_framework():
     config = cfg({"protocol": "densebench"})
     t, v, m = config.training, config.validation, config.model_config()
     assert m.head == "cup" and m.tuning.strategy == "frozen" and m.tuning.rank == 16
-    assert m.tuning.alpha / m.tuning.rank == 1.0  # the seed's alpha 1.0 scales the update by 1
+    assert m.tuning.lora_impl == "seed" and m.tuning.alpha == 1.0  # the seed's layers, its alpha (the scale)
     assert m.tuning.adapter_width_factor == 1 and m.tuning.adapter_block_units == (3, 4, 9)
     assert m.tuning.adapter_depth == 2 and m.tuning.adapter_drop_path_rate == 0.1
     assert (t.batch_size, t.epochs, t.learning_rate, t.weight_decay, t.clip_grad_norm) == (8, 150, 1e-3, 1e-4, 5.0)
@@ -154,7 +154,8 @@ def test_frozen_light_decoder_is_the_frozen_encoder_benchmark():
     assert config.model_config().head == "light" and config.model_config().tuning.strategy == "frozen"
     assert t.loss.type == "ce_dice" and t.optimizer.type == "NAdam" and t.learning_rate == 1e-4
     assert (t.epochs, t.batch_size, config.validation.eval_interval) == (50, 8, 10)
-    assert config.system.seeds == [0, 1, 2]
+    assert config.system.seeds == list(range(10)) and config.crop_size == 512  # tests/test_frozen_protocol.py
+    assert config.validation.monitor == "Mean_Dice" and config.model_config().light_head_final_norm
     schedule = make_schedule(t.scheduler, t.learning_rate, t.epochs, steps_per_epoch=4)
     assert schedule(0) == 1.0  # no warmup
     for cycle in range(5):  # annealed to 0 by the end of every 10 epochs, then restarted
@@ -231,7 +232,8 @@ def test_seeds_run_once_each_and_summarise(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert main(["train", "--config", str(path), "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "seed 3: completed" in out and "seed 7: completed" in out and "over 2 seeds" in out
+    assert "seed 3: completed" in out and "seed 7: completed" in out
+    assert "test Mean_Dice" in out and "over 2 seeds" in out  # the preset's numbers: the test split, by Dice
     exp = tmp_path / "logs" / "flt"
     for seed in (3, 7):
         run = exp / f"seed_{seed}"
@@ -245,7 +247,7 @@ def test_seeds_run_once_each_and_summarise(tmp_path, capsys):
     assert stats["n"] == 2 and stats["mean"] == pytest.approx(sum(dice) / 2)
     assert stats["sd"] == pytest.approx(abs(dice[0] - dice[1]) / math.sqrt(2))
     csv_rows = (exp / "seeds_summary.csv").read_text().splitlines()
-    assert csv_rows[0] == "metric,mean,sd,n,seed_3,seed_7"
+    assert csv_rows[0] == "metric,class,split,mean,sd,n,seed_3,seed_7"
     assert any(row.startswith("Dice_Class_0,") for row in csv_rows) and any(row.startswith("mIoU,") for row in csv_rows)
     # resuming continues (here: re-reads) every seed's run and rewrites the same summary
     assert main(["train", "--config", str(path), "--no-progress", "--resume", str(exp)]) == 0

@@ -30,8 +30,8 @@ def qupath_file(path):
         {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [
             [rect(260, 260, 480, 480), rect(320, 320, 400, 400)], [rect(300, 40, 460, 120)]]},
          "properties": {"objectType": "annotation", "classification": {"name": "Stroma", "color": [30, 144, 255]}}},
-        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [rect(60, 60, 100, 100)]},
-         "properties": {"objectType": "annotation", "classification": {"name": "Ignore*", "color": [0, 0, 0]}}},
+        {"type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": [[80, 80], [90, 90]]},
+         "properties": {"objectType": "annotation"}},  # counting points: left out with a warning
     ]
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path
@@ -63,11 +63,11 @@ def test_import_qupath_geojson_train_on_it_and_export_it_back(docked, qtbot, tmp
     assert meta["colours"] == [[220, 20, 60], [30, 144, 255]]
     data = layer.data
     assert data.shape == (256, 256) and layer.scale[-1] == pytest.approx(1.0)
-    assert data[50, 60] == 1 and data[40, 40] == 0  # gland, and its Ignore* corner
+    assert data[50, 60] == 1 and data[40, 40] == 1  # gland, where the points were drawn too
     assert data[150, 150] == 2 and data[180, 180] == 0 and data[40, 190] == 2  # stroma, its hole, its 2nd part
     assert annotate.counts() == [int((data == 1).sum()), int((data == 2).sum())]
     outlines = [lay for lay in viewer.layers if lay.__class__.__name__ == "Shapes"]
-    assert len(outlines) == 1 and len(outlines[0].data) == 4  # outer rings: gland, 2 stroma parts, ignore
+    assert len(outlines) == 1 and len(outlines[0].data) == 3  # outer rings: gland, 2 stroma parts
     assert outlines[0].data[0][:, 1].min() == pytest.approx(39.5)  # pixel corners -> the slide's pixel centres
 
     train.epochs.setValue(1)
@@ -106,6 +106,23 @@ def test_import_errors_are_one_message(docked, tmp_path):
     bad.write_text(json.dumps([{"type": "Feature", "geometry": far, "properties": {"classification": {"name": "A"}}}]))
     assert annotate.import_geojson(bad) is None
     assert any("far.geojson, feature 0 lies at" in note for note in seen)
+
+
+def test_the_widget_imports_cells_as_chosen(docked):
+    """The QuPath box's choices reach the engine: nuclei give smaller cell labels than cell boundaries."""
+    from pfmseg_engine.annotations.geojson import ImportOptions
+
+    _, _, annotate, _ = docked
+    assert annotate.cells.currentText() == ImportOptions().cells
+    assert annotate.ignore_classes.currentText() == ImportOptions().ignore_classes
+    annotate.target_mpp.setValue(0.5)
+    cells = Path(__file__).parent / "data" / "qupath" / "v05_cells.geojson"
+    as_cells = annotate.import_geojson(cells)
+    annotate.cells.setCurrentText("nucleus")
+    as_nuclei = annotate.import_geojson(cells)
+    assert as_cells is not None and as_nuclei is not None
+    cell_pixels, nucleus_pixels = (int(np.count_nonzero(layer.data[:40, :70])) for layer in (as_cells, as_nuclei))
+    assert 0 < nucleus_pixels < cell_pixels / 3
 
 
 def test_saved_annotation_pyramid_reopens_paintable_and_trainable(make_napari_viewer, tmp_path):

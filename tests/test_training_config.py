@@ -14,7 +14,7 @@ from pfmseg_engine.training.config import TrainConfig, config_from_dict, default
 from pfmseg_engine.training.schema import all_keys
 
 SECTION_NAMES = {"dataset", "system", "model", "training", "validation", "logging", "visualization",
-                 "finetune_mode", "cnn_adapter", "transformer_adapter", "augmentation", "optimizer",
+                 "finetune_mode", "cnn_adapter", "transformer_adapter", "light_head", "augmentation", "optimizer",
                  "scheduler", "loss"}
 
 # The seed repository's configs/config.yaml, keys and values as published (paths made local).

@@ -32,7 +32,7 @@ def make_dataset(root, n_train=4, n_val=2, size=(40, 48)):
     (root / "msk").mkdir()
     rng = np.random.default_rng(0)
     entries = []
-    for i in range(n_train + n_val):
+    for i in range(n_train + 2 * n_val):  # train, val, then as many test images (splits never share an image)
         shape = size if i < n_train else (37, 53)  # validation images are not patch multiples
         image = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
         mask = (image[..., 0] > 127).astype(np.uint8)
@@ -41,7 +41,8 @@ def make_dataset(root, n_train=4, n_val=2, size=(40, 48)):
         Image.fromarray(mask, mode="L").save(root / "msk" / f"{i}.png")
         entries.append({"image_path": f"img/{i}.png", "mask_path": f"msk/{i}.png"})
     data = {"num_classes": 2, "class_names": ["dark", "red"],
-            "data": {"train": entries[:n_train], "val": entries[n_train:], "test": entries[n_train:]}}
+            "data": {"train": entries[:n_train], "val": entries[n_train:n_train + n_val],
+                     "test": entries[n_train + n_val:]}}
     (root / "dataset.json").write_text(json.dumps(data))
     return root / "dataset.json"
 

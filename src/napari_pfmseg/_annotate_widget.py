@@ -85,12 +85,26 @@ class AnnotateWidget(QWidget):
         self.object_type.addItems(["annotation", "detection"])
         self.object_type.setToolTip("QuPath object type of exported regions (detections: many small objects)")
         self.min_area = dspin(0.0, 0.0, 1e9, 10.0, 1, tip="leave out regions smaller than this (µm²)")
+        from pfmseg_engine.annotations.geojson import CELL_SHAPES, IGNORE_RULES, ImportOptions
+
+        defaults = ImportOptions()
+        self.cells = QComboBox()
+        self.cells.addItems(list(CELL_SHAPES))
+        self.cells.setCurrentText(defaults.cells)
+        self.cells.setToolTip("which outline of a QuPath cell object is imported: its boundary or its nucleus")
+        self.ignore_classes = QComboBox()
+        self.ignore_classes.addItems(list(IGNORE_RULES))
+        self.ignore_classes.setCurrentText(defaults.ignore_classes)
+        self.ignore_classes.setToolTip("qupath: classes ending in * are trained and not measured, Region* is not "
+                                       "imported; prefix: areas of classes starting with Ignore stay unannotated")
         qupath = QFormLayout()
         qupath.addRow(row(button("Import GeoJSON…", self._import_dialog,
                                  "QuPath 'Export objects as GeoJSON' -> an annotation layer (and outlines) on the "
                                  "slide, at the resolution above"),
                           button("Export GeoJSON…", self._export_dialog,
                                  "the annotation layer as QuPath objects (level-0 pixel coordinates)")))
+        qupath.addRow("import cells as", self.cells)
+        qupath.addRow("ignored classes", self.ignore_classes)
         qupath.addRow(row(self.per_region, self.object_type))
         qupath.addRow("min. region area (µm²)", self.min_area)
         layout = QVBoxLayout(self)
@@ -191,7 +205,9 @@ class AnnotateWidget(QWidget):
             slide.require_mpp()
             from ._qupath import import_geojson
 
-            (data, kwargs), shapes = import_geojson(image, slide, path, max(self.target_mpp.value(), slide.mpp))
+            options = {"cells": self.cells.currentText(), "ignore_classes": self.ignore_classes.currentText()}
+            (data, kwargs), shapes = import_geojson(image, slide, path, max(self.target_mpp.value(), slide.mpp),
+                                                    options=options)
         except Exception as exc:
             notify_error(exc, "Importing the GeoJSON")
             return None

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 from ._annotate_widget import is_slide_layer
 from ._layers import META
 from ._notify import notify_error, notify_info
-from ._prediction import PredictSettings, export_prediction, prediction_controller
+from ._prediction import RESOLUTION_LABEL, PredictSettings, export_prediction, prediction_controller
 from ._qt_helpers import LayerCombo, button, dspin, group, open_folder, row, save_file, spin, wrapped
 from ._session import session_for
 from ._torch_guard import guard_triton
@@ -85,7 +85,7 @@ class PredictWidget(QWidget):
         form.addRow("slide", self.image)
         form.addRow("what", self.mode)
         form.addRow("region layer", self.shapes)
-        form.addRow("resolution (µm/px)", self.target_mpp)
+        form.addRow(RESOLUTION_LABEL, self.target_mpp)
         form.addRow("window (px)", self.window)
         form.addRow("overlap", self.overlap)
         form.addRow("batch size", self.batch)

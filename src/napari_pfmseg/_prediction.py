@@ -9,12 +9,15 @@ refreshes it, so results appear while the slide is processed, zoomed in or out. 
 plan's ``region=``; for a whole slide, the area in view is computed first (``priority_box=``). When a
 run completes, the layer switches to the engine's finished OME-Zarr output, which is what exports and
 the reader use. Cancelling stops after the current chunk and leaves the finished chunks shown and the
-engine's ``.partial`` output resumable.
+engine's ``.partial`` output resumable. A run at a resolution more than 25 % away from the scale the model
+was trained at gets a warning notification naming the Predict widget's resolution value that matches
+training (the engine decides, :func:`~pfmseg_engine.inference.scale.check_training_scale`; the plugin words it).
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,11 @@ from typing import Any
 from psygnal import Signal
 
 from ._layers import META, label_colormap, placement, prediction_metadata
-from ._notify import Failure, guarded_generator, notify_error, notify_info
+from ._notify import Failure, guarded_generator, notify_error, notify_info, notify_warning
 
 MODES = ("view", "region", "slide")
+#: The Predict widget's label of its resolution setting (``PredictSettings.target_mpp``); warnings name it.
+RESOLUTION_LABEL = "resolution (µm/px)"
 #: Layers are redrawn at most this often while chunks stream in (each redraw re-reads the view).
 REFRESH_MS = 200
 
@@ -112,6 +117,7 @@ class PredictionController:
         self._stale: set[int] = set()
         self.settings_source: Any = None  # the Predict widget's form, when one is open
         self._refresh_timer: Any = None
+        self.scale_warning: str | None = None  # the last run's training-scale warning, as shown
         session.predict_requested.connect(self._on_requested)
 
     @property
@@ -166,6 +172,7 @@ class PredictionController:
         out_dir = Path(settings.output_dir).expanduser() if settings.output_dir else session.output_dir("predictions")
         out_dir.mkdir(parents=True, exist_ok=True)
         targets = self._targets(image, slide, settings, shapes, model, config, out_dir)
+        self._warn_about_scale(model, targets)
         for target in targets:
             self._add_layer(target)
         self.targets = targets
@@ -185,6 +192,7 @@ class PredictionController:
                  out_dir: Path) -> list[Target]:
         """Plan the run (the engine's torch-free plan: geometry, names and paths; no model is moved)."""
         from pfmseg_engine import ConfigError
+        from pfmseg_engine.errors import TrainingScaleWarning
         from pfmseg_engine.inference.plan import ModelInfo, plan_slide
 
         from ._slides import box_area, shapes_box, visible_box
@@ -209,11 +217,24 @@ class PredictionController:
         options = {"region": _xywh(region) if region is not None else None,
                    "priority_box": _xywh(priority) if priority is not None and box_area(priority) > 0 else None,
                    "output_dir": out_dir}
-        plan = plan_slide(slide, info, config, **options)
-        free = _free_name(out_dir, plan.name)  # never overwrite or reuse a finished output
-        if free != plan.name:
-            plan = plan_slide(slide, info, config, name=free, **options)
+        with warnings.catch_warnings():  # worded for Python users; _warn_about_scale words it for the widget
+            warnings.simplefilter("ignore", TrainingScaleWarning)
+            plan = plan_slide(slide, info, config, **options)
+            free = _free_name(out_dir, plan.name)  # never overwrite or reuse a finished output
+            if free != plan.name:
+                plan = plan_slide(slide, info, config, name=free, **options)
         return [Target(plan, class_colors=chosen, image=image)]
+
+    def _warn_about_scale(self, model: Any, targets: list[Target]) -> None:
+        """Notify when a target is predicted far from the scale the model was trained at (once per run)."""
+        from pfmseg_engine.inference.scale import check_training_scale, training_scale_of
+
+        scale = training_scale_of(model)
+        mismatches = (check_training_scale(scale, target.plan.mpp) for target in targets)
+        mismatch = next((m for m in mismatches if m is not None), None)
+        self.scale_warning = scale_warning_text(mismatch) if mismatch is not None else None
+        if self.scale_warning:
+            notify_warning(self.scale_warning)
 
     def _add_layer(self, target: Target) -> None:
         """The run's layer, made before it starts (adding a layer is slow: never while chunks stream).
@@ -351,6 +372,13 @@ class PredictionController:
         outcome = self.last or PredictOutcome("failed")
         self.status.emit(outcome.status)
         self.finished.emit(outcome)
+
+
+def scale_warning_text(mismatch: Any) -> str:
+    """A :class:`~pfmseg_engine.inference.scale.ScaleMismatch` in the plugin's words: the widget's setting
+    that fixes it, never a command-line flag (napari users may never have seen the CLI)."""
+    return (f"{mismatch.summary()} Set '{RESOLUTION_LABEL}' in the Predict widget to {mismatch.suggested_mpp:g} "
+            "to predict at the training scale.")
 
 
 def keep_read_only(layer: Any) -> None:

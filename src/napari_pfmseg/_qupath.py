@@ -22,25 +22,35 @@ from ._layers import META, placement
 MAX_SHAPES = 5000
 
 
-def read_for_slide(path: str | Path, slide: Any, frame: str = "qupath", on_unsupported: str = "error",
-                   clip: bool = False) -> Any:
-    """The engine's annotation source of a GeoJSON file, checked against ``slide``."""
+def read_for_slide(path: str | Path, slide: Any, **reading: Any) -> Any:
+    """The engine's annotation source of a GeoJSON file, checked against ``slide``.
+
+    ``reading`` are :func:`~pfmseg_engine.annotations.load_annotations` options (``frame``, ``options``: the
+    import options as an ``ImportOptions`` or a mapping, ``clip``, ``class_map``); what is not given is
+    the engine's default. Points and lines left out are shown as one warning.
+    """
     from pfmseg_engine.annotations.sources import load_annotations
 
-    return load_annotations(path, slide=slide, frame=frame, on_unsupported=on_unsupported, clip=clip)
+    source = load_annotations(path, slide=slide, **reading)
+    summary = source.file.unsupported_summary() if source.file is not None else None
+    if summary:
+        from ._notify import notify_warning
+
+        notify_warning(summary)
+    return source
 
 
-def import_geojson(image: Any, slide: Any, path: str | Path, target_mpp: float | None, *,
-                   frame: str = "qupath", on_unsupported: str = "error", clip: bool = False
+def import_geojson(image: Any, slide: Any, path: str | Path, target_mpp: float | None, **reading: Any
                    ) -> tuple[tuple[np.ndarray, dict[str, Any]], tuple[list[np.ndarray], dict[str, Any]] | None]:
     """((labels, kwargs) of an annotation layer, (shapes data, kwargs) or None) of a QuPath GeoJSON over ``image``.
 
-    Labels follow the plugin's convention (0 = not annotated, k = class k-1; "Ignore*" areas read 0);
-    classes and colours come from the file's classifications.
+    Labels follow the plugin's convention (0 = not annotated, k = class k-1), read in QuPath's terms by
+    the engine (``reading``: see :func:`read_for_slide`); classes and colours come from the file's
+    classifications.
     """
     from pfmseg_engine.annotations.sources import class_table_of
 
-    source = read_for_slide(path, slide, frame=frame, on_unsupported=on_unsupported, clip=clip)
+    source = read_for_slide(path, slide, **reading)
     table = class_table_of([source])
     plan = working_plan(slide, target_mpp)
     labels = np.asarray(source.labels(table, plan))
@@ -104,8 +114,8 @@ def export_layer(layer: Any, path: str | Path, *, image: Any = None, per_region:
                  object_type: str = "annotation", min_area_um2: float = 0.0) -> Path:
     """Write a labels layer (annotations or a prediction) as QuPath GeoJSON in slide level-0 pixels.
 
-    A prediction backed by an engine store is exported from the store (its coarsest level that keeps the
-    export cheap); any other labels layer from its data.
+    A prediction backed by an engine store is exported from the store (full resolution, read chunk by
+    chunk); any other labels layer from its data.
     """
     from pfmseg_engine.annotations.export import labels_to_geojson
 

@@ -17,7 +17,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("load_checkpoint", "read_checkpoint", "save_checkpoint"), "checkpoint"),
     **dict.fromkeys(("DEVICES", "resolve_device"), "devices"),
     **dict.fromkeys(("CheckpointError", "ConfigError", "DataError", "PfmsegError", "SlideError", "StorageError",
-                     "WeightsError"),
+                     "TrainingScaleWarning", "WeightsError"),
                     "errors"),
     **dict.fromkeys(("ModelConfig", "SegmentationModel", "build_model"), "model"),
     **dict.fromkeys(("CancelToken", "TrainConfig", "Trainer", "build_annotation_trainer", "load_config",

@@ -6,6 +6,11 @@ backbone is not duplicated: reloading needs this file plus the backbone's publis
 keeps a LoRA or adapter checkpoint a few megabytes instead of gigabytes. A ``full`` fine-tune and the
 from-scratch ``unet`` baseline train every weight, so their checkpoints hold them all and reload
 without any backbone weights file.
+
+``metadata["training_scale"]`` records the scale the model learnt (µm per model pixel, and how much the
+training crops shrank the images: :class:`~pfmseg_engine.inference.scale.TrainingScale`); a loaded model
+carries it as ``model.training_scale``. Checkpoints written before it was recorded load with None
+(unknown), and slide inference then cannot check the resolution it runs at.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError
+from .inference.scale import TrainingScale, attach_training_scale, training_scale_of
 from .model import ModelConfig, SegmentationModel, build_model
 from .tuning import STRATEGIES
 
@@ -98,8 +104,17 @@ def save_checkpoint(
     training_state: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Save ``model``'s config and trainable weights (plus optional resume state) atomically."""
+    """Save ``model``'s config and trainable weights (plus optional resume state) atomically.
+
+    ``metadata`` may give ``training_scale`` (a :class:`TrainingScale` dict, or None for unknown);
+    without it, the scale the model carries (from training or from the checkpoint it was loaded from)
+    is recorded, so re-saving a model never drops it.
+    """
     spec = model.spec
+    metadata = dict(metadata or {})
+    if "training_scale" not in metadata:
+        scale = training_scale_of(model)
+        metadata["training_scale"] = scale.to_dict() if scale is not None else None
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -109,8 +124,7 @@ def save_checkpoint(
         "backbone_fingerprint": backbone_fingerprint(model),
         "metrics": dict(metrics or {}),
         "training_state": training_state,
-        "metadata": {"versions": _versions(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                     **(metadata or {})},
+        "metadata": {"versions": _versions(), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **metadata},
     }
     return atomic_torch_save(payload, path)
 
@@ -135,6 +149,26 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"understands ({FORMAT_VERSION}); upgrade pfmseg."
         )
     return upgrade_checkpoint(payload, path)
+
+
+def checkpoint_training_scale(payload: dict[str, Any]) -> TrainingScale | None:
+    """The training scale a checkpoint records; None when it records none (written before it was)."""
+    return TrainingScale.from_dict((payload.get("metadata") or {}).get("training_scale"))
+
+
+def read_training_scale(path: str | Path) -> TrainingScale | None:
+    """The training scale of checkpoint ``path``, without reading its weights into memory (memory-mapped).
+
+    For callers that check a resolution before any model is loaded (a cluster run's client, a dry run).
+    """
+    path = Path(path)
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an older or odd layout that cannot be memory-mapped: read it the ordinary way
+        payload = read_checkpoint(path)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not a pfmseg checkpoint.")
+    return checkpoint_training_scale(payload)
 
 
 def upgrade_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
@@ -203,7 +237,7 @@ def load_into(model: SegmentationModel, payload: dict[str, Any], source: str = "
     ours = model.config
     differences = [
         f"{key}: checkpoint {getattr(stored, key)!r} vs model {getattr(ours, key)!r}"
-        for key in ("backbone", "tiny", "num_classes", "head", "tuning", "feature_indices")
+        for key in ("backbone", "tiny", "num_classes", "head", "light_head_final_norm", "tuning", "feature_indices")
         if getattr(stored, key) != getattr(ours, key)
     ]
     if differences:
@@ -228,7 +262,8 @@ def load_checkpoint(
 
     ``weights`` overrides the backbone weights path stored in the checkpoint (checkpoints travel
     between machines; backbone files move). A frozen backbone that differs from the one trained on is
-    an error, because the trained head would silently produce garbage.
+    an error, because the trained head would silently produce garbage. The model carries the scale it
+    was trained at as ``model.training_scale`` (None when the checkpoint records none).
     """
     payload = read_checkpoint(path)
     config = ModelConfig.from_dict(payload["config"])
@@ -250,6 +285,7 @@ def load_checkpoint(
                 "was trained on; the trained head would give meaningless output. Pass the same backbone "
                 "weights file used for training (--weights)."
             )
+    attach_training_scale(model, checkpoint_training_scale(payload))
     model.eval()
     return model.to(device) if device is not None else model
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 
 class PfmsegError(Exception):
@@ -44,6 +45,18 @@ class SlideError(PfmsegError):
 
 class StorageError(PfmsegError):
     """An output cannot be written (disk full, permissions, a file in the way, another writer)."""
+
+
+class TrainingScaleWarning(UserWarning):
+    """A slide is predicted at another resolution than its model was trained at.
+
+    ``mismatch`` holds the comparison (:class:`~pfmseg_engine.inference.scale.ScaleMismatch`), so a front
+    end can word the fix in its own terms.
+    """
+
+    def __init__(self, message: str, mismatch: Any = None):
+        super().__init__(message)
+        self.mismatch = mismatch
 
 
 def closest(name: str, choices: Iterable[str]) -> str:

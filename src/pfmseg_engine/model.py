@@ -13,7 +13,7 @@ from .backbones.positions import checkpoint_position_grid
 from .backbones.registry import get_spec
 from .backbones.specs import BackboneSpec
 from .errors import ConfigError, reject_unknown_keys
-from .heads import HEADS, build_head
+from .heads import HEADS, build_head, head_reads_final_tokens
 from .tuning import STRATEGIES, Encoder, TuningConfig, apply_strategy
 
 
@@ -29,6 +29,10 @@ class ModelConfig:
     ``backbone="unet"`` is the from-scratch baseline (:mod:`pfmseg_engine.unet`): no ``weights`` or
     ``feature_indices``; the default ``tuning`` becomes ``full`` and any other strategy is an error;
     ``head`` must stay at its default, which the UNet ignores (its expanding path is its decoder).
+
+    ``light_head_final_norm``: the ``light`` head decodes the encoder's final normalised output (the
+    last tapped block after the ViT's final LayerNorm) instead of the raw block; other heads ignore it.
+    Checkpoints written before it existed lack the key and so rebuild with their old behaviour (off).
     """
 
     backbone: str
@@ -40,6 +44,7 @@ class ModelConfig:
     feature_indices: tuple[int, ...] | None = None
     tuning: TuningConfig = field(default_factory=TuningConfig)
     head: str = "fast"
+    light_head_final_norm: bool = False
     input_size: int = 224
     mpp: float | None = None
 
@@ -232,10 +237,11 @@ def build_model(config: ModelConfig, *, weights: str | None = None,
         model = build_unet_model(config)
         _check_declared_trainable(model)
         return model.to(device) if device is not None else model
-    # the final norm stays only for consumers of the encoder's normalised output (cup head, transformer
-    # adapter); the other heads read raw block outputs, so their checkpoints keep their keys
+    # the final norm stays only for consumers of the encoder's normalised output (cup head, light head with
+    # final_norm, transformer adapter); the other heads read raw block outputs, so their checkpoints keep their keys
+    options = head_options(config)
     keep_final_norm = (STRATEGIES[config.tuning.strategy].reads_final_tokens
-                       or getattr(HEADS.get(config.head), "reads_final_tokens", False))
+                       or head_reads_final_tokens(config.head, **options))
     backbone = build_backbone(
         config.backbone,
         weights or config.weights,
@@ -246,10 +252,15 @@ def build_model(config: ModelConfig, *, weights: str | None = None,
     )
     encoder = apply_strategy(backbone, config.tuning)
     head = build_head(config.head, encoder.grid_channels, encoder.skip_channels, config.num_classes,
-                      patch_size=backbone.patch_size)
+                      patch_size=backbone.patch_size, **options)
     model = SegmentationModel(config, encoder, head)
     _check_declared_trainable(model)
     return model.to(device) if device is not None else model
+
+
+def head_options(config: ModelConfig) -> dict[str, Any]:
+    """The settings of ``config``'s head beyond those every head takes (only ``light`` has one)."""
+    return {"final_norm": config.light_head_final_norm} if config.head == "light" else {}
 
 
 def _check_declared_trainable(model: SegmentationModel) -> None:

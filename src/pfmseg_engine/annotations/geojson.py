@@ -1,11 +1,35 @@
 """QuPath GeoJSON in: features, classes and the checks that turn a bad file into one clear message.
 
-QuPath's *File > Export objects as GeoJSON* writes a FeatureCollection (or, with "pretty" off in old
-versions, a plain list of features). Each feature has a ``geometry`` (Polygon or MultiPolygon with
-holes, in level-0 pixel coordinates of the image as QuPath shows it) and ``properties`` with
-``objectType`` ("annotation", "detection", "cell", ...; v0.2 used ``id``) and ``classification``
-(``name`` and ``color`` [r, g, b]; derived classes have ``names``). Reading is pure: nothing is written,
-so a file that fails a check leaves nothing half-done behind.
+QuPath's *File > Export objects as GeoJSON* writes a FeatureCollection (*Export as FeatureCollection*
+ticked) or a plain list of features. Each feature has a ``geometry`` in level-0 pixel coordinates of
+the image as QuPath shows it, an ``id`` (a UUID since v0.4; v0.2 put the object type there) and
+``properties`` with ``objectType`` ("annotation", "detection", "cell", ...), ``classification``
+(``name`` and ``color`` [r, g, b]; v0.4+ writes a derived class as ``names`` ["Tumor", "Positive"],
+v0.2 as ``name`` "Positive" with a ``parentClass`` chain and packed ``colorRGB`` integers) and
+``isLocked``; a cell also carries its nucleus as ``nucleusGeometry``. Reading is pure: nothing is
+written, so a file that fails a check leaves nothing half-done behind.
+
+What becomes labels (:class:`ImportOptions` declares every default, once):
+
+* Areas: Polygon and MultiPolygon (holes kept), and the polygonal part of a GeometryCollection.
+  Points and lines (Point, MultiPoint, LineString, MultiLineString: counting marks, calibration
+  lines) cannot be rasterised into areas; they are left out with one warning per file that counts
+  them by type, or refused with ``strict=True`` (a :class:`DataError` naming the first one).
+* Class names are QuPath's: a derived class is its names joined with ": " ("Tumor: Positive"),
+  whichever way the version wrote it.
+* Ignored classes (``ignore_classes``): QuPath treats a class whose name ends in "*" (``Ignore*``,
+  ``Artefact*``, ``Background*``) as an *ignored class*: its pixel classifier trains it like any other
+  class (so glass or folds are learned) and only skips it when creating objects and measuring.
+  "qupath" (default) does the same: such classes are trained, and the measurements and exports of
+  the predictions leave them out; the standard ``Region*`` class, which QuPath uses to mark regions
+  to annotate inside and never trains, is not trained or drawn either. "prefix" is the earlier rule
+  of this project: a class whose name starts with "Ignore" is not trained, and its areas read as not
+  annotated even where other annotations overlap them (``Region*`` is then an ordinary class).
+* Cells (``cells``): a QuPath cell object trains on its cell boundary ("cell", default: the geometry
+  QuPath itself exports and classifies) or on its ``nucleusGeometry`` ("nucleus": what the stain
+  shows; QuPath's cell boundary is usually the nucleus grown by a fixed distance). A cell without a
+  nucleus keeps its boundary (one warning counts them).
+* Unclassified features carry no class and are skipped with a warning.
 
 Coordinates: QuPath opens formats that have a scanned-area bounding box (MIRAX, Leica SCN, ... read by
 OpenSlide) cropped to that box (``OpenslideImageServer`` applies ``openslide.bounds-*`` unless the
@@ -13,10 +37,6 @@ image was added with ``--no-crop``), which is exactly the frame of a :class:`~pf
 (its levels cover the bounds region). ``frame="qupath"`` (default) therefore takes the coordinates as
 they are; ``frame="file"`` means they are in the file's full level-0 frame (OpenSlide's own
 ``read_region`` frame, or QuPath with ``--no-crop``) and subtracts the slide's ``bounds_offset``.
-
-Classes: names starting with "Ignore" (QuPath's ``Ignore*`` convention) are not trained on; their
-areas are cleared (label 0) even where other annotations overlap them. Unclassified features carry no
-class and are skipped with a warning.
 """
 
 from __future__ import annotations
@@ -24,28 +44,91 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError, reject_unknown_keys
 
 log = logging.getLogger("pfmseg_engine.annotations")
 
 #: Geometry types that describe areas (the only ones that can be rasterised to labels).
 AREA_TYPES = ("Polygon", "MultiPolygon")
-#: QuPath's convention: a class whose name starts with this is excluded from training.
-IGNORE_PREFIX = "ignore"
 #: Coordinate frames of a GeoJSON file (see the module docstring).
 FRAMES = ("qupath", "file")
+#: How classes QuPath would ignore are read (see the module docstring).
+IGNORE_RULES = ("qupath", "prefix")
+#: Which outline of a QuPath cell object becomes its label.
+CELL_SHAPES = ("cell", "nucleus")
+#: QuPath's standard class for regions to annotate inside; its pixel classifier never trains it.
+REGION_CLASS = "Region*"
+#: The "prefix" rule: a class whose name starts with this (any case) is not trained.
+IGNORE_PREFIX = "ignore"
+#: QuPath joins the names of a derived class with this ("Tumor: Positive").
+DERIVED_SEPARATOR = ": "
 
 Colour = tuple[int, int, int]
 
 
-def is_ignore_class(name: str | None) -> bool:
-    """Whether ``name`` is an "Ignore*" class (QuPath's convention for regions not to train on)."""
+@dataclass(frozen=True)
+class ImportOptions:
+    """How QuPath GeoJSON becomes training labels; the one place these defaults are declared.
+
+    ``strict``: refuse points and lines instead of leaving them out with one warning.
+    ``ignore_classes``: "qupath" or "prefix" (see the module docstring).
+    ``cells``: "cell" (a cell object's boundary) or "nucleus" (its ``nucleusGeometry``).
+    """
+
+    strict: bool = False
+    ignore_classes: str = "qupath"
+    cells: str = "cell"
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (("ignore_classes", self.ignore_classes, IGNORE_RULES),
+                                     ("cells", self.cells, CELL_SHAPES)):
+            if value not in choices:
+                raise ConfigError(f"Unknown GeoJSON import option {name}='{value}'; choose one of "
+                                  f"{', '.join(choices)}.")
+
+    @classmethod
+    def of(cls, value: ImportOptions | Mapping[str, Any] | None = None) -> ImportOptions:
+        """``value`` as options: None gives the defaults, a mapping names some of them (others default)."""
+        if isinstance(value, ImportOptions):
+            return value
+        given = dict(value or {})
+        reject_unknown_keys(given, [f.name for f in fields(cls)], "GeoJSON import option")
+        return cls(**given)
+
+
+def is_ignored_class(name: str | None) -> bool:
+    """Whether ``name`` is one of QuPath's ignored classes (its name ends in "*": ``Ignore*``, ``Region*``, ...).
+
+    The rule of QuPath's ``PathClassTools.isIgnoredClass``: such a class is never turned into objects or
+    measured, whatever a classifier predicts.
+    """
+    return bool(name) and name.strip().endswith("*")
+
+
+def is_region_class(name: str | None) -> bool:
+    """Whether ``name`` is QuPath's ``Region*`` class (regions that hold annotations, never trained)."""
+    return bool(name) and name.strip() == REGION_CLASS
+
+
+def has_ignore_prefix(name: str | None) -> bool:
+    """Whether ``name`` starts with "Ignore" (the "prefix" rule's classes that are not trained)."""
     return bool(name) and name.strip().lower().startswith(IGNORE_PREFIX)
+
+
+def class_use(name: str | None, rule: str) -> str:
+    """How a class is trained under ``rule``: "train", "clear" (its areas read 0 over everything under
+    them) or "drop" (not drawn at all)."""
+    if not name:
+        return "drop"
+    if rule == "prefix":
+        return "clear" if has_ignore_prefix(name) else "train"
+    return "drop" if is_region_class(name) else "train"
 
 
 @dataclass(frozen=True)
@@ -58,10 +141,14 @@ class Feature:
     object_type: str
     index: int
     name: str | None = None
+    object_id: str | None = None
+    locked: bool = False
 
     @property
     def ignored(self) -> bool:
-        return is_ignore_class(self.class_name)
+        """An area QuPath leaves out of analysis: an ignored class other than ``Region*`` (which marks where to
+        analyse), so a tissue region of interest cuts these out and keeps region annotations."""
+        return is_ignored_class(self.class_name) and not is_region_class(self.class_name)
 
 
 @dataclass
@@ -72,6 +159,8 @@ class AnnotationFile:
     features: list[Feature]
     repaired: list[int] = field(default_factory=list)
     skipped: list[tuple[int, str]] = field(default_factory=list)
+    #: geometry type -> how many were left out (points and lines; parts of GeometryCollections included)
+    unsupported: dict[str, int] = field(default_factory=dict)
 
     def classes(self) -> dict[str, Colour | None]:
         """Class name -> colour (first seen) in order of first appearance (unclassified left out)."""
@@ -97,6 +186,14 @@ class AnnotationFile:
         boxes = [f.geometry.bounds for f in self.features]
         return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
 
+    def unsupported_summary(self) -> str | None:
+        """One sentence on the points and lines left out ("3 Point, 1 LineString"), or None when there were none."""
+        if not self.unsupported:
+            return None
+        counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.unsupported.items(), key=lambda kv: -kv[1]))
+        return (f"{self.source}: left out {sum(self.unsupported.values())} point/line geometries ({counts}); only "
+                "areas (Polygon, MultiPolygon) become labels. Refuse them instead with strict mode (CLI --strict).")
+
 
 # --- reading ------------------------------------------------------------------------------------------
 def _colour(value: Any) -> Colour | None:
@@ -112,26 +209,50 @@ def _colour(value: Any) -> Colour | None:
     return None
 
 
+def _class_name(classification: Mapping[str, Any]) -> str | None:
+    """QuPath's name of a classification: ``names`` joined (v0.4+ derived classes), else ``name`` after its
+    ``parentClass`` chain (v0.2 derived classes), both joined with ": " as QuPath's ``PathClass.toString``."""
+    names = classification.get("names")
+    if isinstance(names, list) and names:
+        parts = [str(n).strip() for n in names if n is not None and str(n).strip()]
+    else:
+        parts, current = [], classification
+        while isinstance(current, Mapping) and len(parts) < 64:  # a chain, never a cycle
+            name = current.get("name")
+            if name is None or not str(name).strip():
+                break
+            parts.insert(0, str(name).strip())
+            current = current.get("parentClass")
+    return DERIVED_SEPARATOR.join(parts) or None
+
+
 def _classification(properties: Mapping[str, Any]) -> tuple[str | None, Colour | None]:
     classification = properties.get("classification")
     if isinstance(classification, str):
         return classification.strip() or None, None
     if not isinstance(classification, Mapping):
         return None, None
-    name = classification.get("name")
-    if not name and isinstance(classification.get("names"), list):  # derived classes: "Tumor: Positive"
-        name = ": ".join(str(n) for n in classification["names"])
-    colour = _colour(classification.get("color", classification.get("colorRGB")))
-    return (str(name).strip() or None) if name else None, colour
+    return _class_name(classification), _colour(classification.get("color", classification.get("colorRGB")))
+
+
+#: QuPath v0.2 wrote the object's Java type where v0.3+ writes ``objectType``.
+LEGACY_TYPES = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection", "PathCellObject": "cell",
+                "PathTileObject": "tile", "TMACoreObject": "tmaCore"}
 
 
 def _object_type(feature: Mapping[str, Any], properties: Mapping[str, Any]) -> str:
     kind = properties.get("objectType") or properties.get("object_type") or properties.get("type")
-    if not kind and isinstance(feature.get("id"), str) and feature["id"].startswith("Path"):
-        kind = feature["id"]  # QuPath v0.2 stored the object type in "id"
-    legacy = {"PathAnnotationObject": "annotation", "PathDetectionObject": "detection", "PathCellObject": "cell",
-              "PathTileObject": "tile", "TMACoreObject": "tmaCore"}
-    return legacy.get(str(kind), str(kind)) if kind else "annotation"
+    if not kind and isinstance(feature.get("id"), str) and feature["id"] in LEGACY_TYPES:
+        kind = feature["id"]
+    return LEGACY_TYPES.get(str(kind), str(kind)) if kind else "annotation"
+
+
+def _object_id(feature: Mapping[str, Any]) -> str | None:
+    """The feature's ``id`` (QuPath v0.4+: the object's UUID); v0.2's object type names are not ids."""
+    value = feature.get("id")
+    if value is None or isinstance(value, (Mapping, list)) or str(value) in LEGACY_TYPES:
+        return None
+    return str(value)
 
 
 def _features_of(data: Any, source: str) -> list[Any]:
@@ -157,16 +278,88 @@ def _where(source: str, index: int) -> str:
     return f"{source}, feature {index}"
 
 
+def _load(source: str | Path | Mapping[str, Any] | list[Any], name: str | None) -> tuple[Any, str]:
+    """(parsed data, the name used in messages) of a path or of data already parsed."""
+    if not isinstance(source, (str, Path)):
+        return source, name or "GeoJSON"
+    path = Path(source).expanduser()
+    label = name or str(path)
+    if not path.is_file():
+        raise DataError(f"Annotation file '{path}' does not exist.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), label
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{label} is not valid JSON ({exc}); export it again with QuPath's File > Export "
+                        "objects as GeoJSON.") from exc
+
+
+def _geometry_of(feature: Mapping[str, Any], properties: Mapping[str, Any], object_type: str, cells: str
+                 ) -> tuple[Any, bool]:
+    """(the GeoJSON geometry that becomes the label, False for a cell that has no nucleus to use).
+
+    A cell's nucleus is the feature's ``nucleusGeometry`` member (QuPath writes it beside ``geometry``;
+    read from ``properties`` too, where other tools put it).
+    """
+    geometry = feature.get("geometry") if feature.get("type", "Feature") == "Feature" else feature
+    if object_type != "cell" or cells != "nucleus":
+        return geometry, True
+    nucleus = feature.get("nucleusGeometry", properties.get("nucleusGeometry"))
+    return (nucleus, True) if isinstance(nucleus, Mapping) else (geometry, False)
+
+
+def _shape(geometry: Any, where: str) -> tuple[Any, list[str]]:
+    """(the polygonal part of a GeoJSON geometry or None, the types of its parts that are not areas)."""
+    import shapely
+    from shapely.geometry import shape
+
+    kind = geometry.get("type") if isinstance(geometry, Mapping) else None
+    if kind not in (*AREA_TYPES, "GeometryCollection"):
+        return None, [str(kind) if kind else "no geometry"]
+    try:
+        geom = shape(geometry)
+    except Exception as exc:
+        raise DataError(f"{where}: the {kind} coordinates cannot be read ({exc}); each ring must be a list of [x, y] "
+                        "pairs. Fix or delete this feature in QuPath and export again.") from exc
+    if kind in AREA_TYPES:
+        return geom, []
+    parts = list(shapely.get_parts(geom))
+    while any(p.geom_type == "GeometryCollection" for p in parts):  # nested collections
+        parts = [q for p in parts for q in (shapely.get_parts(p) if p.geom_type == "GeometryCollection" else [p])]
+    areas = [p for p in parts if p.geom_type in AREA_TYPES]
+    others = [p.geom_type for p in parts if p.geom_type not in AREA_TYPES]
+    return (shapely.union_all(areas) if areas else None), others
+
+
+def _refusal(where: str, kinds: Sequence[str], collection: bool) -> DataError:
+    kind = kinds[0]
+    what = "no geometry" if kind == "no geometry" else (
+        f"a GeometryCollection holding a {kind}" if collection else f"a {kind} geometry")
+    return DataError(f"{where} has {what}; only areas (Polygon, MultiPolygon) can become labels. Fix: in QuPath "
+                     "convert points/lines to areas (e.g. Objects > Annotations > Expand annotations) or delete them "
+                     "before exporting, or read without strict mode (CLI: leave out --strict) to leave them out "
+                     "with a warning.")
+
+
+def _repaired(geom: Any, where: str) -> Any:
+    import shapely
+
+    reason = shapely.is_valid_reason(geom)
+    log.warning("%s was not a valid polygon (%s); repaired with make_valid. Check its outline in QuPath.", where,
+                reason)
+    return _polygonal(shapely.make_valid(geom))
+
+
 def read_geojson(source: str | Path | Mapping[str, Any] | list[Any], *, frame: str = "qupath",
-                 bounds_offset: tuple[float, float] = (0, 0), on_unsupported: str = "error",
+                 bounds_offset: tuple[float, float] = (0, 0), options: ImportOptions | Mapping[str, Any] | None = None,
                  class_map: Mapping[str, str] | None = None, name: str | None = None,
                  keep_unclassified: bool = False) -> AnnotationFile:
     """Read QuPath GeoJSON (a path, or already parsed data) into valid shapely geometries.
 
-    * Polygon and MultiPolygon (holes kept) are read; a self-intersecting or otherwise invalid one is
+    * Areas are read (see the module docstring); a self-intersecting or otherwise invalid one is
       repaired with shapely's ``make_valid`` (its polygonal part kept) and a warning names it.
-    * Another geometry type (Point, LineString, ...) raises a :class:`DataError` naming the file, the
-      feature index and the fix, unless ``on_unsupported="skip"`` (then it is skipped with a warning).
+    * Points and lines are left out with one warning that counts them by type (also in
+      ``AnnotationFile.unsupported``), or raise a :class:`DataError` naming the file, the feature and the
+      fix with ``options.strict``; ``options.cells`` picks a cell object's outline.
     * ``frame``: "qupath" (coordinates as QuPath shows the image, i.e. cropped to the scanned bounds,
       the frame of our slides) or "file" (the file's full level-0 frame: ``bounds_offset`` (x, y) is
       subtracted).
@@ -175,60 +368,42 @@ def read_geojson(source: str | Path | Mapping[str, Any] | list[Any], *, frame: s
       ``keep_unclassified`` (regions of interest, tissue masks).
     """
     import shapely
-    from shapely.geometry import shape
 
     if frame not in FRAMES:
         raise DataError(f"Unknown coordinate frame '{frame}'; choose one of {', '.join(FRAMES)}.")
-    if on_unsupported not in ("error", "skip"):
-        raise DataError(f"on_unsupported must be 'error' or 'skip', got '{on_unsupported}'.")
-    if isinstance(source, (str, Path)):
-        path = Path(source).expanduser()
-        label = name or str(path)
-        if not path.is_file():
-            raise DataError(f"Annotation file '{path}' does not exist.")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise DataError(f"{label} is not valid JSON ({exc}); export it again with QuPath's File > Export "
-                            "objects as GeoJSON.") from exc
-    else:
-        data, label = source, name or "GeoJSON"
+    options = ImportOptions.of(options)
+    data, label = _load(source, name)
     dx, dy = (float(bounds_offset[0]), float(bounds_offset[1])) if frame == "file" else (0.0, 0.0)
     rename = dict(class_map or {})
     result = AnnotationFile(source=label, features=[])
+    unsupported: Counter[str] = Counter()
+    bare_cells: list[int] = []
     for index, raw in enumerate(_features_of(data, label)):
+        where = _where(label, index)
         if not isinstance(raw, Mapping):
-            raise DataError(f"{_where(label, index)} is not a GeoJSON feature (an object with 'geometry'); "
-                            "remove it or export the objects again from QuPath.")
-        geometry = raw.get("geometry") if raw.get("type", "Feature") == "Feature" else raw
+            raise DataError(f"{where} is not a GeoJSON feature (an object with 'geometry'); remove it or export the "
+                            "objects again from QuPath.")
         properties = raw.get("properties") or {}
-        kind = geometry.get("type") if isinstance(geometry, Mapping) else None
-        if kind not in AREA_TYPES:
-            what = f"a {kind} geometry" if kind else "no geometry"
-            message = (f"{_where(label, index)} has {what}; only areas (Polygon, MultiPolygon) can become labels. "
-                       "Fix: in QuPath convert points/lines to areas (e.g. Objects > Annotations > Expand "
-                       "annotations) or delete them before exporting")
-            if on_unsupported == "skip":
-                log.warning("%s; skipped.", message)
-                result.skipped.append((index, f"{kind} geometry"))
+        object_type = _object_type(raw, properties)
+        geometry, has_nucleus = _geometry_of(raw, properties, object_type, options.cells)
+        if not has_nucleus:
+            bare_cells.append(index)
+        geom, others = _shape(geometry, where)
+        if others:
+            kind = geometry.get("type") if isinstance(geometry, Mapping) else None
+            if options.strict:
+                raise _refusal(where, others, kind == "GeometryCollection")
+            unsupported.update(others)
+            if geom is None:
+                result.skipped.append((index, f"{kind or others[0]} geometry"))
                 continue
-            raise DataError(message + " (or skip such features: on_unsupported='skip', CLI --skip_unsupported).")
-        try:
-            geom = shape(geometry)
-        except Exception as exc:
-            raise DataError(f"{_where(label, index)}: the {kind} coordinates cannot be read ({exc}); each ring "
-                            "must be a list of [x, y] pairs. Fix or delete this feature in QuPath and export "
-                            "again.") from exc
-        if geom.is_empty:
+        if geom is None or geom.is_empty:
             result.skipped.append((index, "empty geometry"))
-            log.warning("%s has an empty geometry; skipped.", _where(label, index))
+            log.warning("%s has an empty geometry; skipped.", where)
             continue
         if not geom.is_valid:
-            reason = shapely.is_valid_reason(geom)
-            geom = _polygonal(shapely.make_valid(geom))
+            geom = _repaired(geom, where)
             result.repaired.append(index)
-            log.warning("%s was not a valid polygon (%s); repaired with make_valid. Check its outline in QuPath.",
-                        _where(label, index), reason)
             if geom.is_empty:
                 result.skipped.append((index, "no area after repair"))
                 continue
@@ -236,9 +411,15 @@ def read_geojson(source: str | Path | Mapping[str, Any] | list[Any], *, frame: s
             geom = shapely.transform(geom, lambda xy, d=(dx, dy): xy - d)
         class_name, colour = _classification(properties)
         class_name = rename.get(class_name, class_name) if class_name else None
-        result.features.append(Feature(geometry=geom, class_name=class_name, colour=colour,
-                                       object_type=_object_type(raw, properties), index=index,
-                                       name=properties.get("name")))
+        result.features.append(Feature(geometry=geom, class_name=class_name, colour=colour, object_type=object_type,
+                                       index=index, name=properties.get("name"), object_id=_object_id(raw),
+                                       locked=bool(properties.get("isLocked", False))))
+    result.unsupported = dict(unsupported)
+    if unsupported:
+        log.warning("%s", result.unsupported_summary())
+    if bare_cells:
+        log.warning("%s: %d cell(s) have no nucleusGeometry (first: feature %d); their cell boundary is used.", label,
+                    len(bare_cells), bare_cells[0])
     unclassified = [f.index for f in result.features if f.class_name is None]
     if unclassified and not keep_unclassified:
         log.warning("%s: %d unclassified feature(s) (first: feature %d) carry no class and are not used; set a "
@@ -284,8 +465,7 @@ def check_within(annotations: AnnotationFile, width: float, height: float, *, sl
             log.warning("%s (%s) reaches outside %s (%d x %d px); clipped to the slide.",
                         _where(annotations.source, feature.index), extent, slide, width, height)
             if not clipped.is_empty and clipped.area > 0:
-                kept.append(Feature(clipped, feature.class_name, feature.colour, feature.object_type, feature.index,
-                                    feature.name))
+                kept.append(replace(feature, geometry=clipped))
             else:
                 annotations.skipped.append((feature.index, "outside the slide"))
             continue
@@ -302,16 +482,27 @@ def check_within(annotations: AnnotationFile, width: float, height: float, *, sl
 # --- classes across files ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ClassTable:
-    """The classes training uses: label k means ``names[k-1]``; "Ignore*" classes map to 0 (not annotated)."""
+    """The classes training uses: label k means ``names[k-1]``.
+
+    ``rule`` is the ``ignore_classes`` rule the table was built with; ``ignored`` lists the classes of
+    the annotations that it does not train (``Region*`` under "qupath"; "Ignore..." under "prefix",
+    whose areas read 0).
+    """
 
     names: tuple[str, ...]
     colours: tuple[Colour, ...]
     ignored: tuple[str, ...] = ()
+    rule: str = ImportOptions.ignore_classes
 
     def label_of(self, name: str | None) -> int:
-        if name is None or is_ignore_class(name):
+        """The training label of class ``name``; 0 for a class that is not trained (or no class)."""
+        if class_use(name, self.rule) != "train":
             return 0
         return self.names.index(name) + 1
+
+    def drops(self, name: str | None) -> bool:
+        """Whether areas of class ``name`` are not drawn at all (rather than drawn, or drawn as 0 to clear)."""
+        return class_use(name, self.rule) == "drop"
 
     def lut(self, names: Sequence[str]) -> list[int]:
         """Label value lookup for a store with classes ``names`` (index k = store label k; 0 stays 0)."""
@@ -319,13 +510,25 @@ class ClassTable:
 
 
 def _similar(a: str, b: str) -> bool:
+    """Whether two class names look like spellings of one name ("Tumour" / "Tumor").
+
+    Derived classes are compared name by name: "Tumor: 1+" and "Tumor: 2+", or "Tumor: Positive" and
+    "Tumor: Positive: 2+", are different classes of QuPath's, not typos.
+    """
+    a_parts, b_parts = a.split(DERIVED_SEPARATOR), b.split(DERIVED_SEPARATOR)
+    if len(a_parts) != len(b_parts):
+        return False
+    return all(_similar_name(x, y) for x, y in zip(a_parts, b_parts, strict=True))
+
+
+def _similar_name(a: str, b: str) -> bool:
     a, b = a.strip().lower(), b.strip().lower()
     return a == b or (min(len(a), len(b)) >= 4 and difflib.SequenceMatcher(None, a, b).ratio() >= 0.85)
 
 
 def class_table(sources: Iterable[tuple[str, Mapping[str, Colour | None], Mapping[str, str]]], *,
-                class_names: Sequence[str] | None = None, class_colours: Sequence[Sequence[int]] | None = None
-                ) -> ClassTable:
+                class_names: Sequence[str] | None = None, class_colours: Sequence[Sequence[int]] | None = None,
+                ignore_classes: str | None = None) -> ClassTable:
     """One class table for several annotation sources, consistent across slides.
 
     ``sources`` are (source name, {class: colour} in order of appearance, {class: where it first occurs,
@@ -335,10 +538,12 @@ def class_table(sources: Iterable[tuple[str, Mapping[str, Colour | None], Mappin
     sources is fine. A class that exists in only one source while a near-identical name ("Tumour" /
     "Tumor", "stroma" / "Stroma") is used elsewhere is almost always a typo: a :class:`DataError` names
     the source, the feature and the fix. A class with different colours in different files keeps the
-    first colour (a warning says so).
+    first colour (a warning says so). ``ignore_classes`` is the rule for classes QuPath ignores
+    (:class:`ImportOptions`; None: its default): a class it does not train is listed in ``ignored``.
     """
     from ..colors import class_palette
 
+    rule = ImportOptions(ignore_classes=ignore_classes or ImportOptions.ignore_classes).ignore_classes  # validated
     sources = list(sources)
     seen: dict[str, Colour | None] = {}
     where: dict[str, list[str]] = {}
@@ -346,7 +551,7 @@ def class_table(sources: Iterable[tuple[str, Mapping[str, Colour | None], Mappin
     ignored: list[str] = []
     for source, classes, indices in sources:
         for name, colour in classes.items():
-            if is_ignore_class(name):
+            if class_use(name, rule) != "train":
                 if name not in ignored:
                     ignored.append(name)
                 continue
@@ -387,12 +592,13 @@ def class_table(sources: Iterable[tuple[str, Mapping[str, Colour | None], Mappin
         names = list(seen)
     if not names:
         files = ", ".join(s for s, _, _ in sources) or "the annotations"
-        raise DataError(f"No classified areas in {files}: every feature is unclassified or an Ignore* class. Set "
-                        "classes on the annotations in QuPath and export them again.")
+        raise DataError(f"No classified areas in {files}: every feature is unclassified or of a class that is not "
+                        f"trained ({', '.join(ignored) or 'none'}; ignore_classes='{rule}'). Set classes on the "
+                        "annotations in QuPath and export them again.")
     palette = class_palette(len(names), None, names).tolist()
     colours = []
     for i, name in enumerate(names):
         given = class_colours[i] if class_colours is not None and i < len(class_colours) else None
         colour = given or seen.get(name) or palette[i]
         colours.append(tuple(int(c) for c in list(colour)[:3]))
-    return ClassTable(names=tuple(names), colours=tuple(colours), ignored=tuple(ignored))
+    return ClassTable(names=tuple(names), colours=tuple(colours), ignored=tuple(ignored), rule=rule)

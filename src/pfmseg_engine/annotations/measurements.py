@@ -16,6 +16,10 @@ the numbers are exact:
   mean area of the (counted) regions. Touching nuclei of one class merge into one region, so counts are
   those of the label image, not of instance segmentation.
 
+QuPath's ignored classes (a name ending in "*": ``Ignore*``, ``Artefact*``, ...; or an explicit list)
+are trained and predicted like any class but, as in QuPath, never measured: they get no row and their
+pixels are not tissue.
+
 :func:`write_measurements` writes ``<name>_measurements.csv`` beside ``<name>.ome.zarr``;
 :func:`cohort_measurements` / :func:`write_cohort_measurements` combine several slides into one table
 with a row per slide.
@@ -46,6 +50,15 @@ def is_nucleus_class(name: str, nucleus_classes: Sequence[str] | None = None) ->
     if nucleus_classes is not None:
         return name in nucleus_classes
     return any(re.search(rf"\b{word}\b", name, re.IGNORECASE) for word in NUCLEUS_WORDS)
+
+
+def is_unmeasured_class(name: str, ignored_classes: Sequence[str] | None = None) -> bool:
+    """Whether a class is left out of the measurements: ``ignored_classes``, else QuPath's rule (ends in "*")."""
+    if ignored_classes is not None:
+        return name in ignored_classes
+    from .geojson import is_ignored_class
+
+    return is_ignored_class(name)
 
 
 def is_background_class(name: str, background_classes: Sequence[str] | None = None) -> bool:
@@ -128,8 +141,11 @@ class RegionCounter:
 
 def measure_output(store: str | Path, *, nucleus_classes: Sequence[str] | None = None,
                    background_classes: Sequence[str] | None = None, min_region_um2: float = 0.0,
-                   slide: str | None = None) -> list[dict[str, Any]]:
-    """One row per class of a label store (see the module docstring for every column's meaning)."""
+                   slide: str | None = None, ignored_classes: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per measured class of a label store (see the module docstring for every column's meaning).
+
+    ``ignored_classes``: classes left out (None: QuPath's ignored classes, names ending in "*"; [] keeps all).
+    """
     from ..errors import DataError
     from ..inference.omezarr import LabelOutput
 
@@ -154,11 +170,14 @@ def measure_output(store: str | Path, *, nucleus_classes: Sequence[str] | None =
     region_class, region_size = counter.finish()
     min_px = float(min_region_um2) / pixel_um2 if min_region_um2 else 0.0
     counted = region_size >= max(min_px, 1)
-    background = {k for k, n in enumerate(names, start=1) if is_background_class(n, background_classes)}
+    unmeasured = {k for k, n in enumerate(names, start=1) if is_unmeasured_class(n, ignored_classes)}
+    background = {k for k, n in enumerate(names, start=1) if is_background_class(n, background_classes)} | unmeasured
     tissue_px = int(sum(counts[k] for k in range(1, len(names) + 1) if k not in background))
     name = slide or output.path.name.removesuffix(".ome.zarr").removesuffix(".zarr")
     rows = []
     for k, class_name in enumerate(names, start=1):
+        if k in unmeasured:
+            continue
         area = int(counts[k])
         mine = (region_class == k) & counted
         regions = int(mine.sum())

@@ -239,10 +239,11 @@ class PolygonLabels(LazyLabels):
     """A lazy (H, W) uint8 label array of polygons at ``downsample`` level-0 pixels per pixel.
 
     ``geometries`` are shapely (Multi)Polygons in slide level-0 pixels with their label ``values``
-    (0 = clear: Ignore* classes). Where areas of different classes overlap the smaller one wins (a small
-    tumour island drawn inside a large stroma region stays tumour), whatever the drawing order; small
-    objects (at most :data:`SMALL` pixels across: nuclei, cells) are drawn after the large areas, class by
-    class; ignored areas clear everything under them. ``excluded`` boxes (validation hold-out, in this array's pixels)
+    (0 = clear: the classes the "prefix" ``ignore_classes`` rule does not train). Where areas of
+    different classes overlap the smaller one wins (a small tumour island drawn inside a large stroma
+    region stays tumour), whatever the drawing order; small objects (at most :data:`SMALL` pixels
+    across: nuclei, cells) are drawn after the large areas, class by class; areas of value 0 clear
+    everything under them. ``excluded`` boxes (validation hold-out, in this array's pixels)
     read as 0. Picklable (the tree is rebuilt where it is used), so data-loader workers can read it.
     """
 

@@ -10,12 +10,12 @@ patch sampler reads box by box.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError
-from .geojson import AnnotationFile, ClassTable, Colour, check_within, class_table, is_ignore_class, read_geojson
+from ..errors import ConfigError, DataError
+from .geojson import AnnotationFile, ClassTable, Colour, ImportOptions, check_within, class_table, read_geojson
 from .rasterize import PolygonLabels, StoreLabels
 
 GEOJSON_SUFFIXES = (".geojson", ".json")
@@ -27,11 +27,13 @@ def is_label_store(path: Path) -> bool:
 
 @dataclass
 class AnnotationSource:
-    """The annotations of one slide: a GeoJSON file's features, or a label store (``write_labels``)."""
+    """The annotations of one slide: a GeoJSON file's features, or a label store (``write_labels``), with the
+    import options they were read with (the class table follows their ``ignore_classes`` rule)."""
 
     name: str
     file: AnnotationFile | None = None
     store: Any = None  # LabelOutput
+    options: ImportOptions = field(default_factory=ImportOptions)
 
     @property
     def kind(self) -> str:
@@ -52,17 +54,23 @@ class AnnotationSource:
     def labels(self, table: ClassTable, plan: Any) -> PolygonLabels | StoreLabels:
         """Lazy labels of the slide at ``plan`` (shape, level-0 pixels per pixel) in ``table``'s classes."""
         if self.file is not None:
-            features = self.file.features
+            features = [f for f in self.file.features if not table.drops(f.class_name)]
             return PolygonLabels([f.geometry for f in features], [table.label_of(f.class_name) for f in features],
                                  plan.shape, plan.downsample, name=self.name)
         return StoreLabels(self.store, plan.shape, plan.downsample, lut=table.lut(self.store.class_names))
 
 
-def load_annotations(path: str | Path, *, slide: Any = None, frame: str = "qupath", on_unsupported: str = "error",
+def load_annotations(path: str | Path, *, slide: Any = None, frame: str = "qupath",
+                     options: ImportOptions | Mapping[str, Any] | None = None,
                      class_map: Mapping[str, str] | None = None, clip: bool = False) -> AnnotationSource:
-    """Open a QuPath GeoJSON file or a pfmseg label store; with ``slide``, check the extent against it."""
+    """Open a QuPath GeoJSON file or a pfmseg label store; with ``slide``, check the extent against it.
+
+    ``options`` (:class:`~.geojson.ImportOptions`, or a mapping naming some of them) say how QuPath's
+    points, ignored classes and cells are read; None reads with the defaults.
+    """
     from ..inference.omezarr import LabelOutput
 
+    options = ImportOptions.of(options)
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"Annotations '{path}' do not exist; give a QuPath GeoJSON export or a label store saved by "
@@ -78,27 +86,30 @@ def load_annotations(path: str | Path, *, slide: Any = None, frame: str = "qupat
                             "plugin or with write_labels(class_names=...).")
         if class_map:
             store.pfmseg = {**store.pfmseg, "class_names": [class_map.get(n, n) for n in store.class_names]}
-        return AnnotationSource(name=str(path), store=store)
+        return AnnotationSource(name=str(path), store=store, options=options)
     if path.suffix.lower() not in GEOJSON_SUFFIXES:
         raise DataError(f"'{path}' is neither GeoJSON ({', '.join(GEOJSON_SUFFIXES)}) nor a label store folder; "
                         "export annotations from QuPath with File > Export objects as GeoJSON.")
     offset = slide.bounds_offset if slide is not None else (0, 0)
-    annotations = read_geojson(path, frame=frame, bounds_offset=offset, on_unsupported=on_unsupported,
-                               class_map=class_map)
+    annotations = read_geojson(path, frame=frame, bounds_offset=offset, options=options, class_map=class_map)
     if slide is not None:
         width, height = slide.dimensions
         check_within(annotations, width, height, slide=f"slide '{slide.name}'", clip=clip)
-    return AnnotationSource(name=str(path), file=annotations)
+    return AnnotationSource(name=str(path), file=annotations, options=options)
 
 
 def class_table_of(sources: Sequence[AnnotationSource], class_names: Sequence[str] | None = None,
                    class_colours: Sequence[Sequence[int]] | None = None) -> ClassTable:
-    """The class table of several sources (see :func:`~.geojson.class_table`)."""
+    """The class table of several sources (see :func:`~.geojson.class_table`), under the ``ignore_classes`` rule
+    they were read with (one rule for all: a class cannot be trained on one slide and cleared on another)."""
+    rules = {s.options.ignore_classes for s in sources}
+    if len(rules) > 1:
+        raise ConfigError("The annotations were read with different ignore_classes rules "
+                          f"({', '.join(sorted(rules))}); read every slide's annotations with the same import options.")
     table = class_table([(s.name, s.classes(), s.first_seen()) for s in sources], class_names=class_names,
-                        class_colours=class_colours)
+                        class_colours=class_colours, ignore_classes=rules.pop() if rules else None)
     for source in sources:
-        trained = [n for n in source.classes() if not is_ignore_class(n)]
-        if not trained and source.file is not None and not source.file.features:
+        if source.file is not None and not source.file.features:
             raise DataError(f"{source.name} holds no classified areas; annotate and classify regions in QuPath, "
                             "then export again.")
     return table

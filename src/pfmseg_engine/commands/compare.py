@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import add_command
+from .train import add_import_flags
 
 
 def run(args: argparse.Namespace) -> int:
@@ -15,11 +16,12 @@ def run(args: argparse.Namespace) -> int:
     data = None
     if args.slides or args.annotations:
         from ..compare.data import compare_on_slides
+        from .train import import_options
 
         config = load_config(args.config, args.options, check_dataset=False)
         # prepare_slides checks that there is one annotation file per slide
         config, data = compare_on_slides(config, args.slides or [], args.annotations or [],
-                                         train_mpp=args.train_mpp, mpp=args.mpp)
+                                         train_mpp=args.train_mpp, mpp=args.mpp, import_options=import_options(args))
     else:
         config = load_config(args.config, args.options)
     spec = CompareSpec(
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
               "again to do the rest.", file=sys.stderr)
         return 130
     board = result.leaderboard
-    print(f"\nScored on {board.eval_split}; 95 % bootstrap CIs over images, seeds pooled.")
+    print(f"\nScored on {board.eval_split}; metrics pooled over images and seeds; 95 % CIs and Holm-adjusted "
+          "p-values from a hierarchical bootstrap (seeds, then groups of images).")
     print(board.table())
     for note in board.notes:
         print(f"note: {note}")
@@ -65,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "compare", summary="rank foundation models x tuning strategies on your dataset (leaderboard)",
         description="Train every backbone x strategy x seed on the config's dataset, score each on the test split\n"
                     "(the val split when test has no masks) and write leaderboard.csv/.md/.png: mIoU, mean Dice,\n"
-                    "pixel accuracy and per-class Dice with 95 % bootstrap CIs, trainable parameters, training\n"
+                    "pixel accuracy and per-class Dice with 95 % CIs (bootstrap over seeds, then slides/patients\n"
+                    "or images), Holm-adjusted p-values versus the best row, trainable parameters, training\n"
                     "time and inference speed. Rerunning the same command only runs what is missing; a failing\n"
                     "combination is recorded and the others go on. Frozen backbones reuse cached features when\n"
                     "the augmentation is limited to flips and rotations.",
@@ -95,6 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train_mpp", type=float, default=None,
                         help="resolution to train and score slides at (default: the model's, else 0.5 µm/px)")
     parser.add_argument("--mpp", type=float, default=None, help="level-0 µm/px, for slides without it")
+    add_import_flags(parser.add_argument_group("QuPath GeoJSON import (with --slides)"))
     parser.add_argument("--weights", nargs="+", default=None, metavar="NAME=PATH",
                         help="backbone weights, e.g. uni_v1=/models/uni.bin phikon=hf-hub: (the config's "
                              "pfm_weights_path applies to its own pfm_name)")

@@ -62,7 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(
         subparsers, "evaluate", summary="score a checkpoint on a dataset split (metrics table, JSON, CSV)",
         description="Predict every image of a split at native resolution and report pooled metrics with\n"
-                    "95 % bootstrap confidence intervals over images (metrics.json, metrics.csv).",
+                    "95 % bootstrap confidence intervals (metrics.json, metrics.csv). The bootstrap resamples the\n"
+                    "dataset's groups (a 'group' per item, else the TCGA patient in the file name, else each\n"
+                    "image), so tiles of one slide or patient count as one unit.",
         examples=["python -m pfmseg_engine evaluate --checkpoint logs/exp --input_json data.json",
                   "python -m pfmseg_engine evaluate --checkpoint best.pt --input_json data.json --split val "
                   "--output_dir scores --save_vis"])

@@ -22,20 +22,30 @@ when the same command is run again, and finished slides are reused. Each slide's
 window and stride, windows and chunks, output path) is printed first; ``--dry_run`` prints only the
 plans. A slide that fails is retried ``--retries`` times, then recorded as failed while the others go
 on; ``summary.csv``/``.json``/``.md`` in the output folder say what happened to each slide, and the
-exit code is 1 when any failed (a run of one slide stops with its error, exit code 2, as before).
+exit code is 1 when any failed (a run of one slide stops with its error, exit code 2).
+A slide predicted at a resolution more than 25 % away from the scale the model was trained at (a model
+trained with area-scale crops has seen its images several times smaller) gets a warning on stderr that
+names the ``--target_mpp`` matching training.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..distributed.cohort import DEFAULT_RETRIES
-from ..errors import CheckpointError, ConfigError, PfmsegError
+from ..errors import CheckpointError, ConfigError, PfmsegError, TrainingScaleWarning
 from ..slides import READER_HELP, READERS
 from . import add_command
+
+if TYPE_CHECKING:
+    from ..inference.scale import ScaleMismatch, TrainingScale
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +115,45 @@ def run_image_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def scale_warning_text(mismatch: ScaleMismatch) -> str:
+    """A :class:`~pfmseg_engine.inference.scale.ScaleMismatch` in the CLI's words (names ``--target_mpp``)."""
+    return (f"warning: {mismatch.summary()} Pass --target_mpp {mismatch.suggested_mpp:g} to predict at the "
+            "training scale.")
+
+
+class ScaleReporter:
+    """Prints the engine's training-scale check for each resolution slides are predicted at, once per resolution.
+
+    The engine's own :class:`~pfmseg_engine.errors.TrainingScaleWarning` (worded for Python users) is
+    silenced while the CLI runs (:func:`cli_words_for_scale`), so each mismatch is reported once, here.
+    """
+
+    def __init__(self, training_scale: TrainingScale | None, write: Callable[[str], object]):
+        self.training_scale = training_scale
+        self.write = write
+        self.seen: set[float] = set()
+
+    def __call__(self, mpp: float | None) -> None:
+        from ..inference.scale import check_training_scale
+
+        mismatch = check_training_scale(self.training_scale, mpp)
+        if mismatch is not None and round(mismatch.prediction_mpp, 6) not in self.seen:
+            self.seen.add(round(mismatch.prediction_mpp, 6))
+            self.write(scale_warning_text(mismatch))
+
+
+@contextlib.contextmanager
+def cli_words_for_scale() -> Iterator[None]:
+    """Silence the engine's Python-worded training-scale warning; :class:`ScaleReporter` words it for the CLI."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrainingScaleWarning)
+        yield
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
 def _report(record, write=print) -> None:
     """One slide's outcome (a :class:`~pfmseg_engine.distributed.SlideRecord`) for people."""
     result = record.result
@@ -138,29 +187,35 @@ def collect(args: argparse.Namespace):
     return collect_slides(args.slide, mpp=args.mpp, region=args.region, tissue_roi=args.tissue_roi)
 
 
-def geojson_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``--geojson_*`` flags as :func:`~pfmseg_engine.inference.export_geojson` options."""
+def geojson_options(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
+    """The ``--geojson_*`` flags as :func:`~pfmseg_engine.inference.export_geojson` options (``progress``: a
+    bar over the chunks traced)."""
     return {"per_region": args.geojson_per_region, "object_type": args.geojson_object_type,
-            "min_area_um2": args.geojson_min_area_um2, "frame": args.geojson_frame}
+            "min_area_um2": args.geojson_min_area_um2, "frame": args.geojson_frame,
+            "level": args.geojson_level, "mpp": args.geojson_mpp, "progress": progress}
 
 
 def plan_only(args: argparse.Namespace, config, jobs) -> int:
     """``--dry_run``: print each slide's plan (geometry, windows, chunks, paths) without building the model."""
     import dataclasses
 
-    from ..checkpoint import read_checkpoint
+    from ..checkpoint import checkpoint_training_scale, read_checkpoint
     from ..inference.plan import ModelInfo, plan_slide
     from ..slides import open_slide
 
-    info = ModelInfo.from_model_config(read_checkpoint(resolve_checkpoint(args.checkpoint))["config"])
+    payload = read_checkpoint(resolve_checkpoint(args.checkpoint))
+    info = dataclasses.replace(ModelInfo.from_model_config(payload["config"]),
+                               training_scale=checkpoint_training_scale(payload))
+    check_scale = ScaleReporter(info.training_scale, _stderr)
     failed = 0
     for job in jobs:
         settings = config if job.target_mpp is None else dataclasses.replace(config, target_mpp=job.target_mpp)
         try:
-            with open_slide(job.path, mpp=job.mpp, reader=args.reader) as slide:
+            with open_slide(job.path, mpp=job.mpp, reader=args.reader) as slide, cli_words_for_scale():
                 plan = plan_slide(slide, info, settings, region=job.region, output_dir=args.output_dir,
                                   name=job.name)
                 print(plan.summary())
+                check_scale(plan.mpp)
                 state = ("complete" if plan.final.exists() else
                          "partial: resumes" if plan.partial.exists() else "new")
                 print(f"  output {state}; tissue QC {plan.qc_path or 'off'}; pyramid "
@@ -193,17 +248,24 @@ def run_on_cluster(args: argparse.Namespace, config, jobs) -> int:
     """One slide per task on a local cluster (``local[:N]``) or the scheduler at ``--scheduler``."""
     from tqdm import tqdm
 
+    from ..checkpoint import read_training_scale
     from ..distributed import run_cohort
     from ..distributed.cluster import open_client
 
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    check_scale = ScaleReporter(read_training_scale(checkpoint), lambda text: tqdm.write(text, file=sys.stderr))
+
+    def on_record(record) -> None:  # slides are planned on the workers: check what each was predicted at
+        _report(record, tqdm.write)
+        check_scale(record.result.mpp if record.result is not None else None)
+
     dashboard = None if str(args.dashboard).lower() in ("none", "off", "") else args.dashboard
     with open_client(args.scheduler, dashboard=dashboard) as client:
-        cohort = run_cohort(resolve_checkpoint(args.checkpoint), jobs, args.output_dir, config, client=client,
+        cohort = run_cohort(checkpoint, jobs, args.output_dir, config, client=client,
                             weights=args.weights, device=args.device, reader=args.reader, retries=args.retries,
                             overwrite=args.overwrite, exports=args.export or (),
-                            geojson_options=geojson_options(args), wait=None,
-                            recycle_after=args.recycle_after, progress=True,
-                            on_record=lambda record: _report(record, tqdm.write))
+                            geojson_options=geojson_options(args, progress=False), wait=None,
+                            recycle_after=args.recycle_after, progress=True, on_record=on_record)
     return finish(cohort)
 
 
@@ -211,6 +273,7 @@ def run_slides(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..distributed import run_cohort
+    from ..inference.scale import training_scale_of
 
     config = slide_config(args)
     jobs = collect(args)
@@ -221,12 +284,18 @@ def run_slides(args: argparse.Namespace) -> int:
     if args.recycle_after:
         log.warning("--recycle_after restarts cluster workers; without --scheduler it has no effect.")
     model = load_model(args)
-    cohort = run_cohort(resolve_checkpoint(args.checkpoint), jobs, args.output_dir, config, model=model,
-                        weights=args.weights, device=args.device, reader=args.reader, retries=args.retries,
-                        overwrite=args.overwrite, exports=args.export or (), geojson_options=geojson_options(args),
-                        wait=args.wait, progress=True,
-                        on_plan=lambda plan: tqdm.write(plan.summary()),
-                        on_record=lambda record: _report(record, tqdm.write))
+    check_scale = ScaleReporter(training_scale_of(model), lambda text: tqdm.write(text, file=sys.stderr))
+
+    def on_plan(plan) -> None:
+        tqdm.write(plan.summary())
+        check_scale(plan.mpp)
+
+    with cli_words_for_scale():
+        cohort = run_cohort(resolve_checkpoint(args.checkpoint), jobs, args.output_dir, config, model=model,
+                            weights=args.weights, device=args.device, reader=args.reader, retries=args.retries,
+                            overwrite=args.overwrite, exports=args.export or (),
+                            geojson_options=geojson_options(args), wait=args.wait, progress=True,
+                            on_plan=on_plan, on_record=lambda record: _report(record, tqdm.write))
     return finish(cohort)
 
 
@@ -284,7 +353,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slides.add_argument("--mpp", type=float,
                         help="level-0 microns per pixel, for slides without it (a manifest's mpp column wins)")
     slides.add_argument("--target_mpp", type=float,
-                        help="resolution to predict at (default: the model's training mpp, else level 0)")
+                        help="resolution to predict at (default: the model's training mpp, else level 0); a "
+                             "warning names the value matching the scale the model was trained at when they "
+                             "differ by more than 25 %%")
     slides.add_argument("--window", type=int, help="window size (default: --input_size or the model's)")
     slides.add_argument("--tissue", action=argparse.BooleanOptionalAction, default=True,
                         help="skip background found by tissue detection (default on)")
@@ -306,6 +377,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slides.add_argument("--geojson_frame", choices=("qupath", "file"), default="qupath",
                         help="GeoJSON export coordinates: QuPath's (cropped to the scanned bounds, default) or "
                              "the file's full level-0 frame")
+    resolution = slides.add_mutually_exclusive_group()
+    resolution.add_argument("--geojson_level", type=int, metavar="K",
+                            help="GeoJSON export: trace pyramid level K of the output (default 0: full "
+                                 "resolution, every region, chunk by chunk in bounded memory)")
+    resolution.add_argument("--geojson_mpp", type=float, metavar="UM",
+                            help="GeoJSON export: trace the coarsest pyramid level at least this fine (µm/px)")
     slides.add_argument("--overwrite", action="store_true", help="redo slides whose output is complete")
     slides.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                         help="if another process is writing the same output, wait this long for it (then reuse "

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from . import add_command
+
+if TYPE_CHECKING:
+    from ..annotations.geojson import ImportOptions
 
 
 def _class_map(pairs: list[str] | None) -> dict[str, str]:
@@ -18,6 +22,40 @@ def _class_map(pairs: list[str] | None) -> dict[str, str]:
             raise ConfigError(f"--class_map takes OLD=NEW pairs (e.g. 'Tumour=Tumor'), got '{pair}'.")
         mapping[old.strip()] = new.strip()
     return mapping
+
+
+def add_import_flags(group: argparse._ArgumentGroup) -> None:
+    """The QuPath GeoJSON import flags (``train``, ``compare``); the defaults are the engine's ImportOptions."""
+    from ..annotations.geojson import CELL_SHAPES, IGNORE_RULES, ImportOptions
+
+    defaults = ImportOptions()
+    group.add_argument("--strict", action="store_true",
+                       help="refuse GeoJSON points and lines (default: leave them out with one warning per file)")
+    group.add_argument("--ignore_classes", choices=IGNORE_RULES, default=None,
+                       help="classes QuPath ignores: 'qupath' trains classes ending in '*' (Ignore*, Artefact*) and "
+                            "leaves them out of measurements, and never trains Region*, as QuPath does; 'prefix' "
+                            "does not train classes starting with 'Ignore' (their areas read as not annotated) "
+                            f"(default {defaults.ignore_classes})")
+    group.add_argument("--cells", choices=CELL_SHAPES, default=None,
+                       help="QuPath cell objects train on their cell boundary or on their nucleusGeometry "
+                            f"(default {defaults.cells})")
+    group.add_argument("--skip_unsupported", action="store_true", help=argparse.SUPPRESS)  # deprecated: the default
+
+
+def import_options(args: argparse.Namespace) -> ImportOptions:
+    """The engine's :class:`~pfmseg_engine.annotations.ImportOptions` of the flags given (others: its defaults)."""
+    from ..annotations.geojson import ImportOptions
+    from ..errors import ConfigError
+
+    if args.skip_unsupported:
+        if args.strict:
+            raise ConfigError("--skip_unsupported and --strict contradict each other; give --strict to refuse points "
+                              "and lines, or neither to leave them out with a warning.")
+        print("note: --skip_unsupported is no longer needed (points and lines are left out with a warning by "
+              "default) and will be removed; --strict refuses them.", file=sys.stderr)
+    given = {"strict": True} if args.strict else {}
+    given.update({name: getattr(args, name) for name in ("ignore_classes", "cells") if getattr(args, name)})
+    return ImportOptions.of(given)
 
 
 def _train(args: argparse.Namespace, config, callbacks):
@@ -41,8 +79,7 @@ def _train(args: argparse.Namespace, config, callbacks):
                            callbacks=callbacks, train_mpp=args.train_mpp, mpp=args.mpp,
                            validation_share=args.validation_share, frame=args.annotation_frame,
                            class_map=_class_map(args.class_map),
-                           on_unsupported="skip" if args.skip_unsupported else "error",
-                           clip=args.clip_annotations)
+                           import_options=import_options(args), clip=args.clip_annotations)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,11 +101,11 @@ def run(args: argparse.Namespace) -> int:
     monitor = config.validation.monitor
     for seed, run in getattr(result, "runs", {}).items():  # system.seeds: one line per seed's run
         best = "n/a" if run.best_metric is None else f"{run.best_metric:.4f} (epoch {run.best_epoch})"
-        print(f"seed {seed}: {run.status}, {run.epochs_completed} epochs; best {monitor} {best}")
+        print(f"seed {seed}: {run.status}, {run.epochs_completed} epochs; best validation {monitor} {best}")
     if hasattr(result, "summary"):
         stats = result.summary.get(monitor)
         value = "n/a" if stats is None else f"{stats['mean']:.4f} +- {stats['sd']:.4f} over {stats['n']} seeds"
-        print(f"{result.status}: {monitor} {value}; summary: {result.summary_csv}")
+        print(f"{result.status}: {result.split} {monitor} {value}; summary: {result.summary_csv}")
     else:
         best = "n/a" if result.best_metric is None else f"{result.best_metric:.4f} (epoch {result.best_epoch})"
         print(f"{result.status}: {result.epochs_completed} epochs; best {monitor} {best}")
@@ -83,7 +120,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "curves go to logging.log_dir/logging.experiment_name; an interrupted run resumes.\n"
                     "With --slides and --annotations, train from whole slides annotated in QuPath (GeoJSON\n"
                     "exports) or napari (saved label stores): classes come from the annotations, patches are\n"
-                    "read around them at --train_mpp, unannotated pixels and Ignore* classes are not trained on.",
+                    "read around them at --train_mpp; unannotated pixels are not trained on. Read in QuPath's\n"
+                    "terms: points and lines are left out with a warning (--strict refuses them), classes ending\n"
+                    "in '*' are trained but not measured, Region* is not trained (docs/qupath.md).",
         examples=["python -m pfmseg_engine train --config my.yaml",
                   "python -m pfmseg_engine train --config my.yaml --slides a.svs b.ndpi "
                   "--annotations a.geojson b.geojson --train_mpp 0.5",
@@ -118,8 +157,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slides.add_argument("--annotation_frame", choices=("qupath", "file"), default="qupath",
                         help="GeoJSON coordinates as QuPath shows the image (default; cropped to the scanned "
                              "bounds) or in the file's full level-0 frame")
-    slides.add_argument("--skip_unsupported", action="store_true",
-                        help="skip points and lines (only areas train) instead of stopping")
     slides.add_argument("--clip_annotations", action="store_true",
                         help="clip annotations reaching outside their slide instead of stopping")
+    add_import_flags(slides)
     parser.set_defaults(func=run)

@@ -265,7 +265,10 @@ class CompareData:
     are only sliced. ``identity(i)`` of ``train`` (when present) names an image's content for the feature
     cache, else it is hashed from the pixels. ``default_train_dataset(config)`` is the training dataset
     used when the fixed crop set is not (the ordinary augmentation pipeline). ``eval_split`` says what
-    the leaderboard scores on.
+    the leaderboard scores on. ``groups`` maps scoring image names to the slide or patient they come from
+    (``group_unit`` says which), so confidence intervals resample them together; images without one are
+    grouped by the TCGA patient in their name, else stand alone
+    (:func:`~pfmseg_engine.training.statistics.resolve_groups`).
     """
 
     train: Any
@@ -278,6 +281,8 @@ class CompareData:
     default_train_dataset: Callable[[Any], Dataset]
     description: str = ""
     notes: list[str] = field(default_factory=list)
+    groups: dict[str, str] = field(default_factory=dict)
+    group_unit: str = "groups"
 
     @classmethod
     def from_seed_json(cls, config: Any) -> CompareData:
@@ -300,6 +305,7 @@ class CompareData:
             if skipped:
                 notes.append(f"{skipped} test images without a mask are not scored.")
         elif val is not None:
+            test_samples = list(val_samples)
             test, split = val, "val"
             notes.append("The test split has no masks, so models are scored on the val split (which also chose "
                          "each run's best epoch: an optimistic estimate).")
@@ -312,7 +318,8 @@ class CompareData:
 
         return cls(train=train, val=val, test=test, eval_split=split, num_classes=config.num_classes,
                    class_names=config.class_names, ignore_index=config.dataset.ignore_index,
-                   default_train_dataset=default_train_dataset, description=str(seed_json.path), notes=notes)
+                   default_train_dataset=default_train_dataset, description=str(seed_json.path), notes=notes,
+                   groups={s.name: s.group for s in test_samples if s.group is not None})
 
     @classmethod
     def from_annotations(cls, images: Sequence[Any], labels: Sequence[Any], *, class_names: Sequence[str],
@@ -333,10 +340,12 @@ class CompareData:
         images, labels = list(images), [np.asarray(lab) for lab in labels]
         n = len(class_names)
         block = validation_block or 2 * crop
-        kept, val_images, val_labels = [], [], []
+        kept, val_images, val_labels, groups = [], [], [], {}
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):
             train_labels, boxes = split_annotations(label, validation_share, block=block, seed=seed + index)
             kept.append(train_labels)
+            for k in range(len(boxes)):  # held-out squares of one image are correlated: resampled together
+                groups[f"image_{len(val_images) + k}"] = f"image {index}"  # the names ArrayImageSet gives them
             val_images += crop_boxes(image, boxes)
             val_labels += crop_boxes(label, boxes)
         if not val_images:
@@ -356,14 +365,15 @@ class CompareData:
 
         return cls(train=train, val=val, test=val, eval_split="held-out annotations", num_classes=n,
                    class_names=tuple(class_names), ignore_index=ignore_index,
-                   default_train_dataset=default_train_dataset, description="annotations",
+                   default_train_dataset=default_train_dataset, description="annotations", groups=groups,
+                   group_unit="annotated images",
                    notes=[f"Models are scored on {len(val_images)} held-out annotated squares, which also chose each "
                           "run's best epoch."])
 
 
 def compare_on_slides(config: Any, slides: Sequence[Any], annotations: Sequence[Any], *,
                       train_mpp: float | None = None, mpp: float | None = None, validation_share: float = 0.2,
-                      frame: str = "qupath") -> tuple[Any, CompareData]:
+                      frame: str = "qupath", import_options: Any = None) -> tuple[Any, CompareData]:
     """(the config with the annotations' classes and resolution, the data) to compare models on whole slides.
 
     ``annotations`` are one QuPath GeoJSON or saved label store per slide, read as slide-level training
@@ -380,7 +390,8 @@ def compare_on_slides(config: Any, slides: Sequence[Any], annotations: Sequence[
 
     train_mpp = float(train_mpp or default_train_mpp(config))
     pairs, table = prepare_slides(slides, annotations, train_mpp=train_mpp, class_names=config.dataset.class_names,
-                                  class_colours=config.dataset.class_colors, mpp=mpp, frame=frame)
+                                  class_colours=config.dataset.class_colors, mpp=mpp, frame=frame,
+                                  import_options=import_options)
     config = config_for_classes(config, table, train_mpp)
     n, ignore = config.num_classes, config.dataset.ignore_index
     train_labels, val_images, val_labels, val_names = hold_out(pairs, validation_share, 2 * config.crop_size,
@@ -403,10 +414,21 @@ def compare_on_slides(config: Any, slides: Sequence[Any], annotations: Sequence[
                        class_names=tuple(config.class_names), ignore_index=ignore,
                        default_train_dataset=default_train_dataset,
                        description=", ".join(pair.name for pair in pairs),
+                       groups=_slide_groups(val_names, [pair.name for pair in pairs]), group_unit="slides",
                        notes=[f"Models are scored on {len(val_images)} held-out annotated squares of "
                               f"{len(pairs)} slide(s) at {train_mpp:g} µm/px, which also chose each run's best "
                               "epoch; slides train without the fixed crop set (no feature cache)."])
     return config, data
+
+
+def _slide_groups(square_names: Sequence[str], slide_names: Sequence[str]) -> dict[str, str]:
+    """Held-out square name (``<slide>_y<row>_x<col>``) -> its slide, so a slide's squares are resampled together."""
+    groups = {}
+    for square in square_names:
+        owners = [slide for slide in slide_names if square.startswith(f"{slide}_y")]
+        if owners:
+            groups[square] = max(owners, key=len)  # the longest match: one slide's name may prefix another's
+    return groups
 
 
 class _SeedSource:

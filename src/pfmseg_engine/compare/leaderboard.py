@@ -1,15 +1,24 @@
-"""The leaderboard: one row per backbone x strategy, ranked by mIoU, with bootstrap confidence intervals.
+"""The leaderboard: one row per backbone x strategy, ranked by mIoU, with hierarchical bootstrap intervals.
 
-**How seeds and images are pooled.** Every run (one seed) scores the same evaluation images and keeps
-one confusion matrix per image. For a row, the matrices of its seeds are summed image by image, so
-each image contributes one matrix holding all seeds' predictions of it. The row's metrics come from the
-sum over all images (pixel-pooled, as ``evaluate`` does); the 95 % confidence intervals come from the
-image-level bootstrap of :func:`pfmseg_engine.training.metrics.bootstrap_intervals` (the one behind
-``evaluate``'s intervals) applied to those per-image matrices: images are resampled with replacement,
-and each resample keeps all seeds of an image together. The intervals therefore describe how much the
-score depends on which images happen to be in the evaluation set; ``*_seed_sd`` gives the spread
-between seeds. ``vs_best`` compares each row with the top row by a paired bootstrap over the same
-images (same resamples for both rows): ``tied`` when the 95 % interval of their mIoU gap includes 0.
+**Point estimates.** Every run (one seed) scores the same evaluation images and keeps one confusion
+matrix per image. A row's metrics come from the sum of its seeds' matrices over all images
+(pixel-pooled, as ``evaluate`` does).
+
+**Intervals.** The 95 % confidence intervals come from the hierarchical bootstrap of
+:mod:`pfmseg_engine.training.statistics`: seeds are resampled with replacement, then, within each drawn
+seed, the groups of images (the dataset's ``group`` per image, else the TCGA patient of its name, else
+the image alone) with replacement, and the metric is computed from the resample's pooled matrix. The
+intervals therefore hold both seed-to-seed variation and the variation of the evaluation set, with
+correlated tiles of one slide or patient moving together. ``ci_resampling`` (and the markdown's first
+line) says which levels were resampled and how many units each had; ``*_seed_sd`` still gives the plain
+spread between seeds.
+
+**Versus the best row.** Every other row is compared with the top row by a paired bootstrap over the
+same resampled seed slots and groups: ``mIoU_gap_to_best_ci_*`` is the 95 % percentile interval of the
+mIoU gap, ``mIoU_gap_p`` its two-sided bootstrap p-value for a gap of 0, and ``mIoU_gap_p_holm`` that
+p-value after Holm's step-down adjustment over all the rows compared with the best. ``vs_best`` is
+``below`` when the adjusted p-value is under 0.05, ``tied`` otherwise, so a leaderboard of many rows does
+not call training noise a difference.
 """
 
 from __future__ import annotations
@@ -19,17 +28,22 @@ import io
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..training.metrics import bootstrap_intervals, compute_metrics, metrics_from_confusion
+from ..training.metrics import metrics_from_confusion
+from ..training.statistics import hierarchical_intervals, holm, paired_gap_test, resolve_groups
 
 #: Metrics with a column (and CI columns) each, in display order.
 METRICS: tuple[str, ...] = ("mIoU", "Mean_Dice", "Pixel_Accuracy")
 LABELS = {"mIoU": "mIoU", "Mean_Dice": "mean Dice", "Pixel_Accuracy": "pixel accuracy"}
+
+#: Family-wise error rate of the ``vs_best`` verdicts (on Holm-adjusted p-values).
+ALPHA = 0.05
 
 
 @dataclass
@@ -49,7 +63,10 @@ class LeaderboardRow:
     class_dice: dict[str, float] = field(default_factory=dict)
     class_dice_intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
     gap_to_best: tuple[float, float] | None = None
+    gap_p: float | None = None
+    gap_p_holm: float | None = None
     vs_best: str = ""
+    ci_resampling: str = ""
     trainable_params: int | None = None
     train_seconds: float | None = None
     windows_per_second: float | None = None
@@ -79,6 +96,12 @@ class Leaderboard:
     next_steps: list[str] = field(default_factory=list)
 
     @property
+    def resampling(self) -> str:
+        """What the intervals resample, e.g. ``seeds (n=3) > patients (n=4) of 4 images`` (rows may differ in seeds)."""
+        described = list(dict.fromkeys(row.ci_resampling for row in self.rows if row.ok and row.ci_resampling))
+        return "; ".join(described)
+
+    @property
     def winner(self) -> LeaderboardRow | None:
         return next((row for row in self.rows if row.ok), None)
 
@@ -88,10 +111,10 @@ class Leaderboard:
 
     # --- files ------------------------------------------------------------------------------------
     def columns(self) -> list[str]:
-        cols = ["rank", "pfm", "strategy", "head", "status", "seeds", "eval_split", "n_images"]
+        cols = ["rank", "pfm", "strategy", "head", "status", "seeds", "eval_split", "n_images", "ci_resampling"]
         for metric in METRICS:
             cols += [metric, f"{metric}_ci_low", f"{metric}_ci_high", f"{metric}_seed_sd"]
-        cols += ["mIoU_gap_to_best_ci_low", "mIoU_gap_to_best_ci_high", "vs_best"]
+        cols += ["mIoU_gap_to_best_ci_low", "mIoU_gap_to_best_ci_high", "mIoU_gap_p", "mIoU_gap_p_holm", "vs_best"]
         for name in self.class_names:
             key = _column_name(name)
             cols += [f"Dice_{key}", f"Dice_{key}_ci_low", f"Dice_{key}_ci_high"]
@@ -105,7 +128,7 @@ class Leaderboard:
             record: dict[str, Any] = {
                 "rank": row.rank, "pfm": row.pfm, "strategy": row.strategy, "head": row.head, "status": row.status,
                 "seeds": " ".join(str(s) for s in row.seeds), "eval_split": self.eval_split,
-                "n_images": row.n_images,
+                "n_images": row.n_images, "ci_resampling": row.ci_resampling,
             }
             for metric in METRICS:
                 low, high = row.intervals.get(metric, (math.nan, math.nan))
@@ -113,7 +136,7 @@ class Leaderboard:
                                f"{metric}_seed_sd": row.seed_sd.get(metric)})
             gap = row.gap_to_best or (None, None)
             record.update({"mIoU_gap_to_best_ci_low": gap[0], "mIoU_gap_to_best_ci_high": gap[1],
-                           "vs_best": row.vs_best})
+                           "mIoU_gap_p": row.gap_p, "mIoU_gap_p_holm": row.gap_p_holm, "vs_best": row.vs_best})
             for name in self.class_names:
                 key = _column_name(name)
                 low, high = row.class_dice_intervals.get(name, (math.nan, math.nan))
@@ -142,6 +165,7 @@ class Leaderboard:
             rows.append(data)
         winner = self.winner
         return {"eval_split": self.eval_split, "class_names": list(self.class_names), "n_bootstrap": self.n_bootstrap,
+                "ci_resampling": self.resampling, "vs_best_alpha": ALPHA, "p_value_adjustment": "holm",
                 "notes": self.notes, "winner": None if winner is None else {
                     "pfm": winner.pfm, "strategy": winner.strategy, "checkpoint": winner.checkpoint},
                 "next_steps": self.next_steps, "rows": rows}
@@ -152,21 +176,25 @@ class Leaderboard:
         lines = [
             "# Leaderboard",
             "",
+            f"CI: bootstrap over {self.resampling or 'seeds > images'}",
+            "",
             f"Scored on **{self.eval_split}** ({n_images} images); "
             f"{'/'.join(map(str, seeds)) or 'no'} seed(s) per row; metrics pooled over images and seeds; "
-            f"[95 % CI] from {self.n_bootstrap} bootstrap resamples of the images (seeds of an image kept together). "
-            "`vs best`: paired bootstrap of the mIoU gap to the top row (`tied`: its 95 % CI includes 0).",
+            f"[95 % CI] from {self.n_bootstrap} hierarchical bootstrap resamples (seeds, then the groups of images "
+            "within each drawn seed). `p (Holm)`: paired bootstrap p-value of the mIoU gap to the top row, "
+            f"Holm-adjusted over the rows compared; `vs best` is `below` when it is under {ALPHA:g}, else `tied`.",
             "",
-            "| rank | backbone | strategy | mIoU [95 % CI] | mean Dice [95 % CI] | pixel accuracy [95 % CI] | vs best "
-            "| trainable params | train s | windows/s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| rank | backbone | strategy | mIoU [95 % CI] | mean Dice [95 % CI] | pixel accuracy [95 % CI] "
+            "| p (Holm) | vs best | trainable params | train s | windows/s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in self.rows:
             if not row.ok:
                 continue
             cells = [str(row.rank), f"`{row.pfm}`", row.strategy]
             cells += [_with_ci(row.metrics.get(m), row.intervals.get(m)) for m in METRICS]
-            cells += [row.vs_best or "", _count(row.trainable_params), _number(row.train_seconds, 1),
+            cells += [_p_value(row.gap_p_holm), row.vs_best or "", _count(row.trainable_params),
+                      _number(row.train_seconds, 1),
                       _number(row.windows_per_second, 1)]
             lines.append("| " + " | ".join(cells) + " |")
         if any(row.ok for row in self.rows):
@@ -192,13 +220,15 @@ class Leaderboard:
 
     def table(self) -> str:
         """A plain-text ranking for the terminal."""
-        lines = [f"{'rank':>4}  {'backbone / strategy':<34} {'mIoU [95% CI]':<26} {'mean Dice':>9}  {'vs best':<8} "
-                 "status"]
+        lines = [f"CI: bootstrap over {self.resampling or 'seeds > images'}",
+                 f"{'rank':>4}  {'backbone / strategy':<34} {'mIoU [95% CI]':<26} {'mean Dice':>9}  {'p (Holm)':>8}  "
+                 f"{'vs best':<8} status"]
         for row in self.rows:
             score = _with_ci(row.metrics.get("mIoU"), row.intervals.get("mIoU")) if row.ok else "-"
             dice = _number(row.metrics.get("Mean_Dice"), 4) if row.ok else "-"
             status = row.status + (f": {row.error}" if row.error else "")
-            lines.append(f"{row.rank or '-':>4}  {row.label:<34} {score:<26} {dice:>9}  {row.vs_best:<8} {status}")
+            lines.append(f"{row.rank or '-':>4}  {row.label:<34} {score:<26} {dice:>9}  {_p_value(row.gap_p_holm):>8}  "
+                         f"{row.vs_best:<8} {status}")
         return "\n".join(lines)
 
     def plot(self, path: str | Path) -> Path:
@@ -225,7 +255,8 @@ class Leaderboard:
         axes[0].set_yticks(positions, [row.label for row in rows] or [""])
         if not rows:
             axes[0].set_yticks([])
-        figure.suptitle(f"Scored on {self.eval_split}: mean over images and seeds, 95 % bootstrap CI")
+        figure.suptitle(f"Scored on {self.eval_split}: pooled over images and seeds; 95 % CI: bootstrap over "
+                        f"{self.resampling or 'seeds > images'}")
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp.png")
         figure.savefig(tmp)
@@ -249,37 +280,45 @@ class Leaderboard:
 
 
 # --- building ---------------------------------------------------------------------------------------------------
-def pooled_matrices(runs: list[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
-    """Per-image confusion matrices summed over seeds (N, C, C), and the image names.
+def seed_stack(runs: list[dict[str, Any]]) -> tuple[np.ndarray, list[str]]:
+    """The runs' per-image confusion matrices as one (seeds, images, C, C) stack, and the image names.
 
-    Runs that scored other images (which only happens when the data changed between runs) are
-    concatenated instead of summed.
+    Runs normally scored the same images in the same order. Runs that scored other images (which only
+    happens when the data changed between runs) are aligned on the union of their images, with zero
+    matrices where a run did not score an image: the pooled sums, and so the point estimate, are those
+    of the concatenated matrices.
     """
-    names = runs[0]["image_names"]
+    names = list(runs[0]["image_names"])
     stacks = [np.asarray(r["confusions"], dtype=np.float64) for r in runs]
-    if all(r["image_names"] == names for r in runs):
-        return np.sum(stacks, axis=0), list(names)
-    return np.concatenate(stacks), [n for r in runs for n in r["image_names"]]
+    if all(list(r["image_names"]) == names for r in runs):
+        return np.stack(stacks), names
+    keys = [_occurrences(r["image_names"]) for r in runs]
+    union = list(dict.fromkeys(key for run_keys in keys for key in run_keys))
+    position = {key: i for i, key in enumerate(union)}
+    out = np.zeros((len(runs), len(union), *stacks[0].shape[1:]))
+    for s, (run_keys, matrices) in enumerate(zip(keys, stacks, strict=True)):
+        out[s, [position[key] for key in run_keys]] = matrices
+    return out, [name for name, _ in union]
 
 
-def paired_gap(best: np.ndarray, other: np.ndarray, n_bootstrap: int, seed: int = 0,
-               metric: str = "mIoU") -> tuple[float, float]:
-    """95 % bootstrap CI of ``metric(best) - metric(other)`` resampling the same images for both."""
-    n = len(best)
-    rng = np.random.default_rng(seed)
-    counts = np.zeros((n_bootstrap, n))
-    np.add.at(counts, (np.arange(n_bootstrap)[:, None], rng.integers(0, n, size=(n_bootstrap, n))), 1.0)
-    a = compute_metrics(np.einsum("bn,nij->bij", counts, best))[metric]
-    b = compute_metrics(np.einsum("bn,nij->bij", counts, other))[metric]
-    gap = (a - b)[~np.isnan(a - b)]
-    if gap.size == 0:
-        return (math.nan, math.nan)
-    return float(np.percentile(gap, 2.5)), float(np.percentile(gap, 97.5))
+def _occurrences(names: list[str]) -> list[tuple[str, int]]:
+    """(name, how many times it appeared before): keys that stay distinct when two images share a name."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        out.append((name, seen.get(name, 0)))
+        seen[name] = seen.get(name, 0) + 1
+    return out
 
 
 def build_row(pfm: str, strategy: str, runs: list[dict[str, Any]], class_names: tuple[str, ...], *,
-              n_bootstrap: int, error: str = "", expected_seeds: int = 0) -> LeaderboardRow:
-    """A row from the ``result.json`` payloads of its finished seeds (see the module docstring)."""
+              n_bootstrap: int, error: str = "", expected_seeds: int = 0, groups: Mapping[str, str] | None = None,
+              group_unit: str = "groups") -> LeaderboardRow:
+    """A row from the ``result.json`` payloads of its finished seeds (see the module docstring).
+
+    ``groups`` maps image names to their slide or patient (``group_unit`` says which); images without
+    one are grouped by the TCGA patient in their name, else stand alone.
+    """
     ok = [r for r in runs if r.get("status") == "ok"]
     status = "ok" if ok and not error else ("partial" if ok else ("failed" if error else "pending"))
     if ok and expected_seeds and len(ok) < expected_seeds and not error:
@@ -287,12 +326,14 @@ def build_row(pfm: str, strategy: str, runs: list[dict[str, Any]], class_names: 
     row = LeaderboardRow(pfm=pfm, strategy=strategy, status=status, error=error)
     if not ok:
         return row
-    stack, names = pooled_matrices(ok)
-    point = metrics_from_confusion(stack.sum(0))
-    intervals = bootstrap_intervals(stack, n_bootstrap, seed=0)
+    stack, names = seed_stack(ok)
+    grouping = resolve_groups(names, groups, group_unit)
+    point = metrics_from_confusion(stack.sum((0, 1)))
+    intervals = hierarchical_intervals(stack, grouping, n_bootstrap, seed=0)
     row.head = ok[0].get("head", "")
     row.seeds = [int(r["seed"]) for r in ok]
     row.n_images = len(ok[0]["image_names"])
+    row.ci_resampling = grouping.describe(len(ok))
     row.metrics = {m: point[m] for m in METRICS}
     row.intervals = {m: intervals[m] for m in METRICS}
     for metric in METRICS:
@@ -312,12 +353,13 @@ def build_row(pfm: str, strategy: str, runs: list[dict[str, Any]], class_names: 
     row.checkpoint = str(best_seed.get("checkpoint", ""))
     row._stack = stack  # type: ignore[attr-defined]  # kept for the paired comparison with the best row
     row._names = names  # type: ignore[attr-defined]
+    row._grouping = grouping  # type: ignore[attr-defined]
     return row
 
 
 def rank_rows(rows: list[LeaderboardRow], n_bootstrap: int) -> list[LeaderboardRow]:
     """Sort by pooled mIoU (rows without results last, in their given order), number the ranks and
-    compare every row with the best one (paired bootstrap of the mIoU gap)."""
+    compare every row with the best one (paired hierarchical bootstrap of the mIoU gap, Holm-adjusted)."""
     scored = sorted((r for r in rows if r.ok), key=lambda r: -_sortable(r.metrics.get("mIoU")))
     rest = [r for r in rows if not r.ok]
     for rank, row in enumerate(scored, 1):
@@ -325,14 +367,18 @@ def rank_rows(rows: list[LeaderboardRow], n_bootstrap: int) -> list[LeaderboardR
     if scored:
         best = scored[0]
         best.vs_best = "best"
+        compared = []
         for row in scored[1:]:
-            same = getattr(row, "_names", None) == getattr(best, "_names", None)
-            if not same:
-                row.vs_best = "n/a"
+            if getattr(row, "_names", None) != getattr(best, "_names", None):
+                row.vs_best = "n/a"  # scored on other images: no paired comparison
                 continue
-            low, high = paired_gap(best._stack, row._stack, n_bootstrap)  # type: ignore[attr-defined]
-            row.gap_to_best = (low, high)
-            row.vs_best = "tied" if not low > 0 else "below"
+            test = paired_gap_test(best._stack, row._stack, best._grouping,  # type: ignore[attr-defined]
+                                   n_bootstrap, seed=0, metric="mIoU")
+            row.gap_to_best, row.gap_p = (test.low, test.high), test.p_value
+            compared.append(row)
+        for row, adjusted in zip(compared, holm([r.gap_p for r in compared]), strict=True):
+            row.gap_p_holm = adjusted
+            row.vs_best = "n/a" if math.isnan(adjusted) else ("below" if adjusted < ALPHA else "tied")
     return scored + rest
 
 
@@ -355,6 +401,12 @@ def _csv_value(value: Any) -> Any:
 
 def _number(value: float | None, digits: int) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _p_value(value: float | None) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.3f}" if value >= 0.001 else "<0.001"
 
 
 def _count(value: int | None) -> str:

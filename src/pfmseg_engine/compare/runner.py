@@ -237,7 +237,8 @@ class Comparison:
             runs = [self.records[(combination, s)] for s in self.seeds if (combination, s) in self.records]
             rows.append(build_row(combination.pfm, combination.strategy, runs, self.data.class_names,
                                   n_bootstrap=self.spec.n_bootstrap, error=self.errors.get(combination, ""),
-                                  expected_seeds=len(self.seeds)))
+                                  expected_seeds=len(self.seeds), groups=self.data.groups,
+                                  group_unit=self.data.group_unit))
         rows = rank_rows(rows, self.spec.n_bootstrap)
         notes = list(self.notes)
         if any(row.random_weights for row in rows):

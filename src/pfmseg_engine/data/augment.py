@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -333,6 +334,13 @@ class JointAugment:
         self.names = [n for n in TRANSFORMS if n in config and config[n] is not None
                       and float(dict(config[n]).get("p", 1.0)) > 0.0]
         self.pipeline = v2.Compose(steps) if steps else v2.Identity()
+        self.crop_size, self.crop_scale, self.crop_ratio, self.crop_zoom = crop_size, crop_scale, crop_ratio, crop_zoom
+
+    def crop_shrink(self, image_sizes: Iterable[tuple[int, int]] = ()) -> CropShrink:
+        """How much this pipeline's crop shrinks the source (see :func:`crop_shrink`; ``image_sizes``
+        (height, width) of the training images are needed for area-scale crops only)."""
+        return crop_shrink(self.crop_size, scale=self.crop_scale, ratio=self.crop_ratio, zoom=self.crop_zoom,
+                           image_sizes=image_sizes)
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor, seed: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -344,6 +352,115 @@ class JointAugment:
                 torch.manual_seed(seed)
                 out_img, out_msk = self.pipeline(img, msk)
         return out_img.as_subclass(torch.Tensor).clamp_(0, 1), out_msk.as_subclass(torch.Tensor).long()
+
+
+# --- crop geometry: how many source pixels one model pixel spans -------------------------------------------
+#: Grid points per axis over (area share, log aspect ratio) on which the area-scale crop's distribution is
+#: integrated (midpoint rule): the median is then exact to far better than the 25 % a resolution check needs.
+AREA_GRID = 256
+#: torchvision's RandomResizedCrop draws at most this many crops before it falls back to a centre crop.
+AREA_TRIES = 10
+#: Quantiles kept per image size when the crops of images of several sizes are pooled.
+POOLED_QUANTILES = 1024
+
+
+@dataclass(frozen=True)
+class CropShrink:
+    """Source pixels per model pixel (per side) of the training crops: the median crop's and the range.
+
+    1 is native resolution; 3.8 means a stretch of 3.8 source pixels became one model pixel (the model
+    saw the source 3.8x smaller). A resize to another aspect ratio (area-scale crops) counts as the
+    geometric mean of its two sides, the factor that keeps areas. ``crop``: "native" (plain crops, or
+    none), "zoom" (:class:`ZoomCrop`) or "area" (RandomResizedCrop).
+    """
+
+    median: float
+    low: float
+    high: float
+    crop: str
+
+
+def crop_shrink(crop_size: int | None, *, scale: tuple[float, float] | None = None,
+                ratio: tuple[float, float] = (0.75, 1.33), zoom: tuple[float, float] | None = None,
+                image_sizes: Iterable[tuple[int, int]] = ()) -> CropShrink:
+    """The shrink of the crop :class:`JointAugment` (or a patch sampler) takes, from the crop code itself.
+
+    * no ``crop_size`` (patches already cut to size), or neither ``scale`` nor ``zoom`` (a plain
+      ``RandomCrop``, padded where the image is smaller): native resolution, 1.
+    * ``zoom=(a, b)`` (:class:`ZoomCrop`, and the same draw in ``SparsePatchDataset``): a square of
+      ``round(size / z)`` source pixels, z log-uniform in [a, b], resized to ``size``. The shrink
+      falls as z grows, so its median is the shrink at the median z, √(ab).
+    * ``scale=(a, b)`` (torchvision's ``RandomResizedCrop``, the seed's crop): a share s ~ U(a, b) of
+      the image area with aspect r (log-uniform in ``ratio``) gives a ``round(√(A s r))`` x
+      ``round(√(A s / r))`` box, resized to ``size`` x ``size``; a box that does not fit the image is
+      drawn again, up to :data:`AREA_TRIES` times, then the centre crop is used. Every try draws the
+      same way, so the crop is an accepted box with probability 1 - (1 - p)^tries (p: the share of
+      draws that fit) and the centre crop otherwise. That distribution is integrated on a grid for
+      each distinct image size of ``image_sizes`` ((height, width) of every training image; each
+      image is cropped once per epoch, so each counts once) and pooled. Draws that do not fit are
+      the large, elongated ones, so the median sits below the naive √(A·(a+b)/2) / size.
+    """
+    if scale is not None and zoom is not None:
+        raise ConfigError("Give crop_scale (area-scale crops, as the seed) or crop_zoom (native-resolution "
+                          "crops with zoom jitter), not both.")
+    if crop_size is None or (scale is None and zoom is None):
+        return CropShrink(1.0, 1.0, 1.0, "native")
+    if zoom is not None:
+        size = int(crop_size)
+
+        def shrink(z: float) -> float:
+            return max(1, round(size / z)) / size
+
+        return CropShrink(shrink(math.sqrt(zoom[0] * zoom[1])), shrink(zoom[1]), shrink(zoom[0]), "zoom")
+    sizes = Counter((int(h), int(w)) for h, w in image_sizes)
+    if not sizes:
+        raise ConfigError("The shrink of area-scale crops depends on the image sizes; pass image_sizes.")
+    parts = [_area_crop_shrinks(h, w, int(crop_size), scale, ratio) for h, w in sizes]
+    low, high = min(v.min() for v, _ in parts), max(v.max() for v, _ in parts)
+    if len(parts) == 1:
+        values, weights = parts[0]
+    else:  # each size as equally likely quantiles, weighted by how many images have it
+        probabilities = (np.arange(POOLED_QUANTILES) + 0.5) / POOLED_QUANTILES
+        values = np.concatenate([_weighted_quantiles(v, w, probabilities) for v, w in parts])
+        weights = np.concatenate([np.full(POOLED_QUANTILES, count / POOLED_QUANTILES) for count in sizes.values()])
+    median = float(_weighted_quantiles(values, weights, np.array([0.5]))[0])
+    return CropShrink(median, float(low), float(high), "area")
+
+
+def _area_crop_shrinks(height: int, width: int, size: int, scale: tuple[float, float],
+                       ratio: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(shrink values, probabilities) of torchvision's RandomResizedCrop on one image size (see :func:`crop_shrink`)."""
+    mid = (np.arange(AREA_GRID) + 0.5) / AREA_GRID
+    share = scale[0] + (scale[1] - scale[0]) * mid
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(lo + (hi - lo) * mid)
+    target = float(height * width) * share[:, None]
+    w = np.round(np.sqrt(target * aspect[None, :]))  # round half to even, as Python's round() in torchvision
+    h = np.round(np.sqrt(target / aspect[None, :]))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    missed_all = (1.0 - fits.mean()) ** AREA_TRIES
+    fw, fh = _centre_crop(height, width, ratio)
+    values = np.append(np.sqrt(w[fits] * h[fits]), math.sqrt(fw * fh)) / size
+    weights = np.append(np.full(int(fits.sum()), (1.0 - missed_all) / max(1, int(fits.sum()))), missed_all)
+    return values, weights
+
+
+def _centre_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """(width, height) of RandomResizedCrop's fallback: the whole image, cut to the nearest allowed aspect."""
+    aspect = width / height
+    if aspect < min(ratio):
+        return width, round(width / min(ratio))
+    if aspect > max(ratio):
+        return round(height * max(ratio)), height
+    return width, height
+
+
+def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
+    """The smallest value whose cumulative weight reaches each probability (the lower weighted quantile)."""
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    positions = np.searchsorted(cumulative, probabilities * cumulative[-1], side="left")
+    return values[order][np.minimum(positions, len(values) - 1)]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -19,16 +19,24 @@ class LightDecoder(nn.Module):
     input size and then shrunk (which costs compute and one 256x256 conv stage, about 0.59 M
     parameters fewer). It reads the last tapped grid only and ignores CNN-adapter skips (so it cannot
     pair with a CNN adapter); a final resize maps the upsampled grid to the exact input size.
+
+    ``final_norm`` (config ``model.light_head.final_norm``): decode the encoder's output, i.e. the last
+    tapped block after the ViT's final LayerNorm, as the frozen-encoder benchmark decodes its encoders
+    (``protocol: frozen_light_decoder`` turns it on). Off, the head reads the raw last block, before
+    that norm: how it was built before the option existed, which checkpoints without the key keep.
     """
 
     uses_skips = False
+    reads_final_tokens = False  # the default; an instance follows its ``final_norm`` option
 
     def __init__(self, in_channels: list[int], skip_channels: list[int], num_classes: int,
-                 patch_size: int = 16, channels: int = 256, num_upsamples: int | None = None):
+                 patch_size: int = 16, channels: int = 256, num_upsamples: int | None = None,
+                 final_norm: bool = False):
         super().__init__()
         if num_upsamples is None:
             num_upsamples = max(1, math.ceil(math.log2(patch_size)))
         self.patch_size = patch_size
+        self.reads_final_tokens = bool(final_norm)
         self.project = nn.Conv2d(in_channels[-1], channels, 1)
         self.up = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))

@@ -8,8 +8,12 @@ Layout (``<name>.ome.zarr``)::
     probabilities/0, ...  optional (classes, y, x) uint8 softmax * 255, 2x2-mean pyramid
 
 Label 0 means "no prediction" (outside tissue), label k means class k - 1, the napari convention.
-NGFF 0.4 (zarr v2, what most viewers read today) is the default; 0.5 (zarr v3) on request. The
-version differences are data in :data:`NGFF`.
+NGFF 0.4 (zarr v2, what most viewers read today) is the default; 0.5 (zarr v3, arrays with
+``dimension_names``) on request; both validate under ome-zarr-models. The version differences are
+data in :data:`NGFF`. Each level's transformations are the spec's scale then translation, in µm: the
+translation puts the level's pixel centres where they lie on the slide (slide pixel (0, 0)'s centre at
+the origin), so a region output overlays its slide in any reader that applies them (napari-ome-zarr
+0.10 applies only the scale; napari-pfmseg places it, and so do NGFF readers that follow the spec).
 """
 
 from __future__ import annotations
@@ -27,11 +31,16 @@ from ..errors import ConfigError
 from ..storage import writing
 from .pyramid import merge_boxes, pyramid_shapes, update_levels
 
+#: Per NGFF version: the zarr format, extra array options, whether the attributes carry a "version" key
+#: at the top (0.4) or sit under "ome" (0.5), and whether arrays name their dimensions (zarr v3's
+#: ``dimension_names``, which 0.5 requires to equal the multiscales axes' names).
 NGFF: dict[str, dict[str, Any]] = {
     "0.4": {"zarr_format": 2, "array_kwargs": {"chunk_key_encoding": {"name": "v2", "separator": "/"}},
-            "versioned": True},
-    "0.5": {"zarr_format": 3, "array_kwargs": {}, "versioned": False},
+            "versioned": True, "dimension_names": False},
+    "0.5": {"zarr_format": 3, "array_kwargs": {}, "versioned": False, "dimension_names": True},
 }
+
+YX, CYX = ("y", "x"), ("c", "y", "x")
 
 LABELS, PROBS = "labels", "probabilities"
 
@@ -40,6 +49,12 @@ def _ngff(version: str) -> dict[str, Any]:
     if version not in NGFF:
         raise ConfigError(f"Unknown OME-Zarr version '{version}'; choose one of {', '.join(NGFF)}.")
     return NGFF[version]
+
+
+def _array_kwargs(version: str, dims: tuple[str, ...]) -> dict[str, Any]:
+    """zarr ``create_array`` options of one NGFF version for an array with axes ``dims``."""
+    spec = _ngff(version)
+    return {**spec["array_kwargs"], **({"dimension_names": dims} if spec["dimension_names"] else {})}
 
 
 def multiscales(name: str, axes: list[dict[str, str]], scales: list[list[float]],
@@ -89,13 +104,13 @@ class LabelStore:
                 root = zarr.open_group(str(self.path), mode="w", zarr_format=spec["zarr_format"])
                 for level, level_shape in enumerate(shapes):
                     root.create_array(str(level), shape=level_shape, chunks=(self.chunk, self.chunk), dtype="uint8",
-                                      fill_value=0, **spec["array_kwargs"])
+                                      fill_value=0, **_array_kwargs(ngff, YX))
                 if probabilities:
                     group = root.create_group(PROBS)
                     for level, level_shape in enumerate(shapes):
                         group.create_array(str(level), shape=(self.num_classes, *level_shape),
                                            chunks=(1, self.chunk, self.chunk), dtype="uint8", fill_value=0,
-                                           **spec["array_kwargs"])
+                                           **_array_kwargs(ngff, CYX))
         self.root = zarr.open_group(str(self.path), mode="r+")
         # label chunks are only ever written with labels in them: skip zarr's all-fill-value check
         self.levels = [_written_as_is(self.root[str(level)]) for level in range(len(shapes))]
@@ -155,7 +170,7 @@ class LabelStore:
         """
         spec = _ngff(self.ngff)
         space = {"type": "space", "unit": "micrometer"}
-        yx_axes = [{"name": "y", **space}, {"name": "x", **space}]
+        yx_axes = [{"name": n, **space} for n in YX]  # the arrays' dimension_names (0.5) match these
         levels = range(len(self.levels))
         # pixel centres: level k pixel i covers slide level-0 pixels [i*d, (i+1)*d), d in level-0 px
         d0 = mpp / slide_mpp
@@ -169,7 +184,7 @@ class LabelStore:
         self._write_attrs(self.root, ome, {"pfmseg": extra})
         if self.probabilities is not None:
             group = self.root[PROBS]
-            c_axis = [{"name": "c", "type": "channel"}]
+            c_axis = [{"name": CYX[0], "type": "channel"}]
             ome_p = {"multiscales": [multiscales(f"{name} probabilities", c_axis + yx_axes,
                                                  [[1.0, *s] for s in scales], [[0.0, *t] for t in shifts],
                                                  "mean", self.ngff)],
@@ -270,6 +285,12 @@ class LabelOutput:
     def downsample(self) -> float:
         """Slide level-0 pixels per label level-0 pixel."""
         return float(self.pfmseg.get("resolution_plan", {}).get("downsample", 1.0))
+
+    @property
+    def slide_mpp(self) -> float:
+        """Micrometres per slide level-0 pixel (recorded, else level 0's divided by the downsample)."""
+        recorded = self.pfmseg.get("slide", {}).get("mpp")
+        return float(recorded) if recorded else self.mpp / self.downsample
 
     @property
     def region_offset(self) -> tuple[float, float]:

@@ -31,6 +31,7 @@ from ..slides.readers import ArrayReader, OffsetReader, PILReader
 from ..slides.resolution import DEFAULT_TOLERANCE, ResampledReader, ResolutionPlan
 from .grid import Box, ChunkPlan, WindowGrid, raster_order
 from .pyramid import pyramid_shapes
+from .scale import TrainingScale, training_scale_of, warn_training_scale
 from .schedule import output_region, priority_order
 from .window import BLEND_MODES, check_window, stride_for
 
@@ -55,6 +56,7 @@ class ModelInfo:
     class_names: tuple[str, ...]
     input_size: int | None
     mpp: float | None
+    training_scale: TrainingScale | None = None  # µm per model pixel in training (see .scale)
 
     @classmethod
     def from_model(cls, model: Any) -> ModelInfo:
@@ -72,7 +74,7 @@ class ModelInfo:
         input_size = getattr(config, "input_size", None)
         mpp = getattr(config, "mpp", None)
         return cls(model.num_classes, model.patch_size, names,
-                   int(input_size) if input_size else None, float(mpp) if mpp else None)
+                   int(input_size) if input_size else None, float(mpp) if mpp else None, training_scale_of(model))
 
     @classmethod
     def from_model_config(cls, config: Any) -> ModelInfo:
@@ -384,6 +386,7 @@ def plan_slide(
             "magnification, pass it (CLI: --target_mpp, Python: SlideInferenceConfig(target_mpp=...)), or "
             "record it when training (model.mpp).", MagnificationWarning, stacklevel=2)
     resolution = plan_resolution(slide, config.target_mpp or info.mpp, config.mpp_tolerance)
+    warn_training_scale(info.training_scale, resolution.mpp)  # a TrainingScaleWarning when they differ > 25 %
     window = check_window(config.window or info.input_size or DEFAULT_WINDOW, info.patch_size)
     stride = stride_for(window, config.overlap)
     ds = resolution.downsample

@@ -159,7 +159,7 @@ class Stitcher:
     def add(self, logits: torch.Tensor, targets: Sequence[tuple[torch.Tensor, int, int, int, int]]) -> None:
         """Add window ``i``'s weighted logits (and weights) into ``targets[i]`` = (acc, y0, y1, x0, x1).
 
-        Windows are added one after another, in order: the same sums, in the same order, as ever.
+        Windows are added one after another, in order, so the sums do not depend on the batch split.
         """
         n = logits.shape[0]
         if n > self._ext.shape[0]:

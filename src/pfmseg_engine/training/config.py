@@ -96,6 +96,7 @@ class OptimizerSection:
 @dataclass(frozen=True)
 class SchedulerSection:
     type: str | None = "cosine"
+    style: str = "pfmseg"  # "seed": the seed framework's per-epoch rules (schedulers.py)
     warmup_epochs: float = 2.0
     min_lr: float = 0.0
     T_max: int | None = None
@@ -323,7 +324,7 @@ def _check_names(cfg: TrainConfig) -> None:
     from .losses import ABSENT_CLASSES, LOSSES, OVERLAP_POOLING
     from .metrics import MONITOR_METRICS
     from .optim import OPTIMIZERS
-    from .schedulers import SCHEDULERS
+    from .schedulers import SCHEDULERS, make_schedule
 
     t = cfg.training
     if cfg.protocol is not None:
@@ -335,6 +336,7 @@ def _check_names(cfg: TrainConfig) -> None:
     _choice(t.loss.overlap_pooling, OVERLAP_POOLING, "training.loss.overlap_pooling")
     _choice(t.optimizer.type.lower(), OPTIMIZERS, "training.optimizer.type")
     _choice(str(t.scheduler.type).lower(), SCHEDULERS, "training.scheduler.type")
+    make_schedule(t.scheduler, t.learning_rate, t.epochs, steps_per_epoch=1)  # style, and type/T_max under it
     _choice(t.amp_dtype, AMP_DTYPES, "training.amp_dtype")
     _choice(cfg.validation.resize_or_windowslide, VALIDATION_MODES, "validation.resize_or_windowslide")
     _choice(cfg.validation.monitor, MONITOR_METRICS, "validation.monitor")

@@ -1,4 +1,10 @@
-"""Scoring a trained checkpoint on a seed JSON split: pooled metrics, bootstrap CIs, per-image scores."""
+"""Scoring a trained checkpoint on a seed JSON split: pooled metrics, bootstrap CIs, per-image scores.
+
+The intervals resample the images' groups (the dataset's ``group`` per image, else the TCGA patient in
+the image's name, else the image alone) with the same bootstrap ``compare`` uses for a single seed
+(:mod:`pfmseg_engine.training.statistics`): tiles of one slide or patient move together, so the interval
+is not made narrower by counting correlated tiles as independent evidence.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +20,13 @@ import numpy as np
 
 from ..errors import DataError
 from .metrics import PER_CLASS, SUMMARY, ConfusionMeter, metrics_from_confusion
+from .statistics import hierarchical_intervals, resolve_groups
 from .validation import iterate_predictions
 
 
 @dataclass
 class EvaluationReport:
-    """Metrics of one split, with 95% (by default) bootstrap intervals over images."""
+    """Metrics of one split, with 95% (by default) bootstrap intervals over ``resampling`` (its groups of images)."""
 
     split: str
     class_names: tuple[str, ...]
@@ -28,6 +35,7 @@ class EvaluationReport:
     per_image: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     confusion: np.ndarray | None = None
+    resampling: str = "images"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -35,6 +43,7 @@ class EvaluationReport:
             "class_names": list(self.class_names),
             "metrics": self.metrics,
             "confidence_intervals": {k: list(v) for k, v in self.intervals.items()},
+            "ci_resampling": self.resampling,
             "per_image": self.per_image,
             "images_without_mask": self.skipped,
             "confusion_matrix": self.confusion.tolist() if self.confusion is not None else None,
@@ -71,7 +80,7 @@ class EvaluationReport:
 
     def table(self) -> str:
         """Summary metrics with intervals, then a per-class table."""
-        lines = [f"{'metric':<24} {'value':>8}   95% CI", "-" * 48]
+        lines = [f"CI: bootstrap over {self.resampling}", "", f"{'metric':<24} {'value':>8}   95% CI", "-" * 48]
         for key in SUMMARY:
             low, high = self.intervals.get(key, (math.nan, math.nan))
             lines.append(f"{key:<24} {self.metrics[key]:>8.4f}   [{low:.4f}, {high:.4f}]")
@@ -93,15 +102,21 @@ def evaluate_model(model: Any, dataset: Any, *, split: str, window: int, mode: s
         raise DataError(f"No image of split '{split}' has a mask, so there is nothing to score; "
                         "use 'infer' to only predict.")
     meter = ConfusionMeter(dataset.num_classes, dataset.ignore_index)
-    per_image = []
+    per_image, names, explicit = [], [], []
     for index, image, mask, probs in iterate_predictions(model, dataset, window=window, mode=mode, overlap=overlap,
                                                          batch_size=batch_size, device=device, indices=with_mask):
         prediction = probs.argmax(0)
         cm = meter.update(prediction, mask)
         scores = metrics_from_confusion(cm)
-        per_image.append({"image": dataset.name(index), **{k: scores[k] for k in SUMMARY}})
+        names.append(dataset.name(index))
+        explicit.append(getattr(dataset.samples[index], "group", None))
+        per_image.append({"image": names[-1], **{k: scores[k] for k in SUMMARY}})
         if on_image is not None:
             on_image(index, image, mask, prediction)
-    names = tuple(getattr(model, "class_names", ()) or (f"class_{i}" for i in range(dataset.num_classes)))
-    return EvaluationReport(split, names, meter.compute(), meter.intervals(n_bootstrap, seed=seed), per_image,
-                            skipped, meter.total)
+    grouping = resolve_groups(names, explicit)
+    for record, unit in zip(per_image, grouping.ids, strict=True):
+        record["group"] = grouping.labels[unit]
+    intervals = hierarchical_intervals(np.asarray(meter.per_image)[None], grouping, n_bootstrap, seed=seed)
+    class_names = tuple(getattr(model, "class_names", ()) or (f"class_{i}" for i in range(dataset.num_classes)))
+    return EvaluationReport(split, class_names, meter.compute(), intervals, per_image, skipped, meter.total,
+                            grouping.describe())

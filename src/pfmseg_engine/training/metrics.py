@@ -9,13 +9,18 @@ A class is **scored** when it occurs in the ground truth or in the prediction (`
 Per-class values of unscored classes are NaN and they are left out of every class mean: there is
 nothing to score. For a scored class every ratio whose denominator is zero counts as **0**; in
 particular a class present in the ground truth but never predicted has precision 0 and F1 0 and is
-*kept* in the means (the seed's Mean F1 dropped such classes, inflating the score).
+*kept* in those means (the seed's Mean F1 dropped every class without a true positive, inflating
+the score; its Mean Precision dropped classes never predicted).
 
 * ``IoU_c = TP / (TP + FP + FN)``; ``mIoU`` = mean over scored classes.
 * ``Dice_c = 2TP / (2TP + FP + FN)``; ``Mean_Dice`` = mean over scored classes.
 * ``Precision_c = TP / (TP + FP)`` (0 if never predicted); ``Mean_Precision`` over scored classes.
 * ``Recall_c = TP / (TP + FN)`` (0 if absent from the ground truth but predicted); ``Mean_Recall``
-  over scored classes.
+  is the seed's: the mean over classes present in the ground truth only. A class that is predicted
+  but absent from the truth has no recall to speak of (its false positives lower its precision),
+  so it is left out rather than averaged in as 0; ``Mean_Recall`` therefore equals
+  ``Mean_Accuracy``. It is a per-class (macro) mean, not the pooled recall ``sum(TP) / sum(GT)``,
+  which equals ``Pixel_Accuracy`` and is dominated by the largest class.
 * ``F1_c = 2 P R / (P + R)`` (0 if P + R = 0); ``Mean_F1`` over scored classes. On a pooled matrix
   F1_c equals Dice_c; both are reported because both names are in use.
 * ``Pixel_Accuracy = sum(TP) / sum(cm)``.
@@ -92,7 +97,7 @@ def compute_metrics(cm: np.ndarray) -> dict[str, np.ndarray]:
         "Frequency_Weighted_IoU": np.where(
             total > 0, (_div(gt, gt.sum(-1, keepdims=True)) * per_class["IoU"]).sum(-1), np.nan),
         "Mean_Precision": _masked_mean(precision, scored),
-        "Mean_Recall": _masked_mean(recall, scored),
+        "Mean_Recall": _masked_mean(recall, present),  # the seed's: classes in the ground truth only
         "Mean_F1": _masked_mean(per_class["F1"], scored),
     }
     for name, values in per_class.items():

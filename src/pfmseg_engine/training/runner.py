@@ -7,8 +7,10 @@ plugin drives through ``Trainer.iter_fit``. Each takes ``model=`` to continue tr
 model (more annotations, a loaded checkpoint) instead of building a new one.
 
 With ``system.seeds`` set, :func:`train_from_config` runs :func:`train_seeds`: one complete run per
-seed in ``<experiment>/seed_<s>/`` and a summary (mean +- sd over seeds of every validation metric
-at each run's best epoch) in ``<experiment>/seeds_summary.csv`` and ``seeds_summary.json``.
+seed in ``<experiment>/seed_<s>/``, each run's checkpoint (selected on validation) scored on the
+dataset's test split, and a summary (mean +- sd over seeds of every test metric, per class and
+overall) in ``<experiment>/seeds_summary.csv`` and ``seeds_summary.json``. Without a labelled test
+split the summary holds validation numbers, labelled as such (``split``), and a warning says so.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from typing import Any
 from ..data.augment import JointAugment
 from ..data.dataset import ArrayImageSet, SegmentationDataset
 from ..data.masks import sparse_to_targets
-from ..data.seed_json import load_seed_json
+from ..data.seed_json import Sample, load_seed_json
 from ..data.sparse import SparsePatchDataset, crop_boxes, split_annotations
+from ..devices import resolve_device
 from ..errors import ConfigError, DataError
 from .callbacks import Callback, CancelToken
 from .config import TrainConfig
+from .evaluation import EvaluationReport, evaluate_model
 from .history import atomic_write_text
 from .state import seed_everything
 from .trainer import Trainer, TrainResult
@@ -178,17 +182,32 @@ def train_on_annotations(config: TrainConfig, images: Sequence[Any], labels: Seq
 
 
 # --- repeated runs over seeds ---------------------------------------------------------------------------
+#: What the numbers of a seeds summary are, by the split they come from (see :func:`reporting_split`).
+SPLIT_NOTES = {
+    "test": "test split: each seed's checkpoint selected on validation by the monitored metric, scored on the "
+            "test images",
+    "val": "validation split, NOT test results: each seed's best validation epoch, on the split that also chose "
+           "that epoch (optimistic)",
+    "train": "no scored split: the dataset has neither test masks nor validation images; training loss only",
+}
+
+
 @dataclass
 class SeedsResult(TrainResult):
     """A :class:`TrainResult` for a run repeated over ``system.seeds``.
 
     ``output_dir`` is the experiment folder; ``runs`` maps each seed to its own result (its run folder is
-    ``output_dir / f"seed_{seed}"``); ``summary`` maps each metric to ``{"mean", "sd", "n"}`` over the
-    seeds, from each run's best epoch; ``best_metric`` is the mean of the monitored metric.
+    ``output_dir / f"seed_{seed}"``). ``split`` names where the reported numbers come from
+    (:data:`SPLIT_NOTES`): ``"test"`` whenever the dataset's test split has masks, ``"val"`` or
+    ``"train"`` only without them. ``scores`` maps each completed seed to its metrics on that split;
+    ``summary`` maps each metric to ``{"mean", "sd", "n"}`` over those seeds; ``best_metric`` is the
+    summary's mean of the monitored metric.
     """
 
     runs: dict[int, TrainResult] = field(default_factory=dict)
     summary: dict[str, dict[str, float]] = field(default_factory=dict)
+    split: str = "test"
+    scores: dict[int, dict[str, float]] = field(default_factory=dict)
 
     @property
     def summary_csv(self) -> Path:
@@ -210,36 +229,96 @@ def seed_configs(config: TrainConfig) -> dict[int, TrainConfig]:
             for seed in config.system.seeds or ()}
 
 
+def reporting_split(config: TrainConfig) -> tuple[str, tuple[Sample, ...]]:
+    """Where repeated runs report from: ``("test", test samples)`` when any test image has a mask.
+
+    Validation chose each run's checkpoint, so its numbers are biased upwards; they are reported
+    (as ``"val"``, with a warning) only when the dataset gives no labelled test image, and ``"train"``
+    (the training loss alone) when it has no validation images either.
+    """
+    seed_json = load_seed_json(config.dataset.json_file)
+    test = tuple(seed_json.splits.get("test") or ())
+    if any(sample.mask_path is not None for sample in test):
+        return "test", test
+    return ("val" if seed_json.splits.get("val") else "train"), ()
+
+
+def selected_checkpoint(result: TrainResult) -> Path:
+    """The checkpoint validation selected (``best.pt``: best monitored metric), else ``last.pt`` (no validation)."""
+    return result.best_checkpoint if result.best_checkpoint.is_file() else result.last_checkpoint
+
+
+def score_on_test(config: TrainConfig, result: TrainResult, samples: Sequence[Sample],
+                  device: str | None = None) -> EvaluationReport:
+    """``evaluate`` of ``result``'s selected checkpoint on the test ``samples`` (images without mask skipped).
+
+    Predicted as validation predicts (``config.validation``'s mode, window, overlap and batch size), so
+    test and selection numbers are comparable; the report is written where ``evaluate`` puts it by
+    default, ``<run>/checkpoints/eval_test/``.
+    """
+    from ..checkpoint import load_checkpoint
+
+    checkpoint = selected_checkpoint(result)
+    target = resolve_device(device if device not in (None, "") else config.system.device)
+    model = load_checkpoint(checkpoint, device=target)
+    dataset = SegmentationDataset(samples, config.num_classes, config.dataset.ignore_index,
+                                  class_colors=config.dataset.class_colors, cache=False)
+    v = config.validation
+    report = evaluate_model(model, dataset, split="test", window=config.window_size, mode=v.resize_or_windowslide,
+                            overlap=v.overlap, batch_size=v.batch_size, device=target)
+    report.write(checkpoint.parent / "eval_test")
+    return report
+
+
 def train_seeds(config: TrainConfig, *, resume: bool = False, device: str | None = None,
                 callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None) -> SeedsResult:
-    """Train once per seed of ``system.seeds`` and summarise the runs (see :class:`SeedsResult`).
+    """Train once per seed of ``system.seeds``, score each run and summarise (see :class:`SeedsResult`).
 
+    After each seed's training its selected checkpoint is scored on the test split
+    (:func:`score_on_test`) and the summary rewritten, so a long series reports the seeds done so far.
     ``resume`` continues each seed's run from its ``last.pt`` where there is one (finished runs are
-    only re-read). A cancelled run stops the series; the summary covers the runs finished so far.
+    only re-read and re-scored). A cancelled run stops the series unscored.
     """
     if not config.system.seeds:
         raise ConfigError("system.seeds is not set; list the seeds to train with, e.g. system.seeds: [0, 1, 2].")
     parent = config.output_dir
     parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(parent / "config.yaml", config.to_yaml())
+    split, test_samples = reporting_split(config)
+    if split != "test":
+        log.warning(_split_warning(config, split))
     callbacks = list(callbacks)
-    runs: dict[int, TrainResult] = {}
-    status = "completed"
+    result = SeedsResult(status="completed", epochs_completed=0, output_dir=parent, split=split)
     for seed, seed_config in seed_configs(config).items():
         last = seed_config.output_dir / "checkpoints" / "last.pt"
         log.info("Seed %d of %s -> %s", seed, list(config.system.seeds), seed_config.output_dir)
-        result = train_from_config(seed_config, resume=last if resume and last.is_file() else None, device=device,
-                                   callbacks=callbacks, cancel=cancel)
-        runs[seed] = result
-        if result.status != "completed":
-            status = result.status
+        run = train_from_config(seed_config, resume=last if resume and last.is_file() else None, device=device,
+                                callbacks=callbacks, cancel=cancel)
+        result.runs[seed] = run
+        if run.status != "completed":
+            result.status = run.status
             break
-    summary = summarize_seeds(runs)
-    write_seeds_summary(parent, runs, summary, config.validation.monitor)
-    monitor = summary.get(config.validation.monitor, {}).get("mean")
-    return SeedsResult(status=status, epochs_completed=min(r.epochs_completed for r in runs.values()),
-                       output_dir=parent, best_metric=monitor, best_epoch=None, history=[], runs=runs,
-                       summary=summary)
+        result.scores[seed] = (score_on_test(seed_config, run, test_samples, device).metrics if split == "test"
+                               else _best_row_metrics(run))
+        _update_summary(result, config)
+    _update_summary(result, config)
+    return result
+
+
+def _update_summary(result: SeedsResult, config: TrainConfig) -> None:
+    result.summary = summarize_seeds(result.scores)
+    result.best_metric = result.summary.get(config.validation.monitor, {}).get("mean")
+    result.epochs_completed = min((r.epochs_completed for r in result.runs.values()), default=0)
+    write_seeds_summary(result, config)
+
+
+def _split_warning(config: TrainConfig, split: str) -> str:
+    if split == "val":
+        return (f"Dataset '{config.dataset.json_file}' has no test image with a mask, so seeds_summary reports "
+                "VALIDATION numbers (each seed's best epoch, chosen on that same split: an optimistic estimate, "
+                "not a result). Add a test split with masks to report test results.")
+    return (f"Dataset '{config.dataset.json_file}' has no test masks and no val split, so seeds_summary holds the "
+            "training loss only. Add a test split with masks to report results.")
 
 
 def _best_row(result: TrainResult) -> dict[str, Any]:
@@ -250,18 +329,22 @@ def _best_row(result: TrainResult) -> dict[str, Any]:
     return best[0] if best else rows[-1]
 
 
-def summarize_seeds(runs: dict[int, TrainResult]) -> dict[str, dict[str, float]]:
-    """Mean, sample standard deviation and count over the runs of every metric at each run's best epoch.
-
-    Validation metrics come from the best epoch (the last epoch for a run without validation); ``sd`` is
-    0 for a single run. Metrics a run did not produce are left out of that metric's count.
-    """
+def _best_row_metrics(result: TrainResult) -> dict[str, float]:
+    """The numbers of ``result``'s best epoch (the last for a run without validation), bookkeeping left out."""
     skip = {"epoch", "lr", "seconds"}
+    return {key: float(value) for key, value in _best_row(result).items()
+            if key not in skip and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def summarize_seeds(scores: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean, sample standard deviation and count over the seeds of every metric in ``scores``.
+
+    ``sd`` is 0 for a single seed. A metric undefined for a seed (None or NaN, e.g. the Dice of a class
+    absent from its images and predictions) is left out of that metric's count.
+    """
     values: dict[str, list[float]] = {}
-    for result in runs.values():
-        for key, value in _best_row(result).items():
-            if key in skip or not isinstance(value, (int, float)) or isinstance(value, bool):
-                continue
+    for metrics in scores.values():
+        for key, value in metrics.items():
             if value is not None and not math.isnan(float(value)):
                 values.setdefault(key, []).append(float(value))
     summary = {}
@@ -273,25 +356,45 @@ def summarize_seeds(runs: dict[int, TrainResult]) -> dict[str, dict[str, float]]
     return summary
 
 
-def write_seeds_summary(folder: Path, runs: dict[int, TrainResult], summary: dict[str, dict[str, float]],
-                        monitor: str) -> None:
-    """``seeds_summary.csv`` (metric, mean, sd, n, one column per seed) and ``seeds_summary.json``."""
-    seeds = list(runs)
-    rows = {seed: _best_row(result) for seed, result in runs.items()}
+def _class_of(metric: str, class_names: Sequence[str]) -> str:
+    """``Dice_Class_1`` -> the name of class 1; '' for metrics over all classes."""
+    if "_Class_" not in metric:
+        return ""
+    index = int(metric.rsplit("_", 1)[1])
+    return class_names[index] if index < len(class_names) else ""
+
+
+def write_seeds_summary(result: SeedsResult, config: TrainConfig) -> None:
+    """``seeds_summary.csv`` and ``seeds_summary.json`` in ``result.output_dir``, every number labelled by split.
+
+    CSV: one row per metric (``class`` names the class of per-class metrics) with its ``split``, mean,
+    sd, n and one column per seed. JSON: the same summary plus, per seed, its status, the checkpoint
+    validation selected (``selection``: split, monitor, epoch, value) and its metrics on ``split``.
+    """
+    seeds, split, names = list(result.runs), result.split, config.class_names
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["metric", "mean", "sd", "n", *[f"seed_{s}" for s in seeds]])
-    for key, stats in summary.items():
-        writer.writerow([key, f"{stats['mean']:.6g}", f"{stats['sd']:.6g}", stats["n"],
-                         *["" if rows[s].get(key) is None else f"{float(rows[s][key]):.6g}" for s in seeds]])
-    atomic_write_text(folder / "seeds_summary.csv", buffer.getvalue())
+    writer.writerow(["metric", "class", "split", "mean", "sd", "n", *[f"seed_{s}" for s in seeds]])
+    for key, stats in result.summary.items():
+        per_seed = [result.scores.get(s, {}).get(key) for s in seeds]
+        writer.writerow([key, _class_of(key, names), split, f"{stats['mean']:.6g}", f"{stats['sd']:.6g}", stats["n"],
+                         *["" if v is None else f"{float(v):.6g}" for v in per_seed]])
+    atomic_write_text(result.output_dir / "seeds_summary.csv", buffer.getvalue())
+    monitor = config.validation.monitor
     payload = {
+        "split": split,
+        "reported": SPLIT_NOTES[split],
+        "warning": None if split == "test" else _split_warning(config, split),
         "seeds": seeds,
         "monitor": monitor,
-        "runs": {str(seed): {"status": r.status, "epochs_completed": r.epochs_completed, "best_epoch": r.best_epoch,
-                             "best_metric": r.best_metric, "output_dir": str(r.output_dir),
-                             "metrics": {k: v for k, v in rows[seed].items() if k not in ("lr", "seconds")}}
-                 for seed, r in runs.items()},
-        "summary": summary,
+        "class_names": list(names),
+        "runs": {str(seed): {
+            "status": run.status, "epochs_completed": run.epochs_completed, "output_dir": str(run.output_dir),
+            "selection": {"split": "val", "monitor": monitor, "epoch": run.best_epoch, "value": run.best_metric}
+            if run.best_epoch is not None else None,
+            "checkpoint": str(selected_checkpoint(run)) if split == "test" and seed in result.scores else None,
+            "split": split, "metrics": result.scores.get(seed)}
+            for seed, run in result.runs.items()},
+        "summary": result.summary,
     }
-    atomic_write_text(folder / "seeds_summary.json", json.dumps(payload, indent=2, allow_nan=True))
+    atomic_write_text(result.output_dir / "seeds_summary.json", json.dumps(payload, indent=2, allow_nan=True))

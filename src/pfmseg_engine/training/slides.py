@@ -6,14 +6,15 @@ patch sampler a lazy view of every slide at the training resolution: the image t
 resolution plan (:class:`~pfmseg_engine.slides.ResolutionPlan`), the labels rasterised from the polygons
 box by box (:class:`~pfmseg_engine.annotations.PolygonLabels`). Nothing whole-slide is ever held in
 memory. Patches are drawn around annotated pixels of all slides at once (class-balanced), unannotated
-pixels and "Ignore*" classes are never trained on.
+pixels and the classes the import options leave out (``Region*``) are never trained on.
 
 Validation holds out a share of the annotated regions: squares of twice the training window that hold
 annotations (found from the geometry, per slide) are set aside, read once into memory (at most
 ``max_validation_regions`` of them) and scored at native resolution every epoch; the training labels
 read 0 there. Checkpoints, history and resume are the ordinary :class:`~.trainer.Trainer`'s; the
 checkpoint records the classes (names and colours from the annotations) and the training resolution,
-so inference runs at the same µm/px.
+so inference runs at the same µm/px; its ``training_scale`` (µm per model pixel) is that resolution times
+the zoom jitter's median shrink (1 for the default zoom), which the trainer records from ``model.mpp``.
 
 The training resolution is ``train_mpp``, else the config's ``model.mpp`` (a model being continued), else
 the backbone's pretraining resolution when its spec records one, else :data:`DEFAULT_TRAIN_MPP`.
@@ -84,7 +85,7 @@ def _open(slide: Any, mpp: float | None) -> Any:
 def prepare_slides(slides: Sequence[Any], annotations: Sequence[Any], *, train_mpp: float,
                    class_names: Sequence[str] | None = None, class_colours: Sequence[Sequence[int]] | None = None,
                    mpp: float | None = None, frame: str = "qupath", class_map: Mapping[str, str] | None = None,
-                   on_unsupported: str = "error", clip: bool = False) -> tuple[list[SlideTrainingPair], Any]:
+                   import_options: Any = None, clip: bool = False) -> tuple[list[SlideTrainingPair], Any]:
     """(one lazy image/labels pair per slide, the class table) for slide-level training.
 
     ``slides`` are paths (or :class:`~pfmseg_engine.slides.Slide` objects), ``annotations`` one QuPath GeoJSON
@@ -104,7 +105,7 @@ def prepare_slides(slides: Sequence[Any], annotations: Sequence[Any], *, train_m
     for slide, annotation in zip(slides, annotations, strict=True):
         slide = _open(slide, mpp)
         source = annotation if isinstance(annotation, AnnotationSource) else load_annotations(
-            annotation, slide=slide, frame=frame, on_unsupported=on_unsupported, class_map=class_map, clip=clip)
+            annotation, slide=slide, frame=frame, options=import_options, class_map=class_map, clip=clip)
         opened.append(slide)
         sources.append(source)
     table = class_table_of(sources, class_names=class_names, class_colours=class_colours)
@@ -171,16 +172,16 @@ def build_slide_trainer(config: TrainConfig, slides: Sequence[Any], annotations:
                         model: Any | None = None, train_mpp: float | None = None, mpp: float | None = None,
                         validation_share: float = 0.2, max_validation_regions: int = 64,
                         frame: str = "qupath", class_map: Mapping[str, str] | None = None,
-                        on_unsupported: str = "error", clip: bool = False, samples_per_epoch: int | None = None,
+                        import_options: Any = None, clip: bool = False, samples_per_epoch: int | None = None,
                         device: str | None = None, callbacks: Iterable[Callback] = (),
                         cancel: CancelToken | None = None, output_dir: str | Path | None = None) -> Trainer:
     """A :class:`Trainer` on whole slides and their annotations (see the module docstring).
 
     ``config`` need not name classes: they come from the annotations (``dataset.class_names`` in the
     config, or ``model``'s classes when continuing a model, fix their order and refuse other classes).
-    ``mpp`` overrides the slides' own resolution (files without one); ``frame``, ``class_map``,
-    ``on_unsupported`` and ``clip`` are the GeoJSON reading options of
-    :func:`~pfmseg_engine.annotations.load_annotations`.
+    ``mpp`` overrides the slides' own resolution (files without one); ``frame``, ``class_map``, ``clip`` and
+    ``import_options`` (:class:`~pfmseg_engine.annotations.ImportOptions`: points, ignored classes, cells) are
+    the GeoJSON reading options of :func:`~pfmseg_engine.annotations.load_annotations`.
     """
     from ..data.masks import sparse_to_targets
     from .runner import build_augmentation, model_or_new
@@ -190,7 +191,7 @@ def build_slide_trainer(config: TrainConfig, slides: Sequence[Any], annotations:
     names = list(model.config.class_names) if model is not None else config.dataset.class_names
     colours = config.dataset.class_colors
     pairs, table = prepare_slides(slides, annotations, train_mpp=train_mpp, class_names=names, class_colours=colours,
-                                  mpp=mpp, frame=frame, class_map=class_map, on_unsupported=on_unsupported, clip=clip)
+                                  mpp=mpp, frame=frame, class_map=class_map, import_options=import_options, clip=clip)
     config = config_for_classes(config, table, train_mpp)
     block = 2 * config.crop_size
     train_labels, val_images, val_labels, val_names = hold_out(pairs, validation_share, block, config.system.seed,

@@ -11,6 +11,10 @@ What it guarantees, and why:
   reproduces the losses of an uninterrupted one.
 * **Honest validation.** Every ``eval_interval`` epochs, whole validation images are predicted at
   native resolution (see :mod:`.validation`).
+* **Checkpoints say what scale the model learnt.** The µm of tissue per model pixel training crops
+  showed (:func:`training_scale_for`) is recorded in every checkpoint's metadata
+  (``training_scale``) and carried by the model, so slide inference can warn when it runs at another
+  resolution (area-scale crops train at several times the images' µm/px).
 * **GUI-ready.** Progress goes through callbacks, and :meth:`Trainer.iter_fit` is the same loop as a
   generator of step/epoch events (``fit`` just drains it), so a napari ``thread_worker`` generator
   drives the trainer directly, without a helper thread. A :class:`~.callbacks.CancelToken` is checked
@@ -39,9 +43,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import load_into, read_checkpoint, save_checkpoint
+from ..data.augment import CropShrink, JointAugment, crop_shrink
+from ..data.dataset import SegmentationDataset
+from ..data.images import image_size
 from ..data.sampler import EpochSampler
+from ..data.sparse import SparsePatchDataset
 from ..devices import resolve_device
 from ..errors import CheckpointError, PfmsegError
+from ..inference.scale import TrainingScale, attach_training_scale
 from .callbacks import Callback, CancelToken, EpochInfo, StepInfo
 from .config import TrainConfig
 from .history import History
@@ -57,7 +66,7 @@ log = logging.getLogger("pfmseg_engine.training")
 TrainEvent = tuple[str, StepInfo | EpochInfo]  # ("step", StepInfo) or ("epoch", EpochInfo)
 
 __all__ = ["TrainEvent", "TrainResult", "Trainer", "TrainingError", "choose_amp_dtype", "resolve_amp",
-           "resolve_device"]
+           "resolve_device", "training_scale_for"]
 
 
 class TrainingError(PfmsegError):
@@ -116,6 +125,40 @@ def choose_amp_dtype(amp_dtype: str, device: torch.device | str) -> torch.dtype 
     return torch.bfloat16 if amp_dtype == "bfloat16" else None
 
 
+def dataset_crop_shrink(dataset: Any) -> CropShrink | None:
+    """How much the training crops of ``dataset`` shrink its images; None for a dataset of unknown kind.
+
+    Seed JSON splits (:class:`SegmentationDataset`) crop with their :class:`JointAugment`, whose
+    area-scale crop needs every image's size (read from the file headers, only then); patch samplers
+    (:class:`SparsePatchDataset`: annotations, slides) cut ``patch_size`` squares with their own zoom.
+    """
+    if isinstance(dataset, SparsePatchDataset):
+        return crop_shrink(dataset.patch_size, zoom=dataset.zoom)
+    if isinstance(dataset, SegmentationDataset):
+        augment = dataset.transform
+        if augment is None:
+            return crop_shrink(None)
+        if not isinstance(augment, JointAugment):
+            return None
+        area = augment.crop_size is not None and augment.crop_scale is not None
+        return augment.crop_shrink([image_size(s.image_path) for s in dataset.samples] if area else ())
+    return None
+
+
+def training_scale_for(config: TrainConfig, dataset: Any) -> TrainingScale | None:
+    """The scale a run trains at: its images' µm/px (``model.mpp``) times the crops' median shrink.
+
+    Slide training sets ``model.mpp`` to the resolution it reads the slides at, so the same rule holds
+    there. With ``model.mpp`` unset only the shrink is recorded; for a dataset of unknown kind, nothing.
+    """
+    shrink = dataset_crop_shrink(dataset)
+    if shrink is None:
+        return None
+    mpp = config.model.mpp
+    return TrainingScale(shrink=shrink.median, data_mpp=float(mpp) if mpp else None,
+                         shrink_range=(shrink.low, shrink.high), crop=shrink.crop)
+
+
 class Trainer:
     """Train ``model`` on ``train_dataset`` (items ``{"image", "label"}``) and validate on ``val_source``."""
 
@@ -169,6 +212,8 @@ class Trainer:
         self.history = History()
         self._paused_seconds = 0.0  # of the epoch in progress
         self.colours = palette(config.num_classes, config.dataset.class_colors)
+        self.training_scale = training_scale_for(config, train_dataset)
+        attach_training_scale(self.model, self.training_scale)
 
     # --- public ----------------------------------------------------------------------------------
     def fit(self, resume: str | Path | None = None) -> TrainResult:
@@ -396,7 +441,8 @@ class Trainer:
     def _save(self, kind: str, metrics: dict[str, float]) -> Path:
         path = self.checkpoint_dir / f"{kind}.pt"
         metadata = {"epoch": self.epoch, "kind": kind, "monitor": self.config.validation.monitor,
-                    "train_config": self.config.to_dict()}
+                    "train_config": self.config.to_dict(),
+                    "training_scale": self.training_scale.to_dict() if self.training_scale else None}
         save_checkpoint(path, self.model, metrics=metrics,
                         training_state=self.training_state() if kind == "last" else None, metadata=metadata)
         if kind == "best":
@@ -425,6 +471,8 @@ class Trainer:
                  100.0 * trainable / max(1, total))
         log.info("Device: %s, mixed precision: %s, epochs %d, %d batches/epoch, accumulate %d.",
                  self.device, self.amp_dtype or "off", self.epochs, self.batches_per_epoch, self.accumulate)
+        if self.training_scale is not None:
+            log.info("Training scale: %s.", self.training_scale.describe())
 
     def _log_epoch(self, train_loss: float, val_loss: float | None, metrics: dict[str, float]) -> None:
         monitor = self.config.validation.monitor

@@ -7,13 +7,20 @@ from typing import Any
 
 from ..errors import ConfigError, closest, reject_unknown_keys
 
+#: Implementations of the ``lora``/``dora`` strategies: peft's standard layers (update scaled by
+#: ``alpha / rank``, A ~ +-1/sqrt(in_features), DoRA magnitude per output row) or the seed framework's
+#: (``alpha`` itself, A ~ +-1/sqrt(rank), one scalar DoRA magnitude per layer; see ``seed_lora``).
+LORA_IMPLS: tuple[str, ...] = ("peft", "seed")
+
 
 @dataclass(frozen=True)
 class TuningConfig:
     """Which strategy adapts the backbone, and its knobs.
 
-    ``rank``/``alpha``/``dropout``/``lora_mlp`` apply to LoRA and DoRA (``lora_mlp`` also adapts the
-    MLP ``fc1``/``fc2`` besides attention ``qkv``/``proj``); ``adapter_width_factor`` and
+    ``rank``/``alpha``/``dropout``/``lora_mlp``/``lora_impl`` apply to LoRA and DoRA (``lora_mlp`` also
+    adapts the MLP ``fc1``/``fc2`` besides attention ``qkv``/``proj``; ``lora_impl`` picks peft's layers
+    or the seed's, and with them what ``alpha`` means: peft scales the update by ``alpha / rank``, the
+    seed by ``alpha``); ``adapter_width_factor`` and
     ``adapter_block_units`` size the seed's ResNetV2 CNN adapter (``cnn_adapter``: widths 64, 256, 512
     times the factor; units of blocks 1 and 2 (the seed's third entry is accepted and unused));
     ``adapter_channels`` sizes the 1/2, 1/4, 1/8 stages of the small one (``cnn_adapter_small``);
@@ -27,6 +34,7 @@ class TuningConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     lora_mlp: bool = False
+    lora_impl: str = "peft"
     adapter_channels: tuple[int, int, int] = (32, 64, 128)
     adapter_width_factor: float = 1.0
     adapter_block_units: tuple[int, ...] = (3, 4, 9)
@@ -50,6 +58,7 @@ class TuningConfig:
             raise ConfigError(f"LoRA/DoRA rank must be >= 1, got {self.rank}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoRA/DoRA dropout must be in [0, 1), got {self.dropout}.")
+        self._check_lora_impl()
         if len(self.adapter_channels) != 3 or min(self.adapter_channels) < 1:
             raise ConfigError(
                 f"adapter_channels needs three positive widths (1/2, 1/4, 1/8 stages), got {self.adapter_channels}."
@@ -76,6 +85,18 @@ class TuningConfig:
         if self.adapter_mlp_ratio <= 0:
             raise ConfigError(f"adapter_mlp_ratio must be positive, got {self.adapter_mlp_ratio}.")
         object.__setattr__(self, "adapter_channels", tuple(int(c) for c in self.adapter_channels))
+
+    def _check_lora_impl(self) -> None:
+        if self.lora_impl not in LORA_IMPLS:
+            raise ConfigError(
+                f"Unknown lora_impl '{self.lora_impl}'.{closest(str(self.lora_impl), LORA_IMPLS)} "
+                f"Choose one of: {', '.join(LORA_IMPLS)}."
+            )
+        if self.lora_impl == "seed" and self.dropout and self.strategy in ("lora", "dora"):
+            raise ConfigError(
+                f"lora_impl 'seed' has no LoRA dropout (the seed's layers have none), got dropout {self.dropout}; "
+                "set dropout: 0, or lora_impl: peft for dropout."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -18,6 +18,7 @@ from ..backbones.backbone import Backbone
 from .adapters import ResNetV2Adapter, SmallCNNAdapter, TransformerAdapter
 from .config import TuningConfig
 from .lora import inject_lora
+from .seed_lora import inject_seed_lora
 
 
 @dataclass
@@ -80,13 +81,20 @@ def _full(backbone: Backbone, cfg: TuningConfig) -> Encoder:
     return Encoder(backbone)
 
 
+# ``lora_impl`` -> the function that injects that implementation's LoRA/DoRA layers
+LORA_INJECTORS: dict[str, Callable[[nn.Module, TuningConfig, bool], nn.Module]] = {
+    "peft": inject_lora,
+    "seed": inject_seed_lora,
+}
+
+
 def _lora(backbone: Backbone, cfg: TuningConfig) -> Encoder:
-    inject_lora(backbone.vit, cfg, use_dora=False)
+    LORA_INJECTORS[cfg.lora_impl](backbone.vit, cfg, False)
     return Encoder(backbone)
 
 
 def _dora(backbone: Backbone, cfg: TuningConfig) -> Encoder:
-    inject_lora(backbone.vit, cfg, use_dora=True)
+    LORA_INJECTORS[cfg.lora_impl](backbone.vit, cfg, True)
     return Encoder(backbone)
 
 
@@ -137,10 +145,13 @@ STRATEGIES: dict[str, Strategy] = {
     for s in (
         Strategy("frozen", "backbone frozen, only the head trains", _frozen, ()),
         Strategy("full", "every backbone weight trains", _full, (r"backbone\..*",), backbone_trains=True),
-        Strategy("lora", "low-rank adapters (peft) on attention qkv/proj (+ MLP)", _lora,
-                 (r"backbone\..*\.lora_[AB]\..*",)),
-        Strategy("dora", "weight-decomposed low-rank adapters (peft)", _dora,
-                 (r"backbone\..*\.lora_[AB]\..*", r"backbone\..*\.lora_magnitude_vector\..*")),
+        # trainable names of both implementations: peft's ``lora_A.default.weight`` ... and the seed
+        # layers' ``lora_a``/``lora_b``/``lora_magnitude`` (seed_lora.py)
+        Strategy("lora", "low-rank adapters (peft, or the seed's: lora_impl) on attention qkv/proj (+ MLP)", _lora,
+                 (r"backbone\..*\.lora_[AB]\..*", r"backbone\..*\.lora_[ab]")),
+        Strategy("dora", "weight-decomposed low-rank adapters (peft, or the seed's: lora_impl)", _dora,
+                 (r"backbone\..*\.lora_[AB]\..*", r"backbone\..*\.lora_magnitude_vector\..*",
+                  r"backbone\..*\.lora_[ab]", r"backbone\..*\.lora_magnitude")),
         Strategy("cnn_adapter", "frozen backbone + the seed's ResNetV2 CNN branch (1/2, 1/4, 1/8 skips)",
                  _cnn_adapter, (r"cnn_adapter\..*",), adds_skips=True),
         Strategy("cnn_adapter_small", "frozen backbone + a small 3-stage CNN branch (1/2, 1/4, 1/8 skips)",
