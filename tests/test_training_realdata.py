@@ -86,3 +86,33 @@ def test_densebench_preset_with_the_resnet_adapter_learns_monuseg_nuclei(shared_
     final = result.history[-1]
     assert final["Mean_Dice"] > baseline + 0.2, (final["Mean_Dice"], baseline)
     assert final["Dice_Class_1"] > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_frozen_light_decoder_preset_learns_monuseg_nuclei_and_reports_the_test_split(shared_data, tmp_path):
+    """The frozen-encoder benchmark's protocol (frozen encoder, light decoder on the normalised output, Dice
+    selection, test-set summary over seeds) from one YAML line, on real H&E, shortened for a CPU: two seeds
+    of a tiny random encoder, whose frozen tokens still carry the stain colour the decoder learns from."""
+    json_file = shared_data / "monuseg" / "dataset.json"
+    _, baseline = majority_baseline(json_file)
+    cfg = config_from_dict({
+        "protocol": "frozen_light_decoder",
+        "dataset": {"json_file": str(json_file)},
+        "system": {"num_workers": 0, "device": "cpu", "seeds": [0, 1]},
+        "model": {"pfm_name": "kaiko-vits16", "tiny": True},
+        "training": {"batch_size": 4, "epochs": 1, "samples_per_epoch": 96, "learning_rate": 0.002,
+                     "augmentation": {"RandomResizedCropSize": 128}, "scheduler": {"T_0": 1}},
+        "validation": {"eval_interval": 1, "batch_size": 8},
+        "logging": {"log_dir": str(tmp_path), "experiment_name": "frozen"},
+        "visualization": {"save_interval": 100, "num_vis_samples": 0},
+    })
+    model_config = cfg.model_config()
+    assert (model_config.head, model_config.tuning.strategy, model_config.light_head_final_norm) == (
+        "light", "frozen", True)
+    assert cfg.validation.monitor == "Mean_Dice"
+    result = train_from_config(cfg)
+    assert result.split == "test" and sorted(result.scores) == [0, 1]
+    for scores in result.scores.values():
+        assert scores["Mean_Dice"] > baseline + 0.15, (scores["Mean_Dice"], baseline)
+    assert result.summary["Mean_Dice"]["n"] == 2

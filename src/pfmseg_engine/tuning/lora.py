@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
-from .config import TuningConfig
+if TYPE_CHECKING:
+    from .config import TuningConfig
+
 
 # Full-match regexes over timm VisionTransformer module names. Anchored on ``blocks.N`` so the
 # patch-embedding ``proj`` convolution and modules added later (adapters, head) are never touched.

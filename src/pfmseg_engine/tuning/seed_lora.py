@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import TuningConfig
 from .lora import ATTENTION_MLP_TARGETS, ATTENTION_TARGETS
+
+if TYPE_CHECKING:
+    from .config import TuningConfig
 
 
 class SeedLoRALinear(nn.Module):

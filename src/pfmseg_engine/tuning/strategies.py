@@ -10,15 +10,18 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..backbones.backbone import Backbone
 from .adapters import ResNetV2Adapter, SmallCNNAdapter, TransformerAdapter
-from .config import TuningConfig
 from .lora import inject_lora
 from .seed_lora import inject_seed_lora
+
+if TYPE_CHECKING:
+    from .config import TuningConfig
 
 
 @dataclass
