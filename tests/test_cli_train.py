@@ -129,6 +129,7 @@ def test_ctrl_c_tells_how_to_resume(config_file, tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "train_from_config", interrupted)
-    assert main(["train", "--config", str(config_file), "--no-progress"]) == 130
+    last = tmp_path / "logs" / "cli" / "checkpoints" / "last.pt"
+    assert main(["train", "--config", str(config_file), "--no-progress", "--resume", str(last)]) == 130
     err = capsys.readouterr().err
-    assert f"--resume {tmp_path / 'logs' / 'cli' / 'checkpoints' / 'last.pt'}" in err
+    assert f"--resume {last}" in err

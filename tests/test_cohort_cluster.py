@@ -7,10 +7,11 @@ killed mid-slide; a corrupt slide fails alone; workers are recycled after K slid
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from test_cohort_support import CONFIG, TESTS, load, outputs, slide_folder, summ
 pytest.importorskip("distributed")
 
 WORKERS = 2
+#: Seconds a cohort may take on a loaded machine: a deadlock guard, never a race decider.
+GUARD = 600
 
 
 @pytest.fixture(scope="module")
@@ -78,31 +81,32 @@ def test_a_killed_worker_costs_only_a_resumed_slide(cluster_client, slides, seri
     config = SlideInferenceConfig(**CONFIG)
     todo = jobs(slides, 3)
     result: dict = {}
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(GUARD)  # a deadlock guard: the held worker reports long before
+        checkpoint = f"hold={server.getsockname()[1]}:{hold}"
 
-    def run():
-        try:
-            result["cohort"] = run_cohort("delay=0.2", todo, tmp_path, config, client=cluster_client,
-                                          model_loader=load)
-        except BaseException as exc:  # surfaced below
-            result["error"] = exc
+        def run():
+            try:
+                result["cohort"] = run_cohort(checkpoint, todo, tmp_path, config, client=cluster_client,
+                                              model_loader=load)
+            except BaseException as exc:  # surfaced below
+                result["error"] = exc
+            finally:
+                if not (hold / "claimed").exists():  # no worker was held: do not leave the test waiting
+                    socket.create_connection(server.getsockname()).close()
 
-    thread = threading.Thread(target=run)
-    thread.start()
-    killed = None
-    deadline = time.monotonic() + 120
-    while killed is None and time.monotonic() < deadline and thread.is_alive():
-        for job in todo:  # a slide with finished chunks on disk: kill the worker computing it
-            done = tmp_path / f"{job.name}.ome.zarr.partial" / ".pfmseg_work" / "done.jsonl"
-            if done.is_file() and done.read_text().strip():
-                pids = cluster_client.run(os.getpid)
-                busy = [addr for addr, keys in cluster_client.processing().items() if keys and addr in pids]
-                if busy:
-                    killed = pids[busy[0]]
-                    os.kill(killed, signal.SIGKILL)
-                break
-        time.sleep(0.1)
-    thread.join(timeout=300)
-    assert killed is not None and "error" not in result, result.get("error")
+        thread = threading.Thread(target=run)
+        thread.start()
+        connection, _ = server.accept()  # a worker holds a slide whose first chunk is recorded on disk
+        with connection:
+            reported = b"".join(iter(lambda: connection.recv(64), b""))
+    assert reported, result.get("error") or "the cohort ended without any worker recording a chunk"
+    killed = int(reported)
+    os.kill(killed, signal.SIGKILL)
+    thread.join(timeout=GUARD)
+    assert not thread.is_alive() and "error" not in result, result.get("error")
     cohort = result["cohort"]
     assert cohort.ok, [r.error for r in cohort.records]
     assert any(r.resumed for r in cohort.records)  # the killed slide went on from its finished chunks
@@ -135,7 +139,8 @@ def test_workers_are_recycled_after_k_slides(cluster_client, slides, serial, tmp
         lambda dask_worker: list(dask_worker.plugins)).values())
 
 
-def test_cli_on_a_local_cluster(slides, tmp_path, capsys):
+def test_cli_on_a_local_cluster(slides, tmp_path, capfd, caplog):
+    """The CLI's cluster run, and its console: only the run's own lines (capfd holds the workers' output too)."""
     from pfmseg_engine.checkpoint import save_checkpoint
     from pfmseg_engine.cli import main
     from pfmseg_engine.model import ModelConfig, build_model
@@ -151,9 +156,16 @@ def test_cli_on_a_local_cluster(slides, tmp_path, capsys):
     code = main(["infer", "--slide", str(listed), "--checkpoint", str(checkpoint), "--output_dir", str(out),
                  "--target_mpp", "8", "--no-tissue", "--scheduler", "local:2", "--dashboard", "none",
                  "--reader", "tiffslide", "--retries", "0", "--recycle_after", "1"])
-    text = capsys.readouterr().out
+    text, err = capfd.readouterr()
     assert code == 1, text
     assert "local cluster of 2 worker processes" in text and "dashboard: off" in text
     assert "3 slides: 2 done, 1 failed" in text and "tried tiffslide (" in text and "; openslide (" not in text
-    assert [(r["name"], r["status"]) for r in summary_rows(out)] == [
+    rows = summary_rows(out)
+    assert [(r["name"], r["status"]) for r in rows] == [
         ("tcga", "done"), ("broken", "failed"), ("CMU-1-Small-Region_x0_y0_1024x768", "done")]
+    assert rows[1]["error"].startswith(f"Cannot open '{slides['broken']}'") and "\n" not in rows[1]["error"]
+    # quiet: no dask INFO lines, no worker traceback for the expected failure, nothing at shutdown
+    console = text + err + caplog.text
+    for noise in ("Traceback", "INFO distributed", "Compute Failed", "CommClosedError", "still alive"):
+        assert noise not in console, (noise, console)
+    assert not [r for r in caplog.records if r.name.startswith("distributed") and r.levelno < logging.WARNING]

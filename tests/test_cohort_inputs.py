@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -143,3 +148,84 @@ def test_scheduler_and_worker_settings():
     cpu = worker_envs(None, [], cores=8)
     assert len(cpu) == 4 and "CUDA_VISIBLE_DEVICES" not in cpu[0] and cpu[0]["OMP_NUM_THREADS"] == "2"
     assert len(worker_envs(None, [], cores=1)) == 1
+
+
+@contextlib.contextmanager
+def not_a_scheduler(reply: bytes) -> Iterator[tuple[str, threading.Event]]:
+    """A TCP server on 127.0.0.1 that is not dask: it sends ``reply`` (b"": nothing) on every connection and
+    keeps it open until the block ends. Yields its address and an event set once a client connected."""
+    server = socket.create_server(("127.0.0.1", 0))
+    address = server.getsockname()
+    connected, done = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        held = []
+        with server:
+            while not done.is_set():
+                connection, _ = server.accept()
+                held.append(connection)
+                connected.set()
+                if reply:
+                    connection.sendall(reply)
+        for connection in held:
+            connection.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"tcp://{address[0]}:{address[1]}", connected
+    finally:
+        done.set()
+        socket.create_connection(address).close()  # wakes the server's accept, which then sees `done`
+        thread.join()
+
+
+@pytest.mark.parametrize(("reply", "reason"), [
+    (b"", "no dask handshake within 2 s"),  # accepts and never answers: dask alone would wait forever
+    (b"\xff" * 64, "does not speak dask's protocol"),
+    (b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", "does not speak dask's protocol"),
+])
+def test_a_port_where_something_else_answers_fails_with_the_reason(reply, reason):
+    pytest.importorskip("distributed")
+    from pfmseg_engine.distributed.cluster import open_client
+
+    with not_a_scheduler(reply) as (address, connected):
+        with pytest.raises(ConfigError) as caught, open_client(address, connect_timeout=2):
+            pytest.fail("connected to something that is not a dask scheduler")
+        assert connected.is_set()
+    message = str(caught.value)
+    assert message.startswith(f"Could not reach a dask scheduler at '{address}': ") and reason in message
+    assert message.endswith("or use --scheduler local:N.") and "\n" not in message
+
+
+def test_a_refused_port_or_unknown_host_is_said_at_once():
+    pytest.importorskip("distributed")
+    from pfmseg_engine.distributed.cluster import check_scheduler
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+    with pytest.raises(ConfigError, match=re.escape(f"scheduler at 'tcp://127.0.0.1:{port}': connection refused;")):
+        check_scheduler(f"tcp://127.0.0.1:{port}", timeout=60)  # refused: no waiting for the timeout
+    with pytest.raises(ConfigError, match=re.escape("unknown host 'no-such-host.invalid'")):
+        check_scheduler("tcp://no-such-host.invalid:8786", timeout=60)
+    with pytest.raises(ConfigError, match="positive number of seconds"):
+        check_scheduler("tcp://127.0.0.1:8786", timeout=0)
+    with pytest.raises(ConfigError, match="is not a scheduler address"):
+        check_scheduler("tcp://127.0.0.1:port", timeout=60)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_dask_logs_at_warning_unless_debugging(debug):
+    pytest.importorskip("distributed")
+    from pfmseg_engine.distributed.cluster import dask_logging
+
+    logger = logging.getLogger("distributed")
+    before = logger.level
+    logger.setLevel(logging.INFO)  # what dask's own configuration sets
+    try:
+        with dask_logging(debug):
+            assert logging.getLogger("distributed.nanny").isEnabledFor(logging.INFO) == debug
+            assert logging.getLogger("distributed.nanny").isEnabledFor(logging.WARNING)
+        assert logger.level == logging.INFO  # restored
+    finally:
+        logger.setLevel(before)

@@ -1,18 +1,20 @@
 """Helpers of the cohort tests (no tests here): a stand-in model that cluster workers import, and slides.
 
 Worker processes import this module by name (the tests folder is on their ``PYTHONPATH``), so the
-model loader passed to them is pickled by reference: ``load("delay=0.25", None, "cpu")`` gives a
-:class:`CohortModel` that sleeps that long per batch (to catch a worker mid-slide). The delay is not
-part of the model's weights, so slow and fast runs write byte-identical outputs.
+model loader passed to them is pickled by reference: ``load("hold=PORT:FOLDER", None, "cpu")`` gives
+the stand-in model and makes the first worker that records a finished chunk report its PID over a
+socket and stop there (:func:`hold_first_finished_chunk`), so a test kills a worker mid-slide at a
+known point, never a guessed moment. The hold is not part of the model, so held and plain runs write
+byte-identical outputs.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
-import time
+import socket
+import threading
 from pathlib import Path
-
-import torch
 
 from test_wsi_support import PixelModel
 from testdata import CMU, TCGA
@@ -23,21 +25,41 @@ CONFIG = {"window": 128, "overlap": 0.25, "chunk": 256, "tissue": False, "batch_
 
 
 class CohortModel(PixelModel):
-    """PixelModel that can be slowed down (``delay`` seconds per batch; not a weight)."""
+    """The stand-in model of the cohort tests."""
 
-    def __init__(self, delay: float = 0.0):
-        super().__init__()
-        self.delay = float(delay)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.delay:
-            time.sleep(self.delay)
-        return super().forward(x)
+def hold_first_finished_chunk(folder: Path, port: int) -> None:
+    """In a worker process: the first process to record a finished chunk (``folder/claimed`` says which)
+    sends its PID to ``port`` on this host and stops there, output lock held, until it is killed; every
+    other process, and the retried job, goes on."""
+    from pfmseg_engine.inference import slide as engine_slide
+
+    mark_done = engine_slide._Output.mark_done
+    if getattr(mark_done, "holds", False):
+        return
+
+    def held(self, index: tuple[int, int], nonempty: bool) -> None:
+        mark_done(self, index, nonempty)
+        try:
+            os.close(os.open(folder / "claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+        with socket.create_connection(("127.0.0.1", port)) as connection:
+            connection.sendall(str(os.getpid()).encode())
+        threading.Event().wait()  # until killed
+
+    held.holds = True
+    engine_slide._Output.mark_done = held
 
 
 def load(checkpoint: str, weights: str | None, device: str) -> CohortModel:
-    """A model loader for predict_job: the checkpoint string "delay=S" slows the model down."""
-    return CohortModel(float(str(checkpoint).partition("delay=")[2] or 0.0))
+    """A model loader for predict_job: the checkpoint string "hold=PORT:FOLDER" holds the first worker that
+    finishes a chunk (:func:`hold_first_finished_chunk`); any other string gives the plain stand-in."""
+    spec = str(checkpoint)
+    if spec.startswith("hold="):
+        port, _, folder = spec.removeprefix("hold=").partition(":")
+        hold_first_finished_chunk(Path(folder), int(port))
+    return CohortModel()
 
 
 def tree(folder: Path) -> dict[str, bytes]:

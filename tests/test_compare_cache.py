@@ -3,7 +3,9 @@ new weights, the cached forward equal to the model's, and the feature PCA view."
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -164,6 +166,69 @@ def test_interrupted_fill_resumes(tmp_path):
     calls = []
     assert cache.fill(dataset, batch_size=2, should_stop=lambda: calls.append(1) or len(calls) > 2) == 4
     assert cache.fill(dataset, batch_size=2) == len(dataset.boxes) - 4
+
+
+def enospc() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_full_disk_while_creating_the_cache_is_one_line_and_leaves_nothing_complete(tmp_path, monkeypatch,
+                                                                                     fallback):
+    """Feature files reserve their space before any feature is written: a full disk is a StorageError here,
+    not a memory-mapped write that the kernel answers with SIGBUS."""
+    from pfmseg_engine import storage
+    from pfmseg_engine.errors import StorageError
+
+    model = tiny_model()
+    dataset = CropSetDataset(Source(), crop=32, transforms={"hflip": {"p": 0.5}})
+    cache = FeatureCache(tmp_path, model, crop=32)
+    if fallback:  # no posix_fallocate: zeros written through checked writes; the second file fills the disk
+        monkeypatch.delattr(os, "posix_fallocate", raising=False)
+        real_write = os.write
+        one_file = cache._rows(dataset, 0)[1] * int(np.prod(cache._grid_shape())) * 4
+        room = [one_file + one_file // 2]
+
+        def fills_up(fd, data):  # a full disk takes what fits, then refuses
+            if room[0] <= 0:
+                raise enospc()
+            written = real_write(fd, bytes(data[:room[0]]))
+            room[0] -= written
+            return written
+
+        monkeypatch.setattr(storage.os, "write", fills_up)
+    else:
+        monkeypatch.setattr(os, "posix_fallocate", lambda fd, offset, length: (_ for _ in ()).throw(enospc()),
+                            raising=False)
+    computed = []
+    with pytest.raises(StorageError) as info:
+        cache.fill(dataset, progress=lambda done, total: computed.append(done))
+    message = str(info.value)
+    assert "\n" not in message and "disk is full" in message and "feature cache" in message
+    assert str(cache.directory) in message and computed == []  # stopped before any feature was computed
+    data = sorted(cache.directory.rglob("op*_block*[0-9].npy"))
+    assert len(data) == (1 if fallback else 0)  # the file reserved before the disk filled, not the one after
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    for path in data:  # nothing looks complete: every file left has its flags, and they say "not computed"
+        assert not np.load(path.with_name(path.name.replace(".npy", ".done.npy"))).any()
+
+    monkeypatch.undo()
+    total = len(dataset.boxes) * len(dataset.ops)
+    assert cache.fill(dataset) == total  # with room again, the cache is built from scratch
+    store = cache.store(dataset)
+    torch.testing.assert_close(store.read(1, 0)[-1], live_features(model, dataset, 1, 0)[-1], rtol=1e-5, atol=1e-6)
+
+
+def test_a_feature_file_without_its_flags_is_rebuilt(tmp_path):
+    """Flags are written after their feature file: a file left by an interrupted creation is never trusted."""
+    model = tiny_model()
+    dataset = CropSetDataset(Source(), crop=32)
+    cache = FeatureCache(tmp_path, model, crop=32)
+    cache.fill(dataset)
+    folder = cache.image_dir(dataset, 0)
+    (folder / f"op0_block{cache.blocks[-1]}.done.npy").unlink()
+    assert cache.fill(dataset) == len(dataset.images_boxes[0])  # that image's windows again, no other
+    assert cache.fill(dataset) == 0
 
 
 @pytest.mark.parametrize("strategy,head", [("frozen", None), ("frozen", "light"), ("frozen", "cup"),

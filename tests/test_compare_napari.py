@@ -42,8 +42,11 @@ def app(make_napari_viewer):
 
 
 def wait(qtbot, controller):
+    """Until the job has finished and its worker thread (on Qt's global pool) has ended."""
+    from qtpy.QtCore import QThreadPool
+
     qtbot.waitUntil(lambda: not controller.running, timeout=TIMEOUT_MS)
-    qtbot.wait(20)
+    assert QThreadPool.globalInstance().waitForDone(TIMEOUT_MS)
 
 
 def test_compare_ranks_previews_and_uses_the_winner(app, qtbot):

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -296,52 +295,79 @@ def test_a_different_file_under_the_same_name_does_not_resume(tmp_path):
 
 # --- two processes on one output ------------------------------------------------------------------
 WRITER = textwrap.dedent("""
-    import sys, time
+    import sys
     sys.path.insert(0, {tests!r})
+    import filelock
     from test_wsi_support import PixelModel
     from pfmseg_engine.inference import predict_slide
     from pfmseg_engine.errors import PfmsegError
 
-    fast = PixelModel.forward
+    slide, wait, role = sys.argv[1:4]
+    if role == "holder":  # holds the output mid-run: says so, then computes once its stdin says go
+        compute, held = PixelModel.forward, []
 
-    def slow(self, x):  # the same model, slower: time for a second process to arrive
-        time.sleep({delay})
-        return fast(self, x)
+        def gated(self, x):
+            if not held:
+                held.append(True)
+                print("COMPUTING", flush=True)
+                sys.stdin.readline()
+            return compute(self, x)
 
-    PixelModel.forward = slow
+        PixelModel.forward = gated
+    elif role == "waiter":  # says when it finds the output locked, then waits for the lock as usual
+        acquire = filelock.FileLock.acquire
 
-    wait = None if sys.argv[2] == "none" else float(sys.argv[2])
+        def reporting(self, timeout=None, poll_interval=0.05, **kwargs):
+            try:
+                return acquire(self, timeout=0, poll_interval=poll_interval, **kwargs)
+            except filelock.Timeout:
+                print("WAITING", flush=True)
+            return acquire(self, timeout=timeout, poll_interval=poll_interval, **kwargs)
+
+        filelock.FileLock.acquire = reporting
     try:
-        result = predict_slide(PixelModel(), sys.argv[1], {out!r}, wait=wait, **{options!r})
+        result = predict_slide(PixelModel(), slide, {out!r}, wait=None if wait == "none" else float(wait),
+                               **{options!r})
     except PfmsegError as exc:
         print("ERROR", exc)
         sys.exit(2)
     print("DONE", result.chunks_run, result.chunks_total)
 """)
+#: Seconds a child process may take (importing torch on a loaded machine included): a deadlock guard only.
+CHILD_TIMEOUT = 600
 
 
-def _writer(slide: Path, out: Path, wait: str, delay: float) -> subprocess.Popen:
-    script = WRITER.format(tests=str(Path(__file__).parent), delay=delay, out=str(out), options=OPTIONS)
+def _writer(slide: Path, out: Path, wait: str, role: str = "plain") -> subprocess.Popen:
+    """A process predicting ``slide`` into ``out``; a "holder" stops at its first batch until its stdin
+    gets a line, a "waiter" prints WAITING when the output is locked (synchronisation by pipes, not time)."""
+    script = WRITER.format(tests=str(Path(__file__).parent), out=str(out), options=OPTIONS)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", script, str(slide), wait], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen([sys.executable, "-c", script, str(slide), wait, role], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _holding(process: subprocess.Popen) -> None:
+    """Block until a holder process is computing, i.e. holds the output's lock (it prints nothing else first)."""
+    line = process.stdout.readline()
+    if line != "COMPUTING\n":
+        process.kill()
+        raise AssertionError(f"the first writer stopped before computing: {line!r} {process.communicate()[1]}")
 
 
 def test_two_processes_on_one_output(slide_copy, tmp_path, clean_run):
     out = tmp_path / "out"
     lock = OutputLock(out / clean_run["name"])
-    first = _writer(slide_copy, out, "0", delay=0.2)  # busy long enough for a second process to start
-    deadline = time.time() + 120
-    while lock.owner() is None and first.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    first = _writer(slide_copy, out, "0", role="holder")
+    _holding(first)  # it holds the output until this test lets it go on
     assert lock.owner() is not None and lock.owner()["pid"] == first.pid
-    second = _writer(slide_copy, out, "0", delay=0.0)  # a double-click: stops at once, says who writes
-    stdout, _ = second.communicate(timeout=120)
+    second = _writer(slide_copy, out, "0")  # a double-click: stops at once, says who writes
+    stdout, _ = second.communicate(timeout=CHILD_TIMEOUT)
     assert second.returncode == 2
     assert f"being written by PID {first.pid} on " in stdout and " since " in stdout
-    third = _writer(slide_copy, out, "none", delay=0.0)  # a cluster retry: waits, then reuses the result
-    stdout_first, err_first = first.communicate(timeout=300)
-    stdout_third, err_third = third.communicate(timeout=300)
+    third = _writer(slide_copy, out, "none", role="waiter")  # a cluster retry: waits, then reuses the result
+    assert third.stdout.readline() == "WAITING\n"  # it found the output locked by the first, still held
+    stdout_first, err_first = first.communicate("go\n", timeout=CHILD_TIMEOUT)
+    stdout_third, err_third = third.communicate(timeout=CHILD_TIMEOUT)
     assert first.returncode == 0, err_first
     assert third.returncode == 0, err_third
     done, total = map(int, stdout_first.split()[1:3])
@@ -354,12 +380,10 @@ def test_two_processes_on_one_output(slide_copy, tmp_path, clean_run):
 def test_lock_of_a_killed_process_is_not_stale(slide_copy, tmp_path, clean_run):
     out = tmp_path / "out"
     lock = OutputLock(out / clean_run["name"])
-    first = _writer(slide_copy, out, "0", delay=0.2)
-    deadline = time.time() + 120
-    while lock.owner() is None and time.time() < deadline:
-        time.sleep(0.05)
+    first = _writer(slide_copy, out, "0", role="holder")
+    _holding(first)
     first.kill()
-    first.wait(timeout=60)
+    first.communicate(timeout=CHILD_TIMEOUT)
     assert lock.owner() is not None  # its note stays behind, but the kernel released the lock
     result = predict_slide(PixelModel(), slide_copy, out, **OPTIONS)
     assert result.resumed or result.chunks_run == result.chunks_total

@@ -172,8 +172,8 @@ def test_streamed_pyramid_redraws_every_level(make_napari_viewer, qtbot, tmp_pat
     levels = [root[str(i)] for i in range(len(store.levels))]
     layer = viewer.add_labels(levels, multiscale=True, colormap=label_colormap({1: [255, 0, 0]}))
     viewer.camera.zoom = 0.05  # the coarsest level is on screen (napari keeps it cached in memory)
-    qtbot.wait(50)
-    assert layer.data_level == len(levels) - 1 == 2
+    qtbot.waitUntil(lambda: layer.data_level == len(levels) - 1, timeout=120_000)  # once the canvas has drawn
+    assert layer.data_level == 2
     empty = layer.thumbnail.copy()
     store.write((0, 256, 0, 256), np.ones((256, 256), np.uint8))
     refresh_layer(layer)
@@ -182,8 +182,8 @@ def test_streamed_pyramid_redraws_every_level(make_napari_viewer, qtbot, tmp_pat
     assert np.asarray(layer.data[2])[:64, :64].all() and not np.asarray(layer.data[2])[64:].any()
     viewer.camera.zoom = 4.0  # and zoomed in, level 0
     viewer.camera.center = (128, 128)
-    qtbot.wait(50)
-    assert layer.data_level == 0 and np.asarray(layer._slice.image.raw).any()
+    qtbot.waitUntil(lambda: layer.data_level == 0, timeout=120_000)
+    assert np.asarray(layer._slice.image.raw).any()
     viewer.layers.clear()
 
 

@@ -89,7 +89,7 @@ def test_annotate_widget_classes_and_counts(viewer, qtbot):
     layer.brush_size = 5
     layer.paint((20, 20), 3)
     layer.paint((60, 60), 1)
-    qtbot.waitUntil(lambda: widget.table.item(2, 2).text() != "0", timeout=5000)
+    qtbot.waitUntil(lambda: widget.table.item(2, 2).text() != "0", timeout=120_000)
     counts = widget.counts()
     assert counts == [int((layer.data == k).sum()) for k in (1, 2, 3)] and counts[1] == 0
     widget.remove_class()  # lumen still has pixels: refused

@@ -184,74 +184,116 @@ def test_plot_history_switch(tmp_path, monkeypatch):
     assert calls == [on.output_dir / "training_history.png"] and calls[0].is_file()
 
 
-# --- pausing -----------------------------------------------------------------------------------------
-def test_pause_token_blocks_without_spinning_and_cancel_wins():
+# --- pausing ---------------------------------------------------------------------------------------
+#: Seconds a thread may take to get somewhere on a loaded machine: a deadlock guard, never a race decider.
+GUARD = 300
+
+
+class ParkingCondition(threading.Condition):
+    """A condition variable that says when a thread sleeps on it (``parked``): tests synchronise on that,
+    not on how long things take. It is set while the sleeper holds the lock, so whoever wakes it (which
+    needs the lock) always comes after it is asleep."""
+
+    def __init__(self):
+        super().__init__()
+        self.parked = threading.Event()
+
+    def wait(self, timeout=None):
+        self.parked.set()
+        return super().wait(timeout)
+
+
+def parking_token() -> tuple[CancelToken, threading.Event]:
+    """A CancelToken whose pause is observable: the event is set once something waits on it."""
     token = CancelToken()
-    assert token.wait_while_paused() and not token.paused
+    token._condition = ParkingCondition()
+    return token, token._condition.parked
+
+
+def test_pause_token_blocks_without_spinning_and_cancel_wins():
+    token, parked = parking_token()
+    assert token.wait_while_paused() and not token.paused and not parked.is_set()
     token.pause()
     assert token.paused and token.wait_while_paused(timeout=0.05) is False  # still paused: do not go on
     outcome = {}
 
     def wait():
-        start = time.thread_time()
         outcome["go_on"] = token.wait_while_paused()
-        outcome["cpu"] = time.thread_time() - start
 
-    waiter = threading.Thread(target=wait)
-    waiter.start()
-    time.sleep(0.4)
-    assert waiter.is_alive()
-    token.resume()
-    waiter.join(5)
-    assert outcome["go_on"] is True and outcome["cpu"] < 0.1  # slept on a condition, did not poll
-
-    token.pause()
-    waiter = threading.Thread(target=wait)
-    waiter.start()
-    time.sleep(0.1)
-    token.cancel()  # wakes the paused waiter, which must stop
-    waiter.join(5)
-    assert not waiter.is_alive() and outcome["go_on"] is False
+    for wake, go_on in ((token.resume, True), (token.cancel, False)):  # cancel wakes the waiter, which stops
+        token.pause()
+        parked.clear()
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        assert parked.wait(GUARD)  # asleep on the condition variable: no polling loop
+        assert waiter.is_alive()
+        wake()
+        waiter.join(GUARD)
+        assert not waiter.is_alive() and outcome["go_on"] is go_on
     token.pause()
     assert token.cancelled and not token.paused and token.wait_while_paused() is False
 
 
-def test_trainer_holds_between_batches_while_paused(tmp_path):
-    token = CancelToken()
+class SkippingClock:
+    """``time`` with a ``perf_counter`` the test can move forward (a pause as long as the test likes)."""
+
+    def __init__(self):
+        self.skipped = 0.0
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def perf_counter(self) -> float:
+        return time.perf_counter() + self.skipped
+
+
+def test_trainer_holds_between_batches_while_paused(tmp_path, monkeypatch):
+    import pfmseg_engine.training.trainer as trainer_module
+
+    token, parked = parking_token()
+    clock = SkippingClock()
+    monkeypatch.setattr(trainer_module, "time", clock)
     log = []
+
+    def resume_once_held():
+        if parked.wait(GUARD):
+            clock.skipped += 1000.0  # the pause lasts 1000 s on the trainer's clock
+            log.append("resume")
+        token.resume()
 
     class PauseOnce(Callback):
         def on_step_end(self, trainer, info):
-            log.append(("step", time.monotonic()))
-            if info.global_step == 1 and not log[:-1]:
+            log.append("step")
+            if info.global_step == 1 and log == ["step"]:
                 token.pause()
-                threading.Timer(0.6, lambda: (log.append(("resume", time.monotonic())), token.resume())).start()
+                threading.Thread(target=resume_once_held, daemon=True).start()
 
     trainer = annotation_trainer(tmp_path, "pause", callbacks=[PauseOnce()], cancel=token,
                                  training={"epochs": 1})
-    start = time.monotonic()
     result = trainer.fit()
-    wall = time.monotonic() - start
-    kinds = [kind for kind, _ in log]
-    assert kinds == ["step", "resume", "step"]  # nothing ran while paused
-    assert log[2][1] >= log[1][1]
+    assert log == ["step", "resume", "step"]  # held before the next batch until resumed
     assert result.status == "completed"
-    assert result.history[0]["seconds"] <= wall - 0.5  # paused time is not epoch time
+    assert 0 < result.history[0]["seconds"] < 1000  # paused time is not epoch time
 
 
 def test_cancel_releases_a_paused_trainer(tmp_path):
-    token = CancelToken()
+    token, parked = parking_token()
     steps = []
+
+    def cancel_once_held():
+        parked.wait(GUARD)
+        token.cancel()
 
     class PauseThenCancel(Callback):
         def on_step_end(self, trainer, info):
             steps.append(info)
             if len(steps) == 1:
                 token.pause()
-                threading.Timer(0.2, token.cancel).start()
+                threading.Thread(target=cancel_once_held, daemon=True).start()
 
     result = annotation_trainer(tmp_path, "stop", callbacks=[PauseThenCancel()], cancel=token,
                                 training={"epochs": 3}).fit()
+    assert parked.is_set()  # it was asleep when cancelled
     assert result.status == "cancelled" and result.epochs_completed == 0 and len(steps) == 1
 
 

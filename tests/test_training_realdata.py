@@ -92,18 +92,19 @@ def test_densebench_preset_with_the_resnet_adapter_learns_monuseg_nuclei(shared_
 @pytest.mark.realdata
 def test_frozen_light_decoder_preset_learns_monuseg_nuclei_and_reports_the_test_split(shared_data, tmp_path):
     """The frozen-encoder benchmark's protocol (frozen encoder, light decoder on the normalised output, Dice
-    selection, test-set summary over seeds) from one YAML line, on real H&E, shortened for a CPU: two seeds
+    selection, a test-set summary over seeds) from one YAML line, on real H&E, shortened for a CPU: one seed
     of a tiny random encoder, whose frozen tokens still carry the stain colour the decoder learns from."""
     json_file = shared_data / "monuseg" / "dataset.json"
     _, baseline = majority_baseline(json_file)
     cfg = config_from_dict({
         "protocol": "frozen_light_decoder",
         "dataset": {"json_file": str(json_file)},
-        "system": {"num_workers": 0, "device": "cpu", "seeds": [0, 1]},
+        "system": {"num_workers": 0, "device": "cpu", "seeds": [0]},
         "model": {"pfm_name": "kaiko-vits16", "tiny": True},
-        "training": {"batch_size": 4, "epochs": 1, "samples_per_epoch": 96, "learning_rate": 0.002,
+        "training": {"batch_size": 4, "epochs": 1, "samples_per_epoch": 160, "learning_rate": 0.002,
                      "augmentation": {"RandomResizedCropSize": 128}, "scheduler": {"T_0": 1}},
-        "validation": {"eval_interval": 1, "batch_size": 8},
+        # whole 1000x1000 validation and test tiles in 256 px windows, scored at native resolution
+        "validation": {"eval_interval": 1, "batch_size": 8, "augmentation": {"ResizedSize": 256}},
         "logging": {"log_dir": str(tmp_path), "experiment_name": "frozen"},
         "visualization": {"save_interval": 100, "num_vis_samples": 0},
     })
@@ -112,7 +113,6 @@ def test_frozen_light_decoder_preset_learns_monuseg_nuclei_and_reports_the_test_
         "light", "frozen", True)
     assert cfg.validation.monitor == "Mean_Dice"
     result = train_from_config(cfg)
-    assert result.split == "test" and sorted(result.scores) == [0, 1]
-    for scores in result.scores.values():
-        assert scores["Mean_Dice"] > baseline + 0.15, (scores["Mean_Dice"], baseline)
-    assert result.summary["Mean_Dice"]["n"] == 2
+    assert result.split == "test" and sorted(result.scores) == [0]
+    assert result.scores[0]["Mean_Dice"] > baseline + 0.15, (result.scores[0]["Mean_Dice"], baseline)
+    assert result.summary["Mean_Dice"]["n"] == 1

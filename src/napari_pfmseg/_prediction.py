@@ -269,18 +269,15 @@ class PredictionController:
     def _show_store(target: Target, chunk: Any) -> None:
         """Swap the placeholders for the engine's partial store (read-only zarr: no stale dask cache).
 
-        The engine may finish (and rename the partial store) before the GUI gets round to its first chunk;
-        then the placeholders stay until the finished output is attached when the worker returns.
+        The engine may finish (and rename the partial store) before the GUI gets round to a chunk, even
+        while its levels are being opened here; then the placeholders stay, all of them, until the next
+        chunk or the finished output attached when the worker returns (:func:`~._stream.open_levels`).
         """
-        import zarr
+        from ._stream import open_levels
 
-        try:
-            root = zarr.open_group(str(chunk.store), mode="r")
-        except FileNotFoundError:
+        levels = open_levels(chunk.store, target.plan.pyramid_shapes)
+        if levels is None:
             return
-        levels = []
-        while str(len(levels)) in root:
-            levels.append(root[str(len(levels))])
         layer = target.layer
         layer.data = levels if len(levels) > 1 else levels[0]
         meta = layer.metadata.get(META, {})

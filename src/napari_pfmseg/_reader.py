@@ -80,7 +80,26 @@ def read_one(path: Path) -> LayerDataTuple:
     from pfmseg_engine.slides import open_slide
 
     slide = open_slide(path, require_mpp=False)
+    try:
+        _check_viewable(slide, path)
+    except Exception:
+        slide.close()
+        raise
     return slide_layer(slide)
+
+
+def _check_viewable(slide: Any, path: Path) -> None:
+    """Refuse a slide without a pyramid over the engine's pixel limit: napari draws a single-level layer whole,
+    so its one level would be decoded at once (``PFMSEG_MAX_PIXELS``, see :mod:`pfmseg_engine.limits`)."""
+    if slide.level_count > 1:
+        return
+    from pfmseg_engine.errors import SlidePixelLimitError
+    from pfmseg_engine.limits import check_pixels
+
+    width, height = slide.dimensions
+    check_pixels(height, width, f"Slide '{path}' (one level, no pyramid: napari shows it whole)",
+                 error=SlidePixelLimitError,
+                 remedy="Give it a pyramid (e.g. vips tiffsave in.tif out.tif --tile --pyramid) to view it.")
 
 
 def reader_info() -> dict[str, Any]:

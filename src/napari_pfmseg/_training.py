@@ -11,7 +11,6 @@ Training again continues from the current model with all annotations painted so 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +119,7 @@ class TrainingController(WorkerController):
 
         from pfmseg_engine import resolve_device
         from pfmseg_engine.training import CancelToken
+        from pfmseg_engine.training.outputs import new_run_dir
 
         from ._annotations import classes_of, training_pairs
 
@@ -157,7 +157,7 @@ class TrainingController(WorkerController):
             return build_model(config)
 
         self.runs += 1
-        output_dir = session.output_dir("training") / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{self.runs:03d}"
+        output_dir = new_run_dir(session.output_dir("training"))  # the engine's unnamed-run folders
         sections = training_sections(settings, output_dir, device)
         self.cancel_token = CancelToken()
         self.settings = settings

@@ -29,6 +29,7 @@ import torch
 from .errors import CheckpointError
 from .inference.scale import TrainingScale, attach_training_scale, training_scale_of
 from .model import ModelConfig, SegmentationModel, build_model
+from .paths import check_input_path
 from .tuning import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,10 @@ def backbone_fingerprint(model: SegmentationModel) -> float | None:
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` next to ``path`` under a temporary name, fsync, then rename over ``path``.
 
-    A crash or Ctrl-C mid-write leaves the previous file intact and no half-written file under the
-    final name.
+    A crash, Ctrl-C or full disk mid-write leaves the previous file intact and no half-written file under
+    the final name nor a temporary one beside it. A failed write (torch reports a full disk as
+    ``RuntimeError: [enforce fail at inline_container.cc...]``) is a one-line
+    :class:`~pfmseg_engine.errors.StorageError` naming ``path``.
     """
     from .storage import writing
 
@@ -87,7 +90,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as handle:
-                torch.save(obj, handle)
+                _torch_save(obj, handle, path)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -95,6 +98,19 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
             Path(tmp).unlink(missing_ok=True)
             raise
     return path
+
+
+def _torch_save(obj: Any, handle: Any, path: Path) -> None:
+    """``torch.save`` whose failed write is a :class:`StorageError` (other errors pass unchanged)."""
+    from .storage import write_failure
+
+    try:
+        torch.save(obj, handle)
+    except RuntimeError as exc:
+        failure = write_failure(exc, path, "checkpoint")
+        if failure is exc:
+            raise
+        raise failure from exc
 
 
 def save_checkpoint(
@@ -131,9 +147,7 @@ def save_checkpoint(
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint file and check that it is one of ours."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint '{path}' does not exist.")
+    path = check_input_path(path, "Checkpoint", error=CheckpointError)  # missing, a folder, a pipe, a link loop
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"pfmseg {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error, and dask's INFO logs on a cluster")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in available_commands():
         importlib.import_module(f"pfmseg_engine.commands.{name}").register(subparsers)

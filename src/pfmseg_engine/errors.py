@@ -47,6 +47,20 @@ class StorageError(PfmsegError):
     """An output cannot be written (disk full, permissions, a file in the way, another writer)."""
 
 
+class PixelLimitError(PfmsegError):
+    """An input claims more pixels than may be decoded at once (``PFMSEG_MAX_PIXELS``, see
+    :mod:`pfmseg_engine.limits`): a decompression bomb, a corrupt header, or a genuine file too large to read
+    whole. Raised before anything is decoded, so a hostile file costs nothing."""
+
+
+class SlidePixelLimitError(SlideError, PixelLimitError):
+    """A slide (a PNG/JPEG slide, a tile, a level without a pyramid) is over the pixel limit."""
+
+
+class ImagePixelLimitError(DataError, PixelLimitError):
+    """A training or evaluation image, mask or tissue ROI image is over the pixel limit."""
+
+
 class TrainingScaleWarning(UserWarning):
     """A slide is predicted at another resolution than its model was trained at.
 

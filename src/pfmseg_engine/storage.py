@@ -12,6 +12,12 @@ attempt still runs) never write the same output: the second one waits or stops w
 by PID N on HOST since T". It is an OS-level lock (``filelock``, ``flock`` on POSIX): the kernel
 releases it when its holder dies, so a killed run never leaves a stale lock behind; the owner note
 beside it is information only.
+
+A full disk must surface where it happens, as that sentence. Two writers hide it: a memory map over a
+sparse file takes its disk blocks only when a page is first written, and on a full disk the kernel then
+kills the process with ``SIGBUS`` (no handler, no message), so :func:`reserve` allocates a file's blocks
+up front; and ``torch.save`` wraps the failed write in ``RuntimeError: [enforce fail at
+inline_container.cc...]``, which :func:`storage_fault` recognises by the ``OSError`` in its chain.
 """
 
 from __future__ import annotations
@@ -44,6 +50,17 @@ _ADVICE = {
     errno.EIO: "the device reported an input/output error: check the disk or network mount, then run again",
 }
 
+#: ``errno`` values that fail every later write to the same disk the same way (full, over quota, read-only):
+#: a long run stops at the first one instead of recording each remaining item as failed.
+OUTPUT_WIDE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+#: What ``os.posix_fallocate`` says when the file system cannot preallocate (the zero-writing fallback then runs).
+_NO_FALLOCATE = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS})
+_ZEROS = 1 << 20  # bytes per zero-filling write
+
+#: Words of torch's own messages for a failed write (``torch.save`` to a path reports no ``OSError``).
+_TORCH_WRITE_FAILURES = ("inline_container", "PytorchStreamWriter", "file write failed")
+
 
 def describe_os_error(exc: OSError, path: str | Path | None = None, action: str = "writing") -> str:
     """One sentence: what failed, where, and what to do (``path`` when the error does not name one)."""
@@ -63,6 +80,89 @@ def writing(path: str | Path, what: str = "output") -> Iterator[None]:
         raise
     except OSError as exc:
         raise StorageError(describe_os_error(exc, path, action=f"writing {what}")) from exc
+
+
+def os_error_in(exc: BaseException, errnos: frozenset[int] | None = None) -> OSError | None:
+    """The first ``OSError`` in ``exc``'s chain (itself, then its causes and contexts), optionally only one
+    whose ``errno`` is in ``errnos``; None when there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and (errnos is None or current.errno in errnos):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def storage_fault(exc: BaseException, path: str | Path | None = None, what: str = "output") -> StorageError | None:
+    """``exc`` as the :class:`StorageError` of a disk every later write would fail on, else None.
+
+    A :class:`StorageError` (not :class:`OutputBusyError`, which concerns one output) is itself; a full,
+    over-quota or read-only disk (:data:`OUTPUT_WIDE`) anywhere in the chain, as torch's ``RuntimeError``
+    carries it, becomes the one sentence of :func:`describe_os_error`. A run that writes many outputs
+    stops at the first such fault instead of recording every remaining item as failed.
+    """
+    if isinstance(exc, StorageError):
+        return None if isinstance(exc, OutputBusyError) else exc
+    found = os_error_in(exc, OUTPUT_WIDE)
+    if found is None:
+        return None
+    return StorageError(describe_os_error(found, path, action=f"writing {what}"))
+
+
+def write_failure(exc: BaseException, path: str | Path, what: str) -> BaseException:
+    """What to raise for ``exc`` raised while writing ``path``: a :class:`StorageError` for a failed write
+    (an ``OSError`` anywhere in its chain, or torch's own words for one), else ``exc`` unchanged.
+
+    ``torch.save`` reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:N] .
+    unexpected pos ...`` (the ``OSError`` of the file object in its context, or nothing when torch wrote
+    the file itself); either way the user needs the path and what to do, not torch's internals.
+    """
+    if isinstance(exc, StorageError):
+        return exc
+    found = os_error_in(exc)
+    if found is not None:
+        return StorageError(describe_os_error(found, path, action=f"writing {what}"))
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, RuntimeError) and any(word in text for word in _TORCH_WRITE_FAILURES):
+        return StorageError(f"Writing {what} '{path}' failed: the file could not be written completely ({text}); "
+                            "check the free space and health of that disk, then run the same command again.")
+    return exc
+
+
+def reserve(fd: int, offset: int, length: int) -> None:
+    """Allocate ``length`` bytes of open file ``fd`` from ``offset`` on the disk now (the file grows to fit).
+
+    Memory-mapped writes into a sparse file allocate blocks page by page, and a full disk then ends the
+    process with ``SIGBUS``; after this call those pages have their blocks, and a full disk was this
+    call's ``OSError`` (``ENOSPC``) instead. Uses ``os.posix_fallocate``; where the platform or file
+    system lacks it, writes zeros through checked ``os.write`` calls (a short write is retried, a write
+    of nothing is a full disk) and syncs, so that a network file system reports a failed write here too.
+    """
+    if length <= 0:
+        return
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is not None:
+        try:
+            fallocate(fd, offset, length)
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_FALLOCATE:
+                raise
+    _write_zeros(fd, offset, length)
+    os.fsync(fd)
+
+
+def _write_zeros(fd: int, offset: int, length: int) -> None:
+    zeros = memoryview(bytes(min(_ZEROS, length)))
+    os.lseek(fd, offset, os.SEEK_SET)
+    left = length
+    while left:
+        written = os.write(fd, zeros[:min(left, len(zeros))])
+        if written <= 0:  # a regular file takes every byte or says why; nothing written means no room
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        left -= written
 
 
 def ensure_output_dir(path: str | Path, what: str = "output folder") -> Path:
@@ -143,4 +243,5 @@ class OutputLock:
         self.release()
 
 
-__all__ = ["OutputBusyError", "OutputLock", "describe_os_error", "ensure_output_dir", "writing"]
+__all__ = ["OUTPUT_WIDE", "OutputBusyError", "OutputLock", "describe_os_error", "ensure_output_dir", "os_error_in",
+           "reserve", "storage_fault", "write_failure", "writing"]

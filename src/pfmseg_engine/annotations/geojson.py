@@ -41,16 +41,21 @@ they are; ``frame="file"`` means they are in the file's full level-0 frame (Open
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
+import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import ConfigError, DataError, reject_unknown_keys
+from ..paths import check_input_path
 
 log = logging.getLogger("pfmseg_engine.annotations")
 
@@ -284,10 +289,13 @@ def _load(source: str | Path | Mapping[str, Any] | list[Any], name: str | None) 
         return source, name or "GeoJSON"
     path = Path(source).expanduser()
     label = name or str(path)
-    if not path.is_file():
-        raise DataError(f"Annotation file '{path}' does not exist.")
+    check_input_path(path, "Annotation file", error=DataError)  # missing, a folder, a pipe, a link loop
     try:
         return json.loads(path.read_text(encoding="utf-8")), label
+    except RecursionError as exc:  # Python's JSON reader recurses once per level of nesting
+        raise DataError(f"{label} nests its JSON lists or objects thousands of levels deep, deeper than any GeoJSON "
+                        "geometry; it is not a QuPath export. Export the objects again with QuPath's File > Export "
+                        "objects as GeoJSON.") from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{label} is not valid JSON ({exc}); export it again with QuPath's File > Export "
                         "objects as GeoJSON.") from exc
@@ -307,6 +315,55 @@ def _geometry_of(feature: Mapping[str, Any], properties: Mapping[str, Any], obje
     return (nucleus, True) if isinstance(nucleus, Mapping) else (geometry, False)
 
 
+def _bad_coordinate(geometry: Mapping[str, Any]) -> str | None:
+    """What is wrong with the first coordinate of a GeoJSON geometry that is not a finite number, or None.
+
+    Python's JSON reader accepts ``NaN`` and ``Infinity``, and GEOS stops with an exception on them
+    (or silently "repairs" the polygon away), so they are found here, before any geometry is built.
+    Rings are checked as arrays; a ring that fails is walked value by value to name the culprit.
+    The walk is a loop, not a recursion, so no nesting depth can exhaust the stack. Structural faults
+    (a ring that is not a list of pairs) are left to the geometry constructor's message.
+    """
+    pending: list[Any] = [geometry]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, Mapping):
+            parts = item.get("geometries") if item.get("type") == "GeometryCollection" else [item.get("coordinates")]
+            pending.extend(reversed(parts if isinstance(parts, list) else []))
+        elif isinstance(item, (list, tuple)) and item and isinstance(item[0], (list, tuple)):
+            if item[0] and not isinstance(item[0][0], (list, tuple)) and _finite_ring(item):
+                continue
+            pending.extend(reversed(item))
+        elif isinstance(item, (list, tuple)):  # one position: [x, y] (or [x, y, z])
+            for value in item:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    return f"{value!r}, which is not a number"
+                if not math.isfinite(value):
+                    return f"{value}, which is not a finite number"
+    return None
+
+
+def _finite_ring(ring: Sequence[Any]) -> bool:
+    """Whether ``ring`` (a list of positions) converts to a float array of finite numbers."""
+    try:
+        values = np.asarray(ring, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return False
+    return values.ndim == 2 and bool(np.isfinite(values).all())
+
+
+@contextlib.contextmanager
+def _geometry_errors(where: str) -> Iterator[None]:
+    """Turn a GEOS failure while building or repairing a feature's geometry into a DataError naming it."""
+    from shapely.errors import GEOSException
+
+    try:
+        yield
+    except GEOSException as exc:
+        raise DataError(f"{where}: its geometry cannot be built ({exc}). Fix or delete this feature in QuPath and "
+                        "export again.") from exc
+
+
 def _shape(geometry: Any, where: str) -> tuple[Any, list[str]]:
     """(the polygonal part of a GeoJSON geometry or None, the types of its parts that are not areas)."""
     import shapely
@@ -315,6 +372,10 @@ def _shape(geometry: Any, where: str) -> tuple[Any, list[str]]:
     kind = geometry.get("type") if isinstance(geometry, Mapping) else None
     if kind not in (*AREA_TYPES, "GeometryCollection"):
         return None, [str(kind) if kind else "no geometry"]
+    bad = _bad_coordinate(geometry)
+    if bad:
+        raise DataError(f"{where}: the {kind} has the coordinate {bad}; every coordinate must be a finite number "
+                        "of level-0 pixels. Fix or delete this feature in QuPath and export again.")
     try:
         geom = shape(geometry)
     except Exception as exc:
@@ -366,6 +427,9 @@ def read_geojson(source: str | Path | Mapping[str, Any] | list[Any], *, frame: s
     * ``class_map`` renames classes on the way in (``{"Tumour": "Tumor"}``).
     * Unclassified features are skipped with a warning (they carry no class to train), unless
       ``keep_unclassified`` (regions of interest, tissue masks).
+    * A file no QuPath export looks like (coordinates that are not finite numbers, e.g. ``NaN`` or
+      ``Infinity``; JSON nested thousands of levels deep; a geometry GEOS cannot build) raises a
+      :class:`DataError` naming the file and the feature, never a raw exception.
     """
     import shapely
 
@@ -388,27 +452,28 @@ def read_geojson(source: str | Path | Mapping[str, Any] | list[Any], *, frame: s
         geometry, has_nucleus = _geometry_of(raw, properties, object_type, options.cells)
         if not has_nucleus:
             bare_cells.append(index)
-        geom, others = _shape(geometry, where)
-        if others:
-            kind = geometry.get("type") if isinstance(geometry, Mapping) else None
-            if options.strict:
-                raise _refusal(where, others, kind == "GeometryCollection")
-            unsupported.update(others)
-            if geom is None:
-                result.skipped.append((index, f"{kind or others[0]} geometry"))
+        with _geometry_errors(where):
+            geom, others = _shape(geometry, where)
+            if others:
+                kind = geometry.get("type") if isinstance(geometry, Mapping) else None
+                if options.strict:
+                    raise _refusal(where, others, kind == "GeometryCollection")
+                unsupported.update(others)
+                if geom is None:
+                    result.skipped.append((index, f"{kind or others[0]} geometry"))
+                    continue
+            if geom is None or geom.is_empty:
+                result.skipped.append((index, "empty geometry"))
+                log.warning("%s has an empty geometry; skipped.", where)
                 continue
-        if geom is None or geom.is_empty:
-            result.skipped.append((index, "empty geometry"))
-            log.warning("%s has an empty geometry; skipped.", where)
-            continue
-        if not geom.is_valid:
-            geom = _repaired(geom, where)
-            result.repaired.append(index)
-            if geom.is_empty:
-                result.skipped.append((index, "no area after repair"))
-                continue
-        if dx or dy:
-            geom = shapely.transform(geom, lambda xy, d=(dx, dy): xy - d)
+            if not geom.is_valid:
+                geom = _repaired(geom, where)
+                result.repaired.append(index)
+                if geom.is_empty:
+                    result.skipped.append((index, "no area after repair"))
+                    continue
+            if dx or dy:
+                geom = shapely.transform(geom, lambda xy, d=(dx, dy): xy - d)
         class_name, colour = _classification(properties)
         class_name = rename.get(class_name, class_name) if class_name else None
         result.features.append(Feature(geometry=geom, class_name=class_name, colour=colour, object_type=object_type,

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import csvsafe
+
 #: Class names that are not tissue (case-insensitive, whole name).
 BACKGROUND_NAMES = ("background", "glass", "no tissue", "not tissue", "empty", "outside")
 #: A class whose name contains one of these words counts and averages its regions as nuclei.
@@ -200,7 +202,7 @@ def _format(value: Any) -> str:
 def rows_to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
     columns = list(columns or (rows[0].keys() if rows else COLUMNS))
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csvsafe.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
         writer.writerow([_format(row.get(c, "")) for c in columns])

@@ -39,8 +39,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..distributed.cluster import SCHEDULER_CONNECT_TIMEOUT
 from ..distributed.cohort import DEFAULT_RETRIES
 from ..errors import CheckpointError, ConfigError, PfmsegError, TrainingScaleWarning
+from ..paths import check_input_path
 from ..slides import READER_HELP, READERS
 from . import add_command
 
@@ -63,7 +65,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(
             f"No checkpoint in folder '{path}' (looked for {', '.join(CHECKPOINT_NAMES)})."
         )
-    return path
+    return check_input_path(path, "Checkpoint", error=CheckpointError)  # a pipe would block the first read
 
 
 def load_model(args: argparse.Namespace):
@@ -79,7 +81,7 @@ def _seed_config(path: str | None) -> dict[str, Any]:
     import yaml
 
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = yaml.safe_load(check_input_path(path, "Config file", error=ConfigError).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"Cannot read config '{path}': {exc}.") from exc
     return raw if isinstance(raw, dict) else {}
@@ -210,6 +212,8 @@ def plan_only(args: argparse.Namespace, config, jobs) -> int:
     failed = 0
     for job in jobs:
         settings = config if job.target_mpp is None else dataclasses.replace(config, target_mpp=job.target_mpp)
+        if job.tissue_roi is not None:  # the plan a run follows: the slide's own ROI, as predict_job applies it
+            settings = dataclasses.replace(settings, tissue_roi=job.tissue_roi)
         try:
             with open_slide(job.path, mpp=job.mpp, reader=args.reader) as slide, cli_words_for_scale():
                 plan = plan_slide(slide, info, settings, region=job.region, output_dir=args.output_dir,
@@ -260,7 +264,8 @@ def run_on_cluster(args: argparse.Namespace, config, jobs) -> int:
         check_scale(record.result.mpp if record.result is not None else None)
 
     dashboard = None if str(args.dashboard).lower() in ("none", "off", "") else args.dashboard
-    with open_client(args.scheduler, dashboard=dashboard) as client:
+    with open_client(args.scheduler, dashboard=dashboard, debug=bool(getattr(args, "debug", False)),
+                     connect_timeout=args.scheduler_timeout) as client:
         cohort = run_cohort(checkpoint, jobs, args.output_dir, config, client=client,
                             weights=args.weights, device=args.device, reader=args.reader, retries=args.retries,
                             overwrite=args.overwrite, exports=args.export or (),
@@ -397,6 +402,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="run one slide per task on dask.distributed: 'local' (a local cluster, one worker "
                              "process per GPU, else half the CPU cores), 'local:N' (N workers) or the address of "
                              "a running scheduler (tcp://host:8786)")
+    slides.add_argument("--scheduler_timeout", type=float, default=SCHEDULER_CONNECT_TIMEOUT, metavar="SECONDS",
+                        help="how long a --scheduler address gets to answer before the run stops with the reason "
+                             f"(default {SCHEDULER_CONNECT_TIMEOUT:g}); dask's own logs show with --debug")
     slides.add_argument("--recycle_after", type=int, metavar="K",
                         help="with --scheduler: restart each worker process after K slides (frees leaked memory)")
     slides.add_argument("--dashboard", default=":8787", metavar="ADDRESS",

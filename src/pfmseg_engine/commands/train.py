@@ -83,9 +83,21 @@ def _train(args: argparse.Namespace, config, callbacks):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import TqdmProgress, load_config
+    from ..errors import ConfigError
+    from ..training import load_config
+    from ..training.outputs import claimed_output_dir
 
-    config = load_config(args.config, args.options, check_dataset=not args.slides)
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite starts a new run over the old one and --resume continues it; give one of them.")
+    options = [*(args.options or []), *(["logging.overwrite=true"] if args.overwrite else [])]
+    config = load_config(args.config, options, check_dataset=not args.slides)
+    with claimed_output_dir(config, args.resume) as config:  # the run's folder, before anything is built
+        return _train_and_report(args, config)
+
+
+def _train_and_report(args: argparse.Namespace, config) -> int:
+    from ..training import TqdmProgress
+
     callbacks = [] if args.no_progress else [TqdmProgress()]
     try:
         result = _train(args, config, callbacks)
@@ -117,7 +129,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(
         subparsers, "train", summary="train a model from a YAML config (seed format) or from whole slides",
         description="Train from a seed-style YAML config (keys: docs/config.md). Checkpoints, history and\n"
-                    "curves go to logging.log_dir/logging.experiment_name; an interrupted run resumes.\n"
+                    "curves go to logging.log_dir/logging.experiment_name (unset: a new run-DATE-TIME-NNN\n"
+                    "folder per run); an interrupted run resumes (--resume), and a folder that holds a run\n"
+                    "is never trained over unless --overwrite.\n"
                     "With --slides and --annotations, train from whole slides annotated in QuPath (GeoJSON\n"
                     "exports) or napari (saved label stores): classes come from the annotations, patches are\n"
                     "read around them at --train_mpp; unannotated pixels are not trained on. Read in QuPath's\n"
@@ -135,6 +149,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", default=None, metavar="PATH",
                         help="continue from a last.pt checkpoint (or the experiment folder holding it); with "
                              "system.seeds, continue every seed's run")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="train into an experiment folder that holds a run, deleting its checkpoints, evaluations "
+                             "and history first (logging.overwrite); without it such a folder is refused")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 or auto (overrides system.device)")
     parser.add_argument("--options", nargs="+", default=None, metavar="KEY=VALUE",
                         help="override config keys, e.g. training.epochs=3 model.finetune_mode.type=lora")

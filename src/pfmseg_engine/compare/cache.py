@@ -17,7 +17,9 @@ resolution) and the crop grid. One file per (op, tapped block) holds the (window
 as a ``numpy`` memmap (``float32`` by default, which is exact; ``float16`` halves the disk), with a
 small "done" flag file per op and block, replaced atomically after each batch: an interrupted fill
 resumes, and a half-written row is never read. Changing the weights file (even at the same path)
-changes the key, so stale features are never served.
+changes the key, so stale features are never served. A feature file's disk space is reserved when it is
+created, before any feature is computed: a full disk is then a one-line
+:class:`~pfmseg_engine.errors.StorageError`, never a memory-mapped write the kernel answers with ``SIGBUS``.
 
 **Exactness.** :func:`cached_forward` runs exactly the part of
 :meth:`~pfmseg_engine.model.SegmentationModel.forward` after the backbone: the encoder's final norm on
@@ -150,6 +152,33 @@ def _save_flags(path: Path, flags: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _create_reserved(data_path: Path, flag_path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new zero ``.npy`` file at ``data_path`` with its disk space allocated, opened as a writable memmap.
+
+    ``open_memmap`` makes a sparse file whose blocks are taken when a page is first written, and on a full
+    disk that write ends the process with ``SIGBUS``; here the space is reserved before anything is mapped
+    (:func:`~pfmseg_engine.storage.reserve`), so a full disk is an ``OSError`` now. The file is built
+    under a temporary name, and the old done-flags are removed first: a failed or interrupted creation never
+    leaves a feature file that looks complete.
+    """
+    from ..storage import reserve
+
+    flag_path.unlink(missing_ok=True)
+    tmp = data_path.with_name(f".{data_path.name}.{os.getpid()}.tmp")
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(shape)}
+    try:
+        with tmp.open("wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, header)
+            handle.flush()
+            offset = handle.tell()
+            reserve(handle.fileno(), offset, int(np.prod(shape)) * dtype.itemsize)
+        os.replace(tmp, data_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return np.load(data_path, mmap_mode="r+")
+
+
 class FeatureCache:
     """Memory-mapped backbone features of one frozen backbone (see the module docstring).
 
@@ -225,10 +254,13 @@ class FeatureCache:
             except (OSError, ValueError):
                 array = flags = None
         if array is None or flags is None:
-            folder.mkdir(parents=True, exist_ok=True)
-            array = np.lib.format.open_memmap(data_path, mode="w+", dtype=self.dtype, shape=shape)
-            flags = np.zeros(rows, dtype=bool)
-            _save_flags(flag_path, flags)
+            from ..storage import writing
+
+            with writing(data_path, "the feature cache"):
+                folder.mkdir(parents=True, exist_ok=True)
+                array = _create_reserved(data_path, flag_path, np.dtype(self.dtype), shape)
+                flags = np.zeros(rows, dtype=bool)
+                _save_flags(flag_path, flags)
         return array, flags, flag_path
 
     # --- filling ----------------------------------------------------------------------------------
@@ -260,10 +292,11 @@ class FeatureCache:
         mean, std = model.mean.to(device), model.std.to(device)
         was_training = backbone.training
         backbone.eval()
-        self.directory.mkdir(parents=True, exist_ok=True)
         key_file = self.directory / "key.json"
-        if not key_file.is_file():
-            key_file.write_text(json.dumps(self.key, indent=1, default=str), encoding="utf-8")
+        with writing(self.directory, "the feature cache"):
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not key_file.is_file():
+                key_file.write_text(json.dumps(self.key, indent=1, default=str), encoding="utf-8")
         work: list[tuple[Path, int, list[tuple[int, int]], int]] = []  # (folder, op, [(box index, row)], rows)
         for image, box_indices in sorted(dataset.images_boxes.items()):
             folder = self.image_dir(dataset, image)

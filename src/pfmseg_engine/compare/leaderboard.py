@@ -23,7 +23,6 @@ not call training noise a difference.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -35,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import csvsafe
 from ..training.metrics import metrics_from_confusion
 from ..training.statistics import hierarchical_intervals, holm, paired_gap_test, resolve_groups
 
@@ -150,7 +150,7 @@ class Leaderboard:
 
     def to_csv(self) -> str:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=self.columns(), lineterminator="\n")
+        writer = csvsafe.DictWriter(buffer, fieldnames=self.columns(), lineterminator="\n")
         writer.writeheader()
         for record in self.records():
             writer.writerow({k: _csv_value(v) for k, v in record.items()})
@@ -237,6 +237,8 @@ class Leaderboard:
         from matplotlib.figure import Figure
 
         rows = [row for row in self.rows if row.ok]
+        if not rows:
+            return self._plot_without_results(path)
         height = 1.2 + 0.35 * max(1, len(rows))
         figure = Figure(figsize=(4.2 * len(METRICS), height), dpi=110, layout="constrained")
         FigureCanvasAgg(figure)
@@ -252,16 +254,29 @@ class Leaderboard:
             axis.set_title(LABELS[metric])
             axis.set_xlim(0, 1)
             axis.grid(axis="x", alpha=0.3)
-        axes[0].set_yticks(positions, [row.label for row in rows] or [""])
-        if not rows:
-            axes[0].set_yticks([])
+        axes[0].set_yticks(positions, [row.label for row in rows])
         figure.suptitle(f"Scored on {self.eval_split}: pooled over images and seeds; 95 % CI: bootstrap over "
                         f"{self.resampling or 'seeds > images'}")
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        figure.savefig(tmp)
-        tmp.replace(path)
-        return path
+        return _save_figure(figure, path)
+
+    def _plot_without_results(self, path: str | Path) -> Path:
+        """The figure when no row has scores (every run failed, or none finished): each row's status and
+        error, so the picture replaces any earlier ranking instead of leaving a stale one beside the tables."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        failed = all(row.status == "failed" for row in self.rows) and bool(self.rows)
+        title = "Every row failed: no scores" if failed else "No row has scores yet"
+        lines = [f"{row.label}: {row.status}" + (f": {_shorten(row.error, 110)}" if row.error else "")
+                 for row in self.rows] or ["(no rows)"]
+        figure = Figure(figsize=(4.2 * len(METRICS), 1.2 + 0.3 * len(lines)), dpi=110, layout="constrained")
+        FigureCanvasAgg(figure)
+        axis = figure.subplots()
+        axis.set_axis_off()
+        axis.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", family="monospace", fontsize=8,
+                  transform=axis.transAxes, parse_math=False)  # paths and messages may hold '$'
+        figure.suptitle(f"{title} (scored on {self.eval_split}); see leaderboard.md for the errors")
+        return _save_figure(figure, path)
 
     def write(self, directory: str | Path, plot: bool = True) -> dict[str, Path]:
         """``leaderboard.csv``, ``leaderboard.md``, ``leaderboard.json`` (and ``leaderboard.png``) in ``directory``."""
@@ -383,6 +398,19 @@ def rank_rows(rows: list[LeaderboardRow], n_bootstrap: int) -> list[LeaderboardR
 
 
 # --- formatting -------------------------------------------------------------------------------------------------
+def _save_figure(figure: Any, path: str | Path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp)
+    tmp.replace(path)
+    return path
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _sortable(value: Any) -> float:
     return -math.inf if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 

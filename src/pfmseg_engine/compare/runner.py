@@ -16,7 +16,10 @@ command after an interruption or a failure therefore only does what is missing.
 
 **Failures.** A run that fails (a missing weights file, a configuration that does not fit a backbone,
 running out of memory ...) is recorded with its error (``error.txt`` and the leaderboard's ``error``
-column); the combination's remaining seeds are skipped and the other combinations go on.
+column); the combination's remaining seeds are skipped and the other combinations go on. A full,
+over-quota or read-only output disk is the exception: every later run would fail the same way, so the
+comparison stops at once with a one-line :class:`~pfmseg_engine.errors.StorageError`, after ranking the
+runs that finished.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, PfmsegError
+from ..errors import ConfigError, PfmsegError, StorageError
 from ..training.callbacks import Callback, CancelToken
 from .data import CompareData, CropSetDataset, cache_incompatibilities
 from .leaderboard import Leaderboard, build_row, rank_rows
@@ -139,6 +142,20 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _stop_on_storage_fault(exc: BaseException, combination: Combination, seed: int) -> None:
+    """Raise ``exc`` as a one-line :class:`~pfmseg_engine.errors.StorageError` when the output disk is full,
+    over quota or read-only (torch's wrapped write errors included): every later run would fail the same
+    way, so the comparison stops there instead of recording each remaining run as failed."""
+    from ..storage import storage_fault
+
+    fault = storage_fault(exc)
+    if fault is None:
+        return
+    log.debug("%s", traceback.format_exc())
+    raise StorageError(f"{fault} The comparison stopped at {combination} seed {seed} (finished runs are "
+                       "kept).") from exc
+
+
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -225,11 +242,21 @@ class Comparison:
                 board = self.leaderboard()
                 board.write(self.output_dir, plot=False)
                 yield "leaderboard", board
-        finally:
-            board = self.leaderboard()
-            files = board.write(self.output_dir)
+        except BaseException:  # an error, Ctrl-C or a closed generator: rank what finished, then pass it on
+            self._write_what_finished()
+            raise
+        board = self.leaderboard()
+        files = board.write(self.output_dir)
         yield "leaderboard", board
         return CompareResult(status, board, self.output_dir, files, dict(self.records), self.trained)
+
+    def _write_what_finished(self) -> None:
+        """Write the leaderboard of the runs finished before an interruption. A fault here (often the same
+        full disk) is only logged, so that the error reported is the one that stopped the comparison."""
+        try:
+            self.leaderboard().write(self.output_dir)
+        except Exception as exc:
+            log.warning("The leaderboard could not be written: %s", _describe(exc))
 
     def leaderboard(self) -> Leaderboard:
         rows = []
@@ -303,7 +330,8 @@ class Comparison:
             error_path.unlink(missing_ok=True)
             self.trained += 1
             return record
-        except Exception as exc:  # one failing combination never stops the others
+        except Exception as exc:  # one failing combination never stops the others ...
+            _stop_on_storage_fault(exc, combination, seed)  # ... unless the disk fails every later one too
             message = _describe(exc)
             log.error("%s seed %d failed: %s", combination, seed, message)
             log.debug("%s", traceback.format_exc())

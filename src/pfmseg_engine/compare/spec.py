@@ -215,5 +215,6 @@ def run_config(base: Any, combination: Combination, seed: int, run_dir: Path, *,
         model["pfm_weights_path"] = weights
         model["finetune_mode"]["type"] = combination.strategy
     data["system"].update(seed=int(seed), seeds=None)
-    data["logging"].update(log_dir=str(run_dir.parent), experiment_name=run_dir.name)
+    # the comparison itself decides when a run is redone (its config changed): it may train over the old one
+    data["logging"].update(log_dir=str(run_dir.parent), experiment_name=run_dir.name, overwrite=True)
     return config_from_dict(data, check_dataset=False)

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..limits import check_pixels, open_image
+from .npy import load_npy, npy_header
 
 INDEX_MODES = ("1", "L", "P", "I;16", "I;16B", "I;16L", "I")
 COLOUR_MODES = ("RGB", "RGBA")
@@ -59,18 +61,20 @@ def decode_colour_mask(rgb: np.ndarray, class_colors, source: str = "mask") -> n
 
 
 def read_mask_file(path: str | Path, class_colors=None) -> np.ndarray:
-    """Read ``path`` as an (H, W) int64 array of class indices (no value check; see :func:`check_mask_values`)."""
+    """Read ``path`` as an (H, W) int64 array of class indices (no value check; see :func:`check_mask_values`).
+
+    A mask claiming more pixels than ``PFMSEG_MAX_PIXELS`` is refused from its header, before it is read.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Mask file '{path}' does not exist.")
     if path.suffix.lower() == ".npy":
-        array = np.load(path)
-        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-            raise DataError(f"Mask '{path}' must be a 2-D integer array, got {array.dtype} {array.shape}.")
-        return array.astype(np.int64)
-    from PIL import Image
-
-    with Image.open(path) as img:
+        shape, dtype = npy_header(path, what="Mask")  # judged from the header, before any data is read
+        if len(shape) != 2 or not np.issubdtype(dtype, np.integer):
+            raise DataError(f"Mask '{path}' must be a 2-D integer array, got {dtype} {shape}.")
+        check_pixels(shape[0], shape[1], f"Mask '{path}'")
+        return load_npy(path, what="Mask").astype(np.int64)
+    with open_image(path, f"Mask '{path}'") as img:
         mode = img.mode
         if mode in INDEX_MODES:
             return np.asarray(img).astype(np.int64)  # palette images keep their indices

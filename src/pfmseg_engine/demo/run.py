@@ -63,7 +63,8 @@ def training_config(output_dir: Path, epochs: int | None = None, device: str = "
     """The demo's training config, validated like any user config."""
     from ..training.config import config_from_dict
 
-    data = {**DEMO_TRAINING, "logging": {"log_dir": str(output_dir), "experiment_name": "training"}}
+    # running the demo again redoes it, training included (as its prediction is redone)
+    data = {**DEMO_TRAINING, "logging": {"log_dir": str(output_dir), "experiment_name": "training", "overwrite": True}}
     data["system"] = {**data["system"], "device": device}
     if epochs is not None:
         data["training"] = {**data["training"], "epochs": epochs}

@@ -2,9 +2,10 @@
 
 * :mod:`.inputs`: slide files, globs, folders and manifest CSVs -> :class:`SlideJob` (per-slide mpp,
   name, region, target mpp); duplicates dropped.
-* :mod:`.jobs`: :func:`predict_job`, what a worker runs for one slide: the checkpoint is loaded once
-  per worker process (cached), the slide planned (:func:`~pfmseg_engine.inference.plan_slide`) and the
-  plan run (:func:`~pfmseg_engine.inference.execute_plan`).
+* :mod:`.jobs`: :func:`predict_job`, one slide: the checkpoint is loaded once per worker process
+  (cached), the slide planned (:func:`~pfmseg_engine.inference.plan_slide`) and the plan run
+  (:func:`~pfmseg_engine.inference.execute_plan`); :func:`slide_task`, what a worker runs: that, with
+  its retries, an expected failure (a corrupt or refused slide) returned as a ``SlideFailure``, not raised.
 * :mod:`.recycle`: ``SlideRecycler``, the worker plugin that restarts a worker process after K slides.
 * :mod:`.cohort`: :func:`run_cohort` (serial, or futures with ``retries=`` on a client, collected with
   ``as_completed``) and :func:`predict_slides`.

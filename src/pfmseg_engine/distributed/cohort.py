@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..storage import OutputBusyError, StorageError, ensure_output_dir
+from ..storage import StorageError, ensure_output_dir
 from .inputs import SlideJob, collect_slides
-from .jobs import ModelLoader, predict_job, task_key
+from .jobs import ModelLoader, SlideFailure, fatal, predict_job, slide_task, task_key
 from .summary import CohortSummary, SlideRecord, describe_error, worker_id
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,6 @@ SUMMARY_INTERVAL = 30.0
 
 def _pending(job: SlideJob) -> SlideRecord:
     return SlideRecord(slide=job.path, name=job.output_stem(), status="pending")
-
-
-def fatal(exc: BaseException) -> bool:
-    """Errors that would fail every following slide of a serial run the same way (the output disk is
-    full, read-only or not ours): the run stops instead of trying each slide."""
-    return isinstance(exc, StorageError) and not isinstance(exc, OutputBusyError)
 
 
 class _Run:
@@ -224,17 +218,20 @@ def _distributed(run: _Run, jobs, client, checkpoint, output_dir, config, model_
                  recycle_after, options) -> None:
     from distributed import as_completed
 
-    from .recycle import SlideRecycler
+    from .recycle import QuietRestarts, SlideRecycler
 
+    quiet = QuietRestarts()
     if recycle_after:
         client.register_plugin(SlideRecycler(recycle_after), name=SlideRecycler.name)
+        logging.getLogger(QuietRestarts.LOGGER).addFilter(quiet)  # a local cluster's nannies log here
     index: dict[str, int] = {}
     futures = []
     try:
         for i, job in enumerate(jobs):
             key = task_key(job, output_dir)
             index[key] = i
-            futures.append(client.submit(predict_job, job, str(checkpoint), str(output_dir), config.to_dict(),
+            # expected failures are retried inside the task and returned; dask's retries cover the rest
+            futures.append(client.submit(slide_task, job, str(checkpoint), str(output_dir), config.to_dict(),
                                          model_loader=model_loader, wait=wait, key=key, retries=int(retries),
                                          pure=False, **options))
         completed = as_completed(futures)
@@ -242,17 +239,26 @@ def _distributed(run: _Run, jobs, client, checkpoint, output_dir, config, model_
         for future in completed:
             i = index[future.key]
             try:
-                record = SlideRecord.from_result(jobs[i].path, future.result())
+                record = _task_record(jobs[i], future.result())
             except Exception as exc:
                 record = SlideRecord.from_error(jobs[i].path, jobs[i].output_stem(), exc)
             future.release()
             run.record(i, record)
     finally:
         if recycle_after:
+            logging.getLogger(QuietRestarts.LOGGER).removeFilter(quiet)
             try:
                 client.unregister_worker_plugin(SlideRecycler.name)
             except Exception as exc:  # the cluster may be gone already
                 log.debug("Could not unregister the recycling plugin: %s", exc)
+
+
+def _task_record(job: SlideJob, value: Any) -> SlideRecord:
+    """The record of what :func:`~.jobs.slide_task` returned: a SlideResult or a :class:`SlideFailure`."""
+    if isinstance(value, SlideFailure):
+        return SlideRecord.from_error(job.path, job.output_stem(), value.as_exception(), seconds=value.seconds,
+                                      worker=value.worker)
+    return SlideRecord.from_result(job.path, value)
 
 
 def predict_slides(

@@ -12,6 +12,11 @@
   ignored, so a clinical table can serve as manifest). Relative paths resolve against the manifest's
   folder; empty cells mean "not given".
 
+Nothing is opened while listing (only ``stat``, and manifests are read): an entry that is not a
+regular file (a named pipe, a device, a dangling link or a symbolic link loop named like a slide) is
+listed like any slide and refused with one line when its task opens it, so it fails alone and the
+cohort goes on.
+
 Paths become absolute (workers on other machines need them so). A slide given twice (same file and
 region) is kept once, with a warning; two different slides that would write the same output name are
 an error that says how to tell them apart.
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, SlideError
+from ..paths import check_input_path
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +123,7 @@ def _positive(value: str | None, column: str, where: str) -> float | None:
 
 def read_manifest(path: str | Path) -> list[SlideJob]:
     """The slides a manifest CSV lists (see the module docstring), paths resolved against its folder."""
-    path = Path(path).expanduser().absolute()
+    path = check_input_path(Path(path).expanduser().absolute(), "Manifest", error=ConfigError)
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
@@ -185,11 +191,17 @@ def folder_slides(folder: Path) -> list[Path]:
     return found
 
 
+def _listed(path: Path) -> bool:
+    """Whether ``path`` names something, be it only a link: a dangling or looping link is still a listed
+    slide, kept so that it fails alone (with what it is) when it is opened, not the whole collection."""
+    return path.exists() or path.is_symlink()
+
+
 def _expand(item: str) -> list[SlideJob]:
     """The slides one input names (without the run's defaults)."""
     path = Path(item).expanduser()
-    if path.suffix.lower() == ".csv" and path.is_file():
-        return read_manifest(path)
+    if path.suffix.lower() == ".csv" and not path.is_dir() and _listed(path):
+        return read_manifest(path)  # refuses a manifest that is not a regular file, before opening it
     if path.is_dir() and not is_slide_folder(path):
         slides = folder_slides(path)
         if not slides:
@@ -198,7 +210,7 @@ def _expand(item: str) -> list[SlideJob]:
             raise ConfigError(f"Folder '{path}' holds no slides (looked for {', '.join(sorted(SUFFIXES))}, zarr "
                               "stores and DICOM series folders).")
         return [SlideJob(path=str(p.absolute()), source=str(path)) for p in slides]
-    if path.exists():
+    if _listed(path):
         return [SlideJob(path=str(path.absolute()), source=item)]
     if GLOB_CHARS.search(item):
         matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))

@@ -1,5 +1,6 @@
-"""One slide as one task: :func:`predict_job` (what a worker runs), the per-process model cache and
-the check that lets :class:`~.recycle.SlideRecycler` restart a worker process after K slides.
+"""One slide as one task: :func:`predict_job` (one slide), :func:`slide_task` (what a worker runs: the
+slide with its retries, an expected failure returned as a :class:`SlideFailure`), the per-process model
+cache and the check that lets :class:`~.recycle.SlideRecycler` restart a worker process after K slides.
 
 A task plans its slide (:func:`~pfmseg_engine.inference.plan_slide`) and runs the plan
 (:func:`~pfmseg_engine.inference.execute_plan`). A finished output is reused and a ``.partial`` one
@@ -12,14 +13,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import os
+import pickle
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import PfmsegError
+from ..storage import OutputBusyError, StorageError
 from .inputs import SlideJob
-from .summary import tissue_area_mm2, worker_id
+from .summary import describe_error, tissue_area_mm2, worker_id
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +63,8 @@ def task_key(slide: str | Path | SlideJob, output_dir: str | Path) -> str:
     """Deterministic task key: submitting the same slide (and region and name) into the same output twice
     never runs it twice at once."""
     job = slide if isinstance(slide, SlideJob) else SlideJob(path=str(slide))
-    ident = f"{Path(job.path).resolve()}|{Path(output_dir).resolve()}|{job.region}|{job.name}"
+    # realpath, not Path.resolve: a listed symbolic link loop must fail in its own task, not raise here
+    ident = f"{os.path.realpath(job.path)}|{os.path.realpath(output_dir)}|{job.region}|{job.name}"
     digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
     return f"pfmseg-slide-{Path(job.path).name}-{digest}"
 
@@ -150,6 +157,65 @@ def predict_job(
             recycler.finished()
 
 
+#: What a slide is expected to fail with (a corrupt or refused slide, a full disk, a busy output): the
+#: engine's own errors and file-system faults. :func:`slide_task` returns these as a :class:`SlideFailure`;
+#: anything else is a bug and is raised (dask logs it and retries the task).
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (PfmsegError, OSError)
+
+
+def fatal(exc: BaseException) -> bool:
+    """Errors that would fail every following slide the same way (the output disk is full, read-only or
+    not ours): not worth retrying; a serial run stops at the first one."""
+    return isinstance(exc, StorageError) and not isinstance(exc, OutputBusyError)
+
+
+@dataclass
+class SlideFailure:
+    """A slide task's expected failure, returned instead of raised.
+
+    Raised, it would reach the client just the same, but the worker would first log it as "Compute
+    Failed" with a traceback, for what is an ordinary outcome of a cohort (a corrupt slide).
+    ``exception`` is the error itself when it survives pickling (None otherwise); ``error`` is its one line.
+    """
+
+    error: str
+    exception: BaseException | None
+    seconds: float
+    worker: str
+
+    @classmethod
+    def of(cls, exc: BaseException, seconds: float) -> SlideFailure:
+        try:
+            kept: BaseException | None = pickle.loads(pickle.dumps(exc))
+        except Exception:  # an error type that does not pickle: its line is enough
+            kept = None
+        return cls(error=describe_error(exc), exception=kept, seconds=seconds, worker=worker_id())
+
+    def as_exception(self) -> BaseException:
+        """The error to record or raise on the client (its one line when the original did not travel)."""
+        return self.exception if self.exception is not None else PfmsegError(self.error)
+
+
+def slide_task(job: SlideJob, checkpoint: str | Path, output_dir: str | Path, config: Any = None, *,
+               retries: int = 0, **options: Any):
+    """:func:`predict_job` as a cluster task: its SlideResult, or a :class:`SlideFailure` once the slide
+    failed ``retries`` more times with an expected error (:data:`EXPECTED_ERRORS`).
+
+    Expected errors are retried here, on this worker, and never raised; other exceptions propagate,
+    so dask's own retries and logging still cover bugs and crashes.
+    """
+    start, attempt = time.perf_counter(), 0
+    while True:
+        try:
+            return predict_job(job, checkpoint, output_dir, config, **options)
+        except EXPECTED_ERRORS as exc:
+            if attempt >= int(retries) or fatal(exc):
+                return SlideFailure.of(exc, time.perf_counter() - start)
+            attempt += 1
+            log.warning("Slide '%s' failed (%s); retrying (%d of %d).", job.label, describe_error(exc), attempt,
+                        int(retries))
+
+
 def export(store: Path, kinds: Sequence[str], only_missing: bool = False,
            geojson_options: dict[str, Any] | None = None) -> list[Path]:
     """Write the requested exports of a finished output (skipping existing ones when ``only_missing``)."""
@@ -185,4 +251,5 @@ def predict_one(checkpoint: str, slide: str, output_dir: str, config: dict[str, 
                        device=device, reader=reader, model_loader=model_loader)
 
 
-__all__ = ["EXPORT_FILES", "cached_model", "export", "measure", "predict_job", "predict_one", "task_key"]
+__all__ = ["EXPECTED_ERRORS", "EXPORT_FILES", "SlideFailure", "cached_model", "export", "fatal", "measure",
+           "predict_job", "predict_one", "slide_task", "task_key"]

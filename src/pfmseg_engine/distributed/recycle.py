@@ -6,7 +6,9 @@ task that would be slide K + 1 retires the worker (the scheduler sends it no new
 results it holds) and asks the worker's nanny to restart it, which starts a fresh process; the task
 itself is rescheduled with
 :class:`distributed.Reschedule` (which does not count as a failure) on another worker or on the
-fresh process.
+fresh process. Those restarts are ordinary events of such a run: :class:`QuietRestarts` keeps the
+nanny's lines about them ("Restarting worker", "still alive ... killing": a retired process that is
+slow to unload torch is killed, losing nothing) off the console while dask logs at WARNING.
 """
 
 from __future__ import annotations
@@ -88,4 +90,17 @@ class SlideRecycler(WorkerPlugin):
             log.debug("Restart of %s: %s", worker.address, exc)
 
 
-__all__ = ["SlideRecycler"]
+class QuietRestarts(logging.Filter):
+    """Filter for the ``distributed.nanny`` logger: drops its lines about restarting a worker process
+    while dask logs at WARNING or above (with ``--debug`` dask logs at INFO and every line shows)."""
+
+    LOGGER = "distributed.nanny"
+    MESSAGES = ("Restarting worker", "Worker process still alive after")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger("distributed").getEffectiveLevel() <= logging.INFO:
+            return True
+        return not record.getMessage().startswith(self.MESSAGES)
+
+
+__all__ = ["QuietRestarts", "SlideRecycler"]

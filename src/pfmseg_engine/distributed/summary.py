@@ -10,7 +10,6 @@ each written atomically.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import csvsafe
 from ..errors import PfmsegError
 from ..storage import describe_os_error, writing
 
@@ -157,7 +157,7 @@ class CohortSummary:
 
     def csv_text(self) -> str:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csvsafe.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         for record in self.records:
             writer.writerow({k: "" if v is None else v for k, v in record.row().items()})

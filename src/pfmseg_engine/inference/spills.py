@@ -87,7 +87,7 @@ class SpillStore:
                 f"Spill {path.name} is missing from {self.folder}; the partial output is inconsistent. "
                 "Delete the '.partial' folder and run again."
             )
-        return self.load(np.load(path))
+        return self.load(np.load(path, allow_pickle=False))
 
     def drop(self, target: tuple[int, int]) -> None:
         for direction in (*(d for d, _, _ in OUTGOING), SELF):

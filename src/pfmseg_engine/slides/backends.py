@@ -28,7 +28,8 @@ from typing import Any
 
 from dask.base import tokenize
 
-from ..errors import ConfigError, SlideError, closest
+from ..errors import ConfigError, PixelLimitError, SlideError, SlidePixelLimitError, closest
+from ..limits import check_pixels
 from .readers import (
     DicomLevelReader,
     OpenSlideLevelReader,
@@ -158,6 +159,45 @@ def _bounds(props: dict[str, Any], prefix: str, width: int, height: int) -> tupl
     return bx, by, bw, bh
 
 
+#: What to do with a slide whose tiles are too large: any read of a tile decodes all of it.
+TILE_REMEDY = ("A slide is read tile by tile (a strip of an untiled TIFF counts as one tile) and each is decoded "
+               "whole; re-save it tiled, e.g. vips tiffsave in.tif out.tif --tile --tile-width 512 "
+               "--tile-height 512 --pyramid.")
+
+
+def check_tiles(path: Path, backend: str, tiles: dict[str, tuple[int, int]]) -> None:
+    """Refuse a slide whose tiles (the units its backend decodes whole), by level, exceed the pixel limit.
+
+    Levels themselves may have any size (they are read tile by tile); a tile of a forged or untiled file can
+    claim billions of pixels, and reading one pixel of it would decode them all.
+    """
+    for level, (height, width) in tiles.items():
+        check_pixels(height, width, f"Each tile of level {level} of '{path}' ({backend})",
+                     error=SlidePixelLimitError, remedy=TILE_REMEDY)
+
+
+def _tiffslide_tiles(handle: Any, count: int) -> dict[str, tuple[int, int]]:
+    """(height, width) of the chunks tiffslide decodes whole (TIFF tiles or strips) of each of ``count`` levels.
+
+    A Leica SCN level is composed of several located series, each its own array of chunks.
+    """
+    group = handle.zarr_group
+    composition = group.attrs.get("tiffslide.series-composition")
+    series = [f"{name}/" for name in composition["located_series"]] if composition else [""]
+    return {f"{prefix}{level}": tuple(int(n) for n in group[f"{prefix}{level}"].chunks[:2])
+            for prefix in series for level in range(count)}
+
+
+def _property_tiles(props: dict[str, Any], prefix: str, count: int) -> dict[str, tuple[int, int]]:
+    """(height, width) of each level's tiles from ``<prefix>.level[i].tile-height/-width`` where given."""
+    tiles = {}
+    for i in range(count):
+        height, width = (props.get(f"{prefix}.level[{i}].tile-{k}") for k in ("height", "width"))
+        if height and width:
+            tiles[str(i)] = (int(height), int(width))
+    return tiles
+
+
 def _file_token(path: Path, backend: str) -> str:
     stat = path.stat()
     return tokenize(str(path), stat.st_mtime_ns, stat.st_size, backend)
@@ -187,6 +227,7 @@ def open_tiffslide(path: Path) -> dict[str, Any]:
         props = dict(handle.properties)
         level_dims = list(handle.level_dimensions)
         downsamples = [float(d) for d in handle.level_downsamples]
+        check_tiles(path, "tiffslide", _tiffslide_tiles(handle, len(level_dims)))
     except Exception:
         handle.close()
         raise
@@ -229,6 +270,7 @@ def open_openslide_slide(path: Path) -> dict[str, Any]:
         props = dict(handle.properties)
         level_dims = [(int(w), int(h)) for w, h in handle.level_dimensions]
         downsamples = [float(d) for d in handle.level_downsamples]
+        check_tiles(path, "openslide", _property_tiles(props, "openslide", len(level_dims)))
     except Exception:
         handle.close()
         raise
@@ -307,6 +349,8 @@ def open_dicom_slide(path: Path) -> dict[str, Any]:
         except Exception:  # no PixelSpacing in the series
             mpp = None
         tiles = [lvl.tile_size.width for lvl in dicom_levels]
+        check_tiles(path, "dicom", {str(i): (int(lvl.tile_size.height), int(lvl.tile_size.width))
+                                    for i, lvl in enumerate(dicom_levels)})
     except Exception:
         handle.close()
         raise
@@ -396,6 +440,10 @@ def open_wsi(path: Path, names: tuple[str, ...]) -> dict[str, Any]:
         try:
             parts = backend.opener(path)
             _probe(parts["readers"])
+        except PixelLimitError:  # what the file claims, not the backend: no other backend reads it better
+            for reader in (parts or {}).get("readers", []):
+                reader.close()
+            raise
         except Exception as exc:
             for reader in (parts or {}).get("readers", []):
                 reader.close()

@@ -23,7 +23,9 @@ import numpy as np
 from dask.base import tokenize
 
 from ..colors import composite_on_white
-from ..errors import SlideError
+from ..errors import PfmsegError, SlideError, SlidePixelLimitError
+from ..limits import check_pixels, image_header_size
+from ..paths import check_input_path
 from .backends import (
     AUTO_ORDER,
     MPP_RANGE,
@@ -31,11 +33,12 @@ from .backends import (
     UNIT_TO_UM,
     auto_backends,
     check_reader,
+    check_tiles,
     describe_readers,
     open_wsi,
     plausible_mpp,
 )
-from .readers import ArrayReader, PILReader
+from .readers import PIL_SLIDE_REMEDY, ArrayReader, PILReader
 from .slide import Slide, lazy_level
 
 log = logging.getLogger(__name__)
@@ -54,14 +57,13 @@ def _fail(path: Path, exc: BaseException, kind: str) -> SlideError:
 
 # ---- PNG / JPEG -------------------------------------------------------------------------------
 def _open_pil(path: Path) -> dict[str, Any]:
-    from PIL import Image
-
+    """A PNG/JPEG slide: one level, decoded whole at open (checked against the pixel limit first)."""
     try:
-        with Image.open(path) as img:
-            width, height = img.size
+        height, width = image_header_size(path)
+        check_pixels(height, width, f"Image slide '{path}'", error=SlidePixelLimitError, remedy=PIL_SLIDE_REMEDY)
         reader = PILReader(path, (height, width))
         reader[0:1, 0:1]  # decode now: a truncated file fails here, not mid-inference
-    except SlideError:
+    except PfmsegError:
         raise
     except Exception as exc:
         raise _fail(path, exc, "PNG/JPEG") from exc
@@ -133,6 +135,8 @@ def _open_zarr(path: Path) -> dict[str, Any]:
             unit = raw_axes[ix].get("unit") if isinstance(raw_axes[ix], dict) else None
             if unit in UNIT_TO_UM:
                 mpp = _plausible(scales[0][ix] * UNIT_TO_UM[unit], f"'{path}' multiscales")
+    y_axis, x_axis = axes.index("y"), axes.index("x")  # chunks are decoded whole: each must fit the pixel limit
+    check_tiles(path, "zarr", {str(i): (int(a.chunks[y_axis]), int(a.chunks[x_axis])) for i, a in enumerate(arrays)})
     levels = [_to_yxc(da.from_zarr(a), axes) for a in arrays]
     return {"levels": levels, "readers": [ArrayReader(level) for level in levels],
             "downsamples": downsamples, "mpp": mpp, "bounds_offset": (0, 0), "properties": {}}
@@ -194,9 +198,7 @@ def open_slide(path: str | Path, mpp: float | None = None, *, require_mpp: bool 
     which one read the slide.
     """
     reader = check_reader(reader)
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise SlideError(f"Slide '{path}' does not exist.")
+    path = check_input_path(path, "Slide", folders=True, error=SlideError)  # before any reader opens it
     kind = slide_kind(path, reader)
     if kind == "wsi":
         parts = open_wsi(path, (reader,) if reader != "auto" else auto_backends(path) or ())

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from ..colors import composite_on_white
-from ..errors import SlideError
+from ..errors import PfmsegError, SlideError, SlidePixelLimitError
+from ..limits import open_image
 
 
 def slice_bounds(key: Any, shape: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -283,8 +284,17 @@ class ArrayReader:
         pass
 
 
+#: What to do with a PNG/JPEG slide too large to decode whole.
+PIL_SLIDE_REMEDY = ("PNG/JPEG slides are decoded whole; convert a large one to a tiled pyramidal TIFF "
+                    "(e.g. vips tiffsave in.png out.tif --tile --pyramid), which is read tile by tile.")
+
+
 class PILReader:
-    """A PNG/JPEG image, decoded once per process on first access (PIL cannot read regions)."""
+    """A PNG/JPEG image, decoded once per process on first access (PIL cannot read regions).
+
+    Decoded whole, so its claimed size is checked against ``PFMSEG_MAX_PIXELS`` first, in every process
+    (:mod:`pfmseg_engine.limits`); Pillow's process-wide limit is left alone.
+    """
 
     ndim = 3
     dtype = np.dtype(np.uint8)
@@ -304,14 +314,14 @@ class PILReader:
     def _pixels(self) -> np.ndarray:
         with self._lock:
             if self._cache is None or self._cache[0] != os.getpid():
-                from PIL import Image
-
-                Image.MAX_IMAGE_PIXELS = None  # slides are big on purpose
                 try:
-                    with Image.open(self.path) as img:
+                    with open_image(self.path, f"Image slide '{self.path}'", error=SlidePixelLimitError,
+                                    remedy=PIL_SLIDE_REMEDY) as img:
                         pixels = (composite_on_white(np.asarray(img.convert("RGBA")))
                                   if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
                                   else np.asarray(img.convert("RGB")))
+                except PfmsegError:  # over the pixel limit: already one clear message
+                    raise
                 except Exception as exc:
                     raise SlideError(
                         f"Decoding image '{self.path}' failed ({type(exc).__name__}: {exc}); the file is "

@@ -17,6 +17,13 @@ means of a finer level, plus the grey-level spread inside each block as a textur
   A section of pure fat with no coloured tissue at all is the case this cannot see: give an ROI.
 * Morphology removes specks smaller than :data:`MIN_AREA_UM2`.
 
+**Bounded whatever the slide claims.** The thumbnail holds at most :data:`THUMBNAIL_MAX_PIXELS` (a slide
+too large for that at 8 um/px is detected at a coarser resolution), and is built block by block from the
+coarsest level fine enough, so memory stays at one block plus the thumbnail. A slide without such a
+level (no pyramid) has a finer level scanned, up to ``SCAN_FACTOR`` x ``PFMSEG_MAX_PIXELS`` pixels
+(:mod:`pfmseg_engine.limits`); a larger one (a forged header, a giant single-level file) is refused
+with what to do, rather than read for hours.
+
 **Your own mask.** ``detect_tissue(slide, roi=...)`` takes a QuPath GeoJSON (its areas are the tissue;
 "Ignore*" areas are cut out), a label store or mask image, a shapely geometry or a boolean array, and
 either replaces the detection (``roi_mode="replace"``, the default: your mask is the truth) or restricts
@@ -34,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import PixelLimitError, SlidePixelLimitError
+from ..limits import SCAN_FACTOR, check_pixels, max_pixels, open_image
 from .slide import Slide
 
 #: Detection resolution (um/px): coarse enough to be cheap, fine enough for small biopsies.
@@ -52,6 +61,12 @@ DARKER_THAN_GLASS = 18.0
 MIN_TEXTURE = 8.0
 #: Black ink: darker than this grey level (0-255) at thumbnail resolution.
 BLACK_INK_GREY = 60.0
+#: The thumbnail holds at most this many pixels (fewer when ``PFMSEG_MAX_PIXELS`` is lower): 2^25, about
+#: 5,800 x 5,800 px, a 46 x 46 mm section at 8 um/px; larger slides are detected at a coarser resolution.
+THUMBNAIL_MAX_PIXELS = 1 << 25
+#: What to do with a slide whose thumbnail would need a level too large to scan.
+SCAN_REMEDY = ("Turn tissue detection off (CLI: --no-tissue; Python: SlideInferenceConfig(tissue=False)) or give the "
+               "slide a pyramid (e.g. vips tiffsave in.tif out.tif --tile --pyramid).")
 #: ROI modes of :func:`detect_tissue`.
 ROI_MODES = ("replace", "intersect")
 
@@ -111,7 +126,8 @@ def thumbnail(slide: Slide, mpp: float = TISSUE_MPP, block: int = 2048) -> tuple
     """(thumbnail, level-0 pixels per thumbnail pixel) near ``mpp``, built block by block.
 
     Uses the coarsest level not coarser than ``mpp`` and an integer block mean, so memory stays at
-    one block whatever the slide size.
+    one block plus the thumbnail, which holds at most :data:`THUMBNAIL_MAX_PIXELS` (coarser than ``mpp``
+    for a slide too large for that) whatever the slide size.
     """
     thumb, _, downsample = thumbnail_with_texture(slide, mpp, block)
     return thumb, downsample
@@ -120,18 +136,17 @@ def thumbnail(slide: Slide, mpp: float = TISSUE_MPP, block: int = 2048) -> tuple
 def thumbnail_with_texture(slide: Slide, mpp: float = TISSUE_MPP, block: int = 2048
                            ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """(thumbnail, texture, downsample): :func:`thumbnail` plus the grey-level standard deviation inside
-    each thumbnail pixel's block (None when the level is used as is and blocks are single pixels)."""
-    slide.require_mpp()
-    mpps = slide.level_mpps
-    candidates = [i for i, m in enumerate(mpps) if m <= mpp * 1.05] or [0]
-    level = max(candidates, key=lambda i: mpps[i])
-    factor = max(1, round(mpp / mpps[level]))
+    each thumbnail pixel's block (None when the level is used as is and blocks are single pixels).
+
+    Raises a :class:`~pfmseg_engine.errors.SlidePixelLimitError` before reading anything when the level
+    it would scan is over the scan limit (see the module docstring)."""
+    level, factor = thumbnail_source(slide, mpp)
     reader = slide.readers[level]
     full_h, full_w = reader.shape[:2]
     height, width = -(-full_h // factor), -(-full_w // factor)  # partial edge blocks count too
     out = np.zeros((height, width, 3), np.uint8)
     texture = np.zeros((height, width), np.float32) if factor > 1 else None
-    step = max(1, block // factor)
+    step = max(1, min(block, math.isqrt(max_pixels())) // factor)  # a block is read whole: within the limit
     for y in range(0, height, step):
         for x in range(0, width, step):
             h, w = min(step, height - y), min(step, width - x)
@@ -144,6 +159,30 @@ def thumbnail_with_texture(slide: Slide, mpp: float = TISSUE_MPP, block: int = 2
                 grey = src.astype(np.float32).mean(axis=2).reshape(h, factor, w, factor)
                 texture[y:y + h, x:x + w] = grey.std(axis=(1, 3))
     return out, texture, slide.downsamples[level] * factor
+
+
+def thumbnail_source(slide: Slide, mpp: float = TISSUE_MPP) -> tuple[int, int]:
+    """(level, integer block factor) the thumbnail near ``mpp`` is built from; checked before anything is read.
+
+    The level is the coarsest not coarser than ``mpp`` (5 % tolerance); ``mpp`` itself is coarsened when the
+    thumbnail would hold more than :data:`THUMBNAIL_MAX_PIXELS` (or ``PFMSEG_MAX_PIXELS``, if lower). The level is
+    read whole, block by block, so it may hold up to ``SCAN_FACTOR`` times the pixel limit.
+    """
+    slide_mpp = slide.require_mpp()
+    cap = min(THUMBNAIL_MAX_PIXELS, max_pixels())
+    width0, height0 = slide.dimensions
+    mpp = max(mpp, slide_mpp * math.sqrt(width0 * height0 / cap))
+    mpps = slide.level_mpps
+    candidates = [i for i, m in enumerate(mpps) if m <= mpp * 1.05] or [0]
+    level = max(candidates, key=lambda i: mpps[i])
+    height, width = slide.readers[level].shape[:2]
+    check_pixels(height, width, f"Level {level} of '{slide.path or slide.name}', which tissue detection would scan "
+                 f"whole (the slide has no level near {mpp:.3g} um/px),", error=SlidePixelLimitError,
+                 remedy=SCAN_REMEDY, scale=SCAN_FACTOR)
+    factor = max(1, round(mpp / mpps[level]), math.isqrt(height * width // cap))
+    while -(-height // factor) * -(-width // factor) > cap:  # rounding (or cropped bounds) left it over the cap
+        factor += 1
+    return level, factor
 
 
 def _saturation(rgb: np.ndarray) -> np.ndarray:
@@ -287,13 +326,13 @@ def roi_mask(slide: Slide, roi: Any, shape: tuple[int, int], downsample: float, 
              ) -> tuple[np.ndarray, str]:
     """(boolean mask on the ``shape`` grid of ``downsample`` level-0 px per pixel, description) of an ROI."""
     from ..errors import DataError
+    from ..paths import check_input_path
 
     if isinstance(roi, (str, Path)):
         path = Path(roi).expanduser()
         name = f"roi: {path.name}"
-        if not path.exists():
-            raise DataError(f"Tissue ROI '{path}' does not exist; give a QuPath GeoJSON, a label store or a mask "
-                            "image.")
+        check_input_path(path, "Tissue ROI", folders=True, error=DataError,  # a pipe would block its reader
+                         hint="give a QuPath GeoJSON, a label store or a mask image")
         if path.is_dir():
             from ..annotations.rasterize import StoreLabels
 
@@ -306,21 +345,43 @@ def roi_mask(slide: Slide, roi: Any, shape: tuple[int, int], downsample: float, 
             if not found.features:
                 raise DataError(f"Tissue ROI '{path}' holds no areas (Polygon/MultiPolygon); draw the tissue regions "
                                 "in QuPath and export them with File > Export objects as GeoJSON.")
+            _check_roi_on_slide([f.geometry for f in found.features if not f.ignored], slide, f"'{path}'")
             return _polygon_mask([f.geometry for f in found.features], [not f.ignored for f in found.features],
                                  shape, downsample), name
-        from PIL import Image
-
         try:
-            image = np.asarray(Image.open(path).convert("L")) > 0
+            with open_image(path, f"Tissue ROI '{path}'") as img:  # decoded whole: within the pixel limit
+                image = np.asarray(img.convert("L")) > 0
+        except PixelLimitError:
+            raise
         except Exception as exc:
             raise DataError(f"Tissue ROI '{path}' is not GeoJSON, a label store or an image ({exc}).") from exc
         return _resize_mask(image, slide, shape, downsample), name
     if hasattr(roi, "geom_type"):
+        _check_roi_on_slide([roi], slide, "geometry")
         return _polygon_mask([roi], [True], shape, downsample), "roi: geometry"
     array = np.asarray(roi)
     if array.ndim != 2:
         raise DataError(f"A tissue ROI array must be 2-D (H, W), got shape {array.shape}.")
     return _resize_mask(array != 0, slide, shape, downsample), "roi: mask"
+
+
+def _check_roi_on_slide(geometries: list[Any], slide: Slide, what: str) -> None:
+    """Refuse an ROI whose areas all lie off the slide: it would select no tissue, so a run would plan
+    0 windows and end "successfully" with an empty prediction."""
+    import shapely
+
+    from ..errors import DataError
+
+    geometries = [g for g in geometries if not g.is_empty]
+    if not geometries:
+        return
+    x0, y0, x1, y1 = shapely.total_bounds(geometries)
+    width, height = slide.dimensions
+    if x1 > 0 and y1 > 0 and x0 < width and y0 < height:
+        return
+    raise DataError(f"Tissue ROI {what} lies at x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f} but slide "
+                    f"'{slide.path or slide.name}' is {width} x {height} level-0 px: the ROI covers none of the "
+                    "slide. Fix: give the ROI drawn on this slide (level-0 pixel coordinates, as QuPath shows it).")
 
 
 def _polygon_mask(geometries: list[Any], inside: list[bool], shape: tuple[int, int], downsample: float) -> np.ndarray:

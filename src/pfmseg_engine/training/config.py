@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, closest
+from ..paths import check_input_path
 from .protocols import PROTOCOLS, apply_protocol
 from .schema import from_dict, merge, set_dotted, to_dict
 from .seed_keys import ModelSection, field_type_and_default, model_fields, seed_key_names, seed_values
@@ -158,8 +159,9 @@ class ValidationSection:
 @dataclass(frozen=True)
 class LoggingSection:
     log_dir: str = "logs"
-    experiment_name: str = "pfm_segmentation"
+    experiment_name: str | None = None  # None: every run gets a new folder (training.outputs.new_run_dir)
     plot_history: bool = True  # training_history.png after every epoch (false: a GUI draws its own curve)
+    overwrite: bool = False  # train over a folder that holds a run (its old outputs are removed first)
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,11 @@ class TrainConfig:
 
     @property
     def output_dir(self) -> Path:
+        """``log_dir/experiment_name``; an unnamed run's folder is chosen when it starts
+        (:func:`~.outputs.claim_output_dir`), so asking before is an error."""
+        if self.logging.experiment_name is None:
+            raise ConfigError("logging.experiment_name is not set, so the run's folder is chosen when training starts "
+                              "(a new log_dir/run-YYYYmmdd-HHMMSS-NNN); set it to name the folder.")
         return Path(self.logging.log_dir).expanduser() / self.logging.experiment_name
 
     @property
@@ -529,8 +536,7 @@ def config_from_dict(data: dict[str, Any], base_dir: str | Path | None = None,
 def load_config(path: str | Path, options: list[str] | None = None, check_dataset: bool = True) -> TrainConfig:
     """Read a seed-style YAML config, apply ``--options`` overrides and validate everything."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"Config file '{path}' does not exist.")
+    check_input_path(path, "Config file", error=ConfigError)  # missing, a folder, a pipe, a link loop
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

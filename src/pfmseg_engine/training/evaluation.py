@@ -8,7 +8,6 @@ is not made narrower by counting correlated tiles as independent evidence.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -18,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import csvsafe
 from ..errors import DataError
 from .metrics import PER_CLASS, SUMMARY, ConfusionMeter, metrics_from_confusion
 from .statistics import hierarchical_intervals, resolve_groups
@@ -56,7 +56,7 @@ class EvaluationReport:
         json_path, csv_path = directory / "metrics.json", directory / "metrics.csv"
         json_path.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
         buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
+        writer = csvsafe.writer(buffer, lineterminator="\n")
         writer.writerow(["metric", "value", "ci_low", "ci_high"])
         for key, value in self.metrics.items():
             low, high = self.intervals.get(key, (math.nan, math.nan))
@@ -64,7 +64,7 @@ class EvaluationReport:
         csv_path.write_text(buffer.getvalue(), encoding="utf-8")
         if self.per_image:
             buffer = io.StringIO()
-            writer = csv.DictWriter(buffer, fieldnames=list(self.per_image[0]), lineterminator="\n")
+            writer = csvsafe.DictWriter(buffer, fieldnames=list(self.per_image[0]), lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.per_image)
             (directory / "per_image.csv").write_text(buffer.getvalue(), encoding="utf-8")

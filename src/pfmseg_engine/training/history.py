@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -10,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .. import csvsafe
 from ..storage import writing
 
 CURVE_METRICS = ("mIoU", "Mean_Dice")
@@ -47,7 +47,7 @@ class History:
         for row in self.rows:
             keys.extend(k for k in row if k not in keys)
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+        writer = csvsafe.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_write_text(directory / "history.csv", buffer.getvalue())

@@ -15,7 +15,6 @@ split the summary holds validation numbers, labelled as such (``split``), and a 
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .. import csvsafe
 from ..data.augment import JointAugment
 from ..data.dataset import ArrayImageSet, SegmentationDataset
 from ..data.masks import sparse_to_targets
@@ -36,6 +36,7 @@ from .callbacks import Callback, CancelToken
 from .config import TrainConfig
 from .evaluation import EvaluationReport, evaluate_model
 from .history import atomic_write_text
+from .outputs import claim_output_dir
 from .state import seed_everything
 from .trainer import Trainer, TrainResult
 
@@ -109,7 +110,9 @@ def train_from_config(config: TrainConfig, *, model: Any | None = None, resume: 
 
     ``model`` continues training an existing model instead of building the one ``config`` describes.
     With ``system.seeds`` this is :func:`train_seeds` (``resume`` then continues every seed's run).
+    The run's folder is claimed first (:func:`~.outputs.claim_output_dir`: a new one for an unnamed run).
     """
+    config = claim_output_dir(config, resume)
     if config.system.seeds:
         if model is not None:
             raise ConfigError("system.seeds trains a new model per seed; it cannot continue a given model= "
@@ -373,7 +376,7 @@ def write_seeds_summary(result: SeedsResult, config: TrainConfig) -> None:
     """
     seeds, split, names = list(result.runs), result.split, config.class_names
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csvsafe.writer(buffer, lineterminator="\n")
     writer.writerow(["metric", "class", "split", "mean", "sd", "n", *[f"seed_{s}" for s in seeds]])
     for key, stats in result.summary.items():
         per_seed = [result.scores.get(s, {}).get(key) for s in seeds]

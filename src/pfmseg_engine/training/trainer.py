@@ -21,6 +21,10 @@ What it guarantees, and why:
   between batches: it stops the run, or holds it while paused. Closing the generator early also
   stops the run; either way ``last.pt`` keeps the last completed epoch.
 
+* **A run never trains over another.** A folder holding checkpoints is refused unless the run
+  resumes it or ``logging.overwrite`` clears it first; an unnamed run gets a new folder
+  (:mod:`.outputs`).
+
 Outputs under ``log_dir/experiment_name/``: ``config.yaml`` (resolved), ``training.log``,
 ``history.csv``/``history.json``, ``training_history.png`` (unless ``logging.plot_history`` is off),
 ``visualizations/`` and
@@ -56,6 +60,7 @@ from .config import TrainConfig
 from .history import History
 from .losses import build_loss
 from .optim import build_optimizer
+from .outputs import check_run_dir, claim_output_dir
 from .schedulers import build_scheduler
 from .state import capture_rng, restore_rng
 from .validation import ImageSource, validate
@@ -175,6 +180,8 @@ class Trainer:
         output_dir: str | Path | None = None,
         forward: Callable[[Any, dict[str, Any], torch.Tensor], torch.Tensor] | None = None,
     ):
+        if not output_dir and config.logging.experiment_name is None:
+            config = claim_output_dir(config)  # an unnamed run: a new folder of its own
         self.config = config
         # forward(model, batch, images) -> logits replaces model(images) in training steps (the feature
         # cache of pfmseg_engine.compare reads precomputed backbone features from the batch); None: model(images)
@@ -235,15 +242,13 @@ class Trainer:
         and ``best.pt`` keep the last completed epoch, the log file is released and ``on_train_end``
         sees a ``cancelled`` result.
         """
+        check_run_dir(self.output_dir, resume=bool(resume), overwrite=self.config.logging.overwrite)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         handler = self._attach_log_file()
         status = "completed"
         try:
             if resume:
                 self.load_resume(resume)
-            elif (self.checkpoint_dir / "last.pt").is_file():
-                log.warning("%s already holds a run; starting a new one overwrites its checkpoints "
-                            "(use --resume to continue it instead).", self.output_dir)
             (self.output_dir / "config.yaml").write_text(self.config.to_yaml(), encoding="utf-8")
             self._log_start()
             self._emit("on_train_begin")
