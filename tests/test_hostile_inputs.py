@@ -269,6 +269,55 @@ def test_seed_runs_count_as_a_run_and_overwrite_removes_only_run_outputs(tmp_pat
     assert all((folder / name).exists() for name in theirs)
 
 
+def test_overwrite_removes_nothing_from_a_folder_without_a_run(tmp_path):
+    """Checkpoints of the user's own (backbone weights) are not a run: nothing to refuse, nothing removed."""
+    folder = tmp_path / "exp"
+    mine = [folder / "checkpoints" / "backbone.pt", folder / "visualizations" / "figure.png"]
+    for path in mine:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    check_run_dir(folder, resume=False, overwrite=False)
+    check_run_dir(folder, resume=False, overwrite=True)
+    assert all(path.read_text() == "mine" for path in mine)
+
+
+def test_overwrite_unlinks_a_linked_checkpoints_folder_and_keeps_its_target(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "best.pt").write_text("not this run's")
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("x")
+    (folder / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(ConfigError, match="already holds a training run"):
+        check_run_dir(folder, resume=False, overwrite=False)
+    check_run_dir(folder, resume=False, overwrite=True)
+    assert not (folder / "checkpoints").exists() and (elsewhere / "best.pt").read_text() == "not this run's"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "/tmp", "a/../.."])
+def test_an_experiment_name_must_stay_inside_the_log_folder(tmp_path, name):
+    from dataclasses import replace
+
+    from pfmseg_engine.training.config import TrainConfig
+
+    cfg = TrainConfig()
+    cfg = replace(cfg, logging=replace(cfg.logging, log_dir=str(tmp_path / "logs"), experiment_name=name))
+    with pytest.raises(ConfigError, match=r"must name a folder inside logging\.log_dir"):
+        _ = cfg.output_dir
+    assert replace(cfg, logging=replace(cfg.logging, experiment_name="run_a")).output_dir == tmp_path / "logs" / "run_a"
+
+
+def test_measurements_read_back_give_the_names_as_written(tmp_path):
+    from pfmseg_engine.annotations.measurements import read_measurements
+
+    path = tmp_path / "m.csv"
+    with path.open("w", newline="") as handle:
+        csvsafe.writer(handle).writerows([["slide", "class", "+ve cells area_mm2"], ["=x", "-cmd", "-0.5"]])
+    [row] = read_measurements(path)
+    assert row == {"slide": "=x", "class": "-cmd", "+ve cells area_mm2": -0.5}
+
+
 # --- CSV formula injection ------------------------------------------------------------------------------
 def test_csv_cells_that_would_run_as_formulas_are_neutralised_and_numbers_are_not():
     cells = ["=1+1", "+SUM(A1)", "-cmd", "@A1", "\tx", "\rx", "plain", -1.5, -3, "-0.25", "+2e-3", "-inf", "", None]

@@ -292,3 +292,19 @@ def test_cpu_autocast_only_when_asked_for_bfloat16():
     assert choose_amp_dtype("auto", "cpu") is None and choose_amp_dtype("float16", "cpu") is None
     assert choose_amp_dtype("bfloat16", "cpu") == torch.bfloat16
 
+
+
+def test_an_unnamed_trainer_that_resumes_writes_into_the_resumed_run(tmp_path):
+    options = ["validation.eval_interval=5"]
+    first = tiny_config(tmp_path, [*options, "training.epochs=1"], name=None)
+    train, _ = build_datasets(first)
+    trainer = Trainer(first, build_model_for(first), train, None)
+    trainer.fit()
+    run = trainer.output_dir
+    longer = tiny_config(tmp_path, [*options, "training.epochs=2"], name=None)
+    resumed = Trainer(longer, build_model_for(longer), train, None)
+    assert resumed.output_dir != run  # a new folder of its own until it resumes
+    resumed.fit(resume=run / "checkpoints" / "last.pt")
+    assert resumed.output_dir == run and resumed.config.output_dir == run
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == [run.name]  # the unused new folder is gone
+    assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]

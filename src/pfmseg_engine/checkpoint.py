@@ -175,7 +175,7 @@ def read_training_scale(path: str | Path) -> TrainingScale | None:
 
     For callers that check a resolution before any model is loaded (a cluster run's client, a dry run).
     """
-    path = Path(path)
+    path = check_input_path(path, "Checkpoint", error=CheckpointError)  # a pipe would block the memory map
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # an older or odd layout that cannot be memory-mapped: read it the ordinary way

@@ -31,6 +31,14 @@ def neutralise(value: Any) -> Any:
     return value
 
 
+def restore(value: Any) -> Any:
+    """The text :func:`neutralise` was given, for the engine reading back a CSV it wrote."""
+    if isinstance(value, str) and value[:1] == "'" and value[1:].startswith(FORMULA_STARTS) \
+            and not _NUMBER.fullmatch(value[1:]):
+        return value[1:]
+    return value
+
+
 class _Writer:
     """:func:`csv.writer` with every cell passed through :func:`neutralise`."""
 

@@ -243,7 +243,8 @@ def read_measurements(path: str | Path) -> list[dict[str, Any]]:
     with open(path, newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             parsed: dict[str, Any] = {}
-            for key, value in row.items():
+            for written_key, written_value in row.items():
+                key, value = csvsafe.restore(written_key), csvsafe.restore(written_value)  # names as given
                 try:
                     parsed[key] = float(value) if value not in ("", None) and key not in ("slide", "class") else value
                 except ValueError:

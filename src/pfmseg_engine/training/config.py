@@ -224,7 +224,12 @@ class TrainConfig:
         if self.logging.experiment_name is None:
             raise ConfigError("logging.experiment_name is not set, so the run's folder is chosen when training starts "
                               "(a new log_dir/run-YYYYmmdd-HHMMSS-NNN); set it to name the folder.")
-        return Path(self.logging.log_dir).expanduser() / self.logging.experiment_name
+        name = Path(self.logging.experiment_name)
+        if not name.parts or name.is_absolute() or ".." in name.parts or str(name) == ".":
+            raise ConfigError(f"logging.experiment_name '{self.logging.experiment_name}' must name a folder inside "
+                              "logging.log_dir (e.g. 'my_run'), not the log folder itself, a parent or an absolute "
+                              "path: change experiment_name, or log_dir to choose where runs go.")
+        return Path(self.logging.log_dir).expanduser() / name
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -66,7 +66,14 @@ def run_folder_of(resume: str | Path) -> Path:
 
 
 def checkpoints_in(folder: Path) -> list[Path]:
-    """The checkpoints of the run (or the seed runs) in ``folder``: non-empty means it holds a run."""
+    """The checkpoints of the run (or the seed runs) in ``folder``: non-empty means it holds a run.
+
+    Only a folder with a run's own record (``config.yaml`` or ``training.log``) beside its checkpoints
+    counts: a ``checkpoints`` folder of the user's (backbone weights, say) is not a run to overwrite.
+    """
+    if not any((folder / marker).is_file() for marker in ("config.yaml", "training.log")) and not any(
+            SEED_RUN.fullmatch(seed_run.name) for seed_run in folder.glob("seed_*")):
+        return []
     found = sorted((folder / "checkpoints").glob("*.pt"))
     for seed_run in sorted(folder.glob("seed_*")):
         if SEED_RUN.fullmatch(seed_run.name):
@@ -75,7 +82,13 @@ def checkpoints_in(folder: Path) -> list[Path]:
 
 
 def clear_run(folder: Path) -> None:
-    """Remove what a run wrote in ``folder`` (:data:`RUN_OUTPUTS`, and its seed runs); nothing else."""
+    """Remove what a run wrote in ``folder`` (:data:`RUN_OUTPUTS`, and its seed runs); nothing else.
+
+    A ``checkpoints`` that is a symbolic link loses the link only: what it points at is not the run's.
+    """
+    checkpoints = folder / "checkpoints"
+    if checkpoints.is_symlink():
+        checkpoints.unlink()
     for pattern in RUN_OUTPUTS:
         for path in folder.glob(pattern):
             if path.is_dir() and not path.is_symlink():
@@ -108,10 +121,9 @@ def check_run_dir(folder: Path, *, resume: bool, overwrite: bool) -> None:
             f"{folder}, train into another folder (logging.experiment_name; unset, every run gets a new one), or "
             "replace it with --overwrite (logging.overwrite: true), which deletes its checkpoints and evaluations."
         )
-    if overwrite:
+    if overwrite and found:  # nothing is removed from a folder that holds no run
         clear_run(folder)
-        if found:
-            log.warning("Overwriting the run in %s: its checkpoints, evaluations and history were removed.", folder)
+        log.warning("Overwriting the run in %s: its checkpoints, evaluations and history were removed.", folder)
 
 
 def claim_output_dir(config: TrainConfig, resume: str | Path | None = None) -> TrainConfig:

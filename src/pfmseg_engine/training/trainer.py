@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Generator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ from .config import TrainConfig
 from .history import History
 from .losses import build_loss
 from .optim import build_optimizer
-from .outputs import check_run_dir, claim_output_dir
+from .outputs import check_run_dir, claim_output_dir, run_folder_of
 from .schedulers import build_scheduler
 from .state import capture_rng, restore_rng
 from .validation import ImageSource, validate
@@ -180,8 +180,11 @@ class Trainer:
         output_dir: str | Path | None = None,
         forward: Callable[[Any, dict[str, Any], torch.Tensor], torch.Tensor] | None = None,
     ):
+        # an unnamed run: a new folder of its own, given back for the run's own folder if it resumes one
+        self._fresh_folder: Path | None = None
         if not output_dir and config.logging.experiment_name is None:
-            config = claim_output_dir(config)  # an unnamed run: a new folder of its own
+            config = claim_output_dir(config)
+            self._fresh_folder = config.output_dir
         self.config = config
         # forward(model, batch, images) -> logits replaces model(images) in training steps (the feature
         # cache of pfmseg_engine.compare reads precomputed backbone features from the batch); None: model(images)
@@ -232,6 +235,17 @@ class Trainer:
             except StopIteration as done:
                 return done.value
 
+    def _continue_in_run_folder(self, resume: str | Path) -> None:
+        """An unnamed run that resumes writes into the resumed run's folder, not the new one it was given."""
+        folder = run_folder_of(resume)
+        with contextlib.suppress(OSError):
+            self._fresh_folder.rmdir()  # only ever empty: nothing has been written yet
+        self._fresh_folder = None
+        self.config = replace(self.config, logging=replace(self.config.logging, log_dir=str(folder.parent),
+                                                           experiment_name=folder.name))
+        self.output_dir = folder
+        self.checkpoint_dir = folder / "checkpoints"
+
     def iter_fit(self, resume: str | Path | None = None) -> Generator[TrainEvent, None, TrainResult]:
         """:meth:`fit` as a generator: yields ``("step", StepInfo)`` after every batch and
         ``("epoch", EpochInfo)`` after every epoch (once its checkpoints are written); returns the
@@ -242,6 +256,8 @@ class Trainer:
         and ``best.pt`` keep the last completed epoch, the log file is released and ``on_train_end``
         sees a ``cancelled`` result.
         """
+        if resume and self._fresh_folder is not None:
+            self._continue_in_run_folder(resume)
         check_run_dir(self.output_dir, resume=bool(resume), overwrite=self.config.logging.overwrite)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         handler = self._attach_log_file()
