@@ -308,3 +308,20 @@ def test_an_unnamed_trainer_that_resumes_writes_into_the_resumed_run(tmp_path):
     assert resumed.output_dir == run and resumed.config.output_dir == run
     assert [p.name for p in (tmp_path / "logs").iterdir()] == [run.name]  # the unused new folder is gone
     assert [r["epoch"] for r in json.loads((run / "history.json").read_text())] == [1, 2]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_until_the_first_ends(tmp_path):
+    from pfmseg_engine.storage import OutputBusyError
+    from pfmseg_engine.training.outputs import RunLock
+
+    cfg = tiny_config(tmp_path, ["training.epochs=1", "validation.eval_interval=5"])
+    train, _ = build_datasets(cfg)
+    first = Trainer(cfg, build_model_for(cfg), train, None).iter_fit()
+    next(first)  # the first run is training: it holds the folder, with no checkpoint written yet
+    assert not (cfg.output_dir / "checkpoints" / "last.pt").exists()
+    with pytest.raises(OutputBusyError, match=r"Another training run .* is writing into"):
+        Trainer(cfg, build_model_for(cfg), train, None).fit()
+    first.close()  # cancelled before its first checkpoint: the folder is free again
+    with RunLock(cfg.output_dir):  # released: taken again at once
+        pass
+    assert Trainer(cfg, build_model_for(cfg), train, None).fit().status == "completed"

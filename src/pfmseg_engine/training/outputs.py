@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+from ..storage import OutputLock
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -162,3 +163,23 @@ def claimed_output_dir(config: TrainConfig, resume: str | Path | None = None) ->
                 folder.rmdir()  # only ever an empty folder: whatever the run wrote stays
             except OSError:
                 break
+
+
+class RunLock(OutputLock):
+    """One training run at a time in a run folder (``.checkpoints.lock`` inside it, held for the whole run).
+
+    Without it two runs started together into the same folder would both find no checkpoint, both pass
+    :func:`check_run_dir` and write over each other; the second is refused at once instead.
+    """
+
+    def __init__(self, folder: str | Path):
+        super().__init__(Path(folder) / "checkpoints", wait=0.0)
+
+    def busy_message(self) -> str:
+        owner = self.owner() or {}
+        since = owner.get("since")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "an unknown time"
+        return (f"Another training run (PID {owner.get('pid', '?')} on {owner.get('host', '?')}, since {when}) is "
+                f"writing into {self.output.parent}. Wait for it to finish, or train into another folder "
+                "(logging.experiment_name; unset, every run gets a new one).")
+

@@ -60,7 +60,7 @@ from .config import TrainConfig
 from .history import History
 from .losses import build_loss
 from .optim import build_optimizer
-from .outputs import check_run_dir, claim_output_dir, run_folder_of
+from .outputs import RunLock, check_run_dir, claim_output_dir, run_folder_of
 from .schedulers import build_scheduler
 from .state import capture_rng, restore_rng
 from .validation import ImageSource, validate
@@ -258,6 +258,10 @@ class Trainer:
         """
         if resume and self._fresh_folder is not None:
             self._continue_in_run_folder(resume)
+        with RunLock(self.output_dir):  # a second run into this folder is refused until this one ends
+            return (yield from self._iter_fit_locked(resume))
+
+    def _iter_fit_locked(self, resume: str | Path | None) -> Generator[TrainEvent, None, TrainResult]:
         check_run_dir(self.output_dir, resume=bool(resume), overwrite=self.config.logging.overwrite)
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         handler = self._attach_log_file()
