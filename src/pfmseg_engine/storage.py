@@ -202,13 +202,16 @@ class OutputLock:
         except (OSError, ValueError):
             return None
 
-    def busy_message(self) -> str:
+    def holder(self) -> str:
+        """Who holds the lock, for messages: "PID 123 on host since 2026-01-01 12:00:00"."""
         owner = self.owner() or {}
         since = owner.get("since")
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "an unknown time"
-        return (f"'{self.output}' is being written by PID {owner.get('pid', '?')} on {owner.get('host', '?')} "
-                f"since {when}. Wait for that run to finish (it is reused then), stop it, or choose another "
-                "output folder; --wait SECONDS waits for it.")
+        return f"PID {owner.get('pid', '?')} on {owner.get('host', '?')} since {when}"
+
+    def busy_message(self) -> str:
+        return (f"'{self.output}' is being written by {self.holder()}. Wait for that run to finish (it is reused "
+                "then), stop it, or choose another output folder; --wait SECONDS waits for it.")
 
     def acquire(self) -> OutputLock:
         from filelock import FileLock, Timeout

@@ -176,10 +176,6 @@ class RunLock(OutputLock):
         super().__init__(Path(folder) / "checkpoints", wait=0.0)
 
     def busy_message(self) -> str:
-        owner = self.owner() or {}
-        since = owner.get("since")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "an unknown time"
-        return (f"Another training run (PID {owner.get('pid', '?')} on {owner.get('host', '?')}, since {when}) is "
-                f"writing into {self.output.parent}. Wait for it to finish, or train into another folder "
-                "(logging.experiment_name; unset, every run gets a new one).")
+        return (f"Another training run ({self.holder()}) is writing into {self.output.parent}. Wait for it to "
+                "finish, or train into another folder (logging.experiment_name; unset, every run gets a new one).")
 
