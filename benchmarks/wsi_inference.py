@@ -5,8 +5,11 @@ Parts (``--parts``, default 1 2 3 4):
 1. pipeline rate with a stand-in model that costs nothing (it returns its input as 3-class logits) on
    an 8192 x 8192 JPEG-tiled TIFF (512 px tiles, real H&E texture from the shipped CMU slide), in
    224 px windows per second and as a multiple of the time tifffile needs to decode the same level
-   (goal >= 1,000 windows/s on 2 cores, i.e. at most ~4x the decode time), with a per-stage
-   breakdown (thread CPU seconds) from one extra instrumented run;
+   (goal >= 1,000 windows/s on 2 cores, i.e. at most ~4x the decode time), both as wall time and as
+   process CPU time (steadier on a shared machine), with the tiles decoded in the reader threads (the
+   default) and, alternating, through tiffslide's zarr store (the earlier path); a per-stage breakdown
+   (thread CPU seconds) from one extra instrumented run; and the real ViT-S/16 (kaiko-vits16 + ``fast``)
+   end to end both ways against model only (``--vit_size``, default 2048; goal: no slower);
 2. per-window time of the whole pipeline against MONAI's ``sliding_window_inference`` on the same
    real model (tiny kaiko-vits16 + the ``fast`` head), the same image and overlap (same windows:
    asserted), MONAI given the decoded image in memory; each run in its own process, with its peak
@@ -99,15 +102,31 @@ def he_tiff(path: Path, size: int) -> Path:
     return path
 
 
-def decode_seconds(path: Path, threads: int, repeats: int) -> float:
+def decode_seconds(path: Path, threads: int, repeats: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of tifffile decoding the whole level, best of ``repeats``."""
     import tifffile
 
-    best = float("inf")
+    best = (float("inf"), float("inf"))
     for _ in range(repeats):
-        start = time.perf_counter()
-        tifffile.imread(path, maxworkers=threads)
-        best = min(best, time.perf_counter() - start)
+        with Timer() as timer:
+            tifffile.imread(path, maxworkers=threads)
+        best = min(best, (timer.wall, timer.cpu))
     return best
+
+
+@contextlib.contextmanager
+def decoding(path_name: str):
+    """Decode TIFF tiles the ``direct`` way (tifffile in each reader thread, the default) or through
+    tiffslide's ``zarr`` store (one event-loop thread for every reader: the earlier path), for A/B runs."""
+    from pfmseg_engine.slides import readers
+
+    original = readers.tiff_level_page
+    if path_name == "zarr":
+        readers.tiff_level_page = lambda handle, level: None
+    try:
+        yield
+    finally:
+        readers.tiff_level_page = original
 
 
 def run_slide(model, path: Path, device: str, batch: int, **options):
@@ -123,20 +142,28 @@ def run_slide(model, path: Path, device: str, batch: int, **options):
 @contextlib.contextmanager
 def stage_counters():
     """Thread CPU seconds spent in each stage of the executor (wraps its methods while active)."""
-    from pfmseg_engine.inference import omezarr, runner, slide, spills, stitch
+    import importlib
+
+    slide = importlib.import_module("pfmseg_engine.inference.slide")
+    stitch = importlib.import_module("pfmseg_engine.inference.stitch")
+    runner = importlib.import_module("pfmseg_engine.inference.runner")
+    tilecache = importlib.import_module("pfmseg_engine.inference.tilecache")
+    # the label store and spill classes are found where the executor imports them from
+    store, spill_store = slide.LabelStore, slide.SpillStore
 
     totals: dict[str, float] = collections.defaultdict(float)
     lock = threading.Lock()
-    targets = [(slide._Executor, "read", "read + cut windows (reader threads; decoding runs in zarr's loop)"),
+    targets = [(slide._Executor, "read", "read + cut windows (reader threads)"),
+               (tilecache.TileCache, "_load", "  of which: read + decode tiles into the cache (reader threads)"),
                (stitch.Staging, "upload", "upload uint8 batch"),
                (runner.ModelRunner, "forward", "normalise + model"),
                (stitch.Stitcher, "add", "weight + add into accumulators"),
                (slide._Executor, "_complete", "hand on spills"),
-               (spills.SpillStore, "get", "read spills"),
+               (spill_store, "get", "read spills"),
                (stitch.Stitcher, "finish", "divide, argmax (softmax)"),
-               (omezarr.LabelStore, "write", "zarr write level 0 (writer)"),
-               (omezarr.LabelStore, "_update_pyramid", "zarr pyramid update (writer)"),
-               (spills.SpillStore, "save", "save spills (writer)"),
+               (store, "write", "zarr write level 0 (writer)"),
+               (store, "_update_pyramid", "zarr pyramid update (writer)"),
+               (spill_store, "save", "save spills (writer)"),
                (slide._Output, "mark_done", "done records (writer)")]
     originals = []
     for owner, name, label in targets:
@@ -159,33 +186,89 @@ def stage_counters():
             setattr(owner, name, original)
 
 
+def vit_small():
+    """The real ViT-S/16 (kaiko-vits16, full size, random weights), frozen, with the ``fast`` head."""
+    from pfmseg_engine.model import ModelConfig, build_model
+    from pfmseg_engine.tuning import TuningConfig
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = ModelConfig(backbone="kaiko-vits16", num_classes=3, class_names=("a", "b", "c"),
+                             tuning=TuningConfig(strategy="frozen"), head="fast", input_size=WINDOW)
+        return build_model(config).eval()
+
+
+def model_only_seconds(model, windows: int, batch: int, device: str = "cpu") -> Timer:
+    """Wall and CPU seconds the inference runner needs for ``windows`` random uint8 windows already in memory."""
+    from pfmseg_engine.inference.runner import ModelRunner
+
+    runner = ModelRunner(model, device=device, batch_size=batch)
+    data = torch.randint(0, 256, (batch, WINDOW, WINDOW, 3), dtype=torch.uint8, device=device)
+    runner.forward(data)
+    steps = -(-windows // batch)
+    with Timer() as timer:
+        for _ in range(steps):
+            runner.forward(data)
+    timer.wall, timer.cpu = timer.wall * windows / (steps * batch), timer.cpu * windows / (steps * batch)
+    return timer
+
+
 def part_pipeline(args) -> None:
-    """[1] stand-in model on an 8192^2 JPEG-tiled TIFF: windows/s and multiple of the decode time."""
+    """[1] stand-in model on an 8192^2 JPEG-tiled TIFF: windows/s and multiple of the decode time, tiles
+    decoded directly in the reader threads against through tiffslide's zarr store; the real ViT-S/16 both ways."""
     from pfmseg_engine.inference.window import stride_for, window_starts
 
     path = he_tiff(Path(args.workdir) / f"he_{args.size}.tif", args.size)
     n_side = len(window_starts(args.size, WINDOW, stride_for(WINDOW, OVERLAP)))
-    decode = decode_seconds(path, args.threads, args.repeats)
-    decode_one = decode_seconds(path, 1, args.repeats)
-    print(f"[1] {args.size}^2 JPEG TIFF (512 px tiles): tifffile decodes it in {decode:.2f}s ({args.threads} threads), "
-          f"{decode_one:.2f}s (1 thread); {n_side ** 2} windows of {WINDOW} px at overlap {OVERLAP}")
-    for threads in sorted({1, args.threads}):
-        torch.set_num_threads(threads)
-        runs = [run_slide(StandIn(), path, "cpu", args.batch) for _ in range(args.repeats)]
-        timer = min((t for t, _ in runs), key=lambda t: t.wall)
-        windows = runs[0][1].windows_run
-        assert windows == n_side ** 2, (windows, n_side ** 2)
-        print(f"    torch threads {threads}: {timer.wall:.2f}s wall, {timer.cpu:.2f}s CPU -> "
-              f"{windows / timer.wall:,.0f} windows/s = {timer.wall / decode:.1f}x the decode time "
-              f"(goal >= 1,000 windows/s, <= 4x)")
-    torch.set_num_threads(1)
+    decode, decode_cpu = decode_seconds(path, args.threads, args.repeats)
+    decode_one, _ = decode_seconds(path, 1, args.repeats)
+    print(f"[1] {args.size}^2 JPEG TIFF (512 px tiles): tifffile decodes it in {decode:.2f}s wall, {decode_cpu:.2f}s "
+          f"CPU ({args.threads} threads), {decode_one:.2f}s (1 thread); {n_side ** 2} windows of {WINDOW} px at "
+          f"overlap {OVERLAP}")
+    torch.set_num_threads(1)  # the stand-in needs no compute threads: the cores go to reading and writing
+    best: dict[str, Timer] = {}
+    for _ in range(args.repeats):  # alternating, so load changes hit both
+        for way in ("direct", "zarr"):
+            with decoding(way):
+                timer, result = run_slide(StandIn(), path, "cpu", args.batch)
+            assert result.windows_run == n_side ** 2, (result.windows_run, n_side ** 2)
+            if way not in best or timer.wall < best[way].wall:
+                best[way] = timer
+    for way, timer in best.items():
+        print(f"    stand-in, tiles decoded {'in the reader threads' if way == 'direct' else 'in zarr event loop'}"
+              f" ({way}): {timer.wall:.2f}s wall, {timer.cpu:.2f}s CPU -> {n_side ** 2 / timer.wall:,.0f} windows/s "
+              f"= {timer.wall / decode:.1f}x the decode time, CPU {timer.cpu / decode_cpu:.1f}x "
+              "(goal >= 1,000 windows/s, <= 4x)")
     with stage_counters() as totals:
         timer, _ = run_slide(StandIn(), path, "cpu", args.batch)
-    print(f"    where the time goes (one instrumented run, {timer.wall:.2f}s wall, {timer.cpu:.2f}s CPU; thread "
-          "CPU seconds, nested stages overlap):")
+    print(f"    where the time goes (one instrumented run, direct, {timer.wall:.2f}s wall, {timer.cpu:.2f}s CPU; "
+          "thread CPU seconds, nested stages overlap):")
     for label, seconds in totals.items():
-        print(f"      {label:<68s} {seconds:6.3f}")
+        print(f"      {label:<72s} {seconds:6.3f}")
     torch.set_num_threads(args.threads)
+    if args.vit_size:
+        small = he_tiff(Path(args.workdir) / f"he_{args.vit_size}.tif", args.vit_size)
+        model = vit_small()
+        vit: dict[str, Timer] = {}
+        windows = 0
+        for _ in range(max(1, args.repeats - 1)):  # alternating, so load changes hit all three
+            for way in ("direct", "zarr", "model only"):
+                if way == "model only":
+                    timer = model_only_seconds(model, windows, args.batch)
+                else:
+                    with decoding(way):
+                        timer, result = run_slide(model, small, "cpu", args.batch)
+                    windows = result.windows_run
+                if way not in vit or timer.wall < vit[way].wall:
+                    vit[way] = timer
+        alone, direct, zarr = vit["model only"], vit["direct"], vit["zarr"]
+        print(f"    real ViT-S/16 (kaiko-vits16 + fast head), {args.vit_size}^2, {windows} windows, {args.threads} "
+              f"torch threads: model only {windows / alone.wall:,.1f} windows/s ({alone.cpu:.1f}s CPU); end to end "
+              f"direct {windows / direct.wall:,.1f} windows/s ({direct.cpu:.1f}s CPU, throughput ratio "
+              f"{alone.wall / direct.wall:.3f}), zarr {windows / zarr.wall:,.1f} windows/s ({zarr.cpu:.1f}s CPU, ratio "
+              f"{alone.wall / zarr.wall:.3f}); direct / zarr time {direct.wall / zarr.wall:.3f}, CPU "
+              f"{direct.cpu / zarr.cpu:.3f} (goal <= 1: no slower)")
 
 
 MONAI_SCRIPT = r"""
@@ -467,6 +550,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], choices=sorted(PARTS))
     parser.add_argument("--size", type=int, default=8192, help="side of the TIFF of parts 1 and 4 (default 8192)")
+    parser.add_argument("--vit_size", type=int, default=2048,
+                        help="side of the TIFF the real ViT-S/16 runs on in part 1 (default 2048; 0: skip)")
     parser.add_argument("--monai_size", type=int, default=2048,
                         help="side of the TIFF of part 2 (default 2048; ours also runs at twice that)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes (parts 1, 2, 6, 7)")

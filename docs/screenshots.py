@@ -2,9 +2,12 @@
 
     python docs/screenshots.py [--out docs/images] [--epochs 15]
 
-Opens the demo slide, paints annotations, fine-tunes a model in the Train widget, and streams a
-whole-slide prediction, saving ``annotations.png``, ``training.png``, ``prediction_streaming.png``
-and ``prediction.png``. Without a display it starts a virtual one (``xvfb-run``, or
+Opens the demo slide, paints annotations, fine-tunes a model in the Train widget, streams a
+whole-slide prediction and ranks three backbones x two strategies in the Compare widget within a
+time budget, saving ``annotations.png``, ``training.png``, ``prediction_streaming.png``,
+``prediction.png`` and ``compare.png`` (each dock with its run's slide, progress, status, output
+folder and, for Predict, the measurements). Outputs and remembered choices go to a temporary folder,
+never the user's. Without a display it starts a virtual one (``xvfb-run``, or
 ``pyvirtualdisplay`` when installed). The model is the tiny random-weight test variant of
 Kaiko ViT-S/16 so the script runs on any CPU in a minute; with real weights (Model widget) the
 same steps give real predictions.
@@ -17,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,21 +74,25 @@ def main() -> None:
     args = parser.parse_args()
     ensure_display()
     args.out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="pfmseg-screenshots-"))
+    os.environ["PFMSEG_CONFIG_DIR"] = str(scratch / "config")  # the user's remembered choices stay untouched
 
     import napari
 
     from napari_pfmseg._annotate_widget import AnnotateWidget
+    from napari_pfmseg._compare_widget import CompareWidget
     from napari_pfmseg._model_widget import ModelWidget
     from napari_pfmseg._predict_widget import PredictWidget
     from napari_pfmseg._session import session_for
     from napari_pfmseg._train_widget import TrainWidget
 
     viewer = napari.Viewer(title="pfmseg", show=True)
-    viewer.window._qt_window.resize(1500, 950)
+    viewer.window.resize(1500, 950)
     viewer.open_sample("pfmseg", "demo_slide")
     session = session_for(viewer)
+    session.choose_output_folder(scratch / "pfmseg-output")
     widgets = {"Model": ModelWidget(viewer), "Annotate": AnnotateWidget(viewer),
-               "Train": TrainWidget(viewer), "Predict": PredictWidget(viewer)}
+               "Train": TrainWidget(viewer), "Predict": PredictWidget(viewer), "Compare": CompareWidget(viewer)}
     docks = {name: viewer.window.add_dock_widget(widget, name=name, tabify=True)
              for name, widget in widgets.items()}
     session.set_recipe(session.recipe.with_changes(**TINY))
@@ -127,6 +135,18 @@ def main() -> None:
     predict.predict()
     wait(lambda: not predict.controller.running)
     viewer.screenshot(str(args.out / "prediction.png"), canvas_only=False)
+
+    docks["Compare"].raise_()
+    compare = widgets["Compare"]
+    compare.tiny.setChecked(True)
+    compare.set_checked(["kaiko-vits16", "lunit_vits8", "unet"])
+    compare.set_strategies(["frozen", "cnn_adapter_small"])
+    compare.epochs.setValue(3)
+    compare.samples.setValue(16)
+    compare.budget.setValue(1.0)
+    compare.compare()
+    wait(lambda: not compare.controller.running)
+    viewer.screenshot(str(args.out / "compare.png"), canvas_only=False)
     viewer.close()
     print("\n".join(str(p) for p in sorted(args.out.glob("*.png"))))
 

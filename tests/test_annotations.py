@@ -23,7 +23,7 @@ from pfmseg_engine.annotations.rasterize import StoreLabels as _StoreLabels
 from pfmseg_engine.checkpoint import read_checkpoint
 from pfmseg_engine.cli import main
 from pfmseg_engine.errors import ConfigError, DataError
-from pfmseg_engine.inference.omezarr import write_labels
+from pfmseg_engine.labelstore.omezarr import write_labels
 from pfmseg_engine.slides import Slide
 from testdata import CMU
 

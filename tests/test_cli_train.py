@@ -123,12 +123,12 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
 def test_ctrl_c_tells_how_to_resume(config_file, tmp_path, capsys, monkeypatch):
     assert main(["train", "--config", str(config_file), "--no-progress"]) == 0
     capsys.readouterr()
-    import pfmseg_engine.training as training
+    from pfmseg_engine.jobs import FineTune
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "train_from_config", interrupted)
+    monkeypatch.setattr(FineTune, "run", interrupted)  # what the command trains through
     last = tmp_path / "logs" / "cli" / "checkpoints" / "last.pt"
     assert main(["train", "--config", str(config_file), "--no-progress", "--resume", str(last)]) == 130
     err = capsys.readouterr().err

@@ -81,7 +81,7 @@ def test_an_interrupted_slide_resumes_and_matches_a_clean_run(slides, tmp_path):
 
 
 def test_retries(slides, tmp_path, monkeypatch):
-    from pfmseg_engine.inference import plan as plan_module
+    from pfmseg_engine.jobs import prediction as plan_module  # where a slide's job plans it
 
     real = plan_module.plan_slide
     calls = []
@@ -108,7 +108,7 @@ def test_a_full_output_disk_stops_a_serial_run_with_the_summary_written(slides, 
     def full(*args, **kwargs):
         raise StorageError("Writing the output failed [ENOSPC]: the disk is full.")
 
-    monkeypatch.setattr(slide_module, "execute_plan", full)
+    monkeypatch.setattr(slide_module, "iter_execute_plan", full)  # what a slide job runs its plan with
     with pytest.raises(StorageError, match="disk is full"):
         run_cohort("stand-in", [slides["cmu"], slides["tcga"]], tmp_path / "out", SlideInferenceConfig(**CONFIG),
                    model_loader=load, mpp=0.5)

@@ -195,7 +195,7 @@ def test_a_port_where_something_else_answers_fails_with_the_reason(reply, reason
         assert connected.is_set()
     message = str(caught.value)
     assert message.startswith(f"Could not reach a dask scheduler at '{address}': ") and reason in message
-    assert message.endswith("or use --scheduler local:N.") and "\n" not in message
+    assert message.endswith("or use a local cluster (local:N).") and "\n" not in message
 
 
 def test_a_refused_port_or_unknown_host_is_said_at_once():

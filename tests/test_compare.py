@@ -62,7 +62,7 @@ def test_leaderboard_rerun_and_a_failing_combination(slide_tile_dataset, tmp_pat
     args = ["compare", "--config", str(config), "--pfms", "kaiko-vits16,lunit_vits8,phikon,unet",
             "--strategies", "frozen,cnn_adapter_small", "--seeds", "2", "--tiny", "--output_dir", str(out),
             "--weights", f"phikon={tmp_path / 'missing.safetensors'}", "--n_bootstrap", "200",
-            "--throughput_steps", "1", "--no-progress"]
+            "--throughput_steps", "1", "--no-progress", "--feature_cache", "on"]
     calls = count_training(monkeypatch)
     assert main(args) == 1  # one combination failed: non-zero, the others finished
     assert len(calls) == 2 * 2 * 2 + 2  # two PFMs x two strategies x two seeds, plus unet (one row) x two seeds
@@ -136,7 +136,8 @@ def test_protocol_presets(protocol, slide_tile_dataset, tmp_path):
     config.write_text(yaml.safe_dump(data))
     train_config = load_config(config, ["training.epochs=1", "system.seeds=[0]"])
     spec = CompareSpec(pfms=("kaiko-vits16",), strategies=("frozen", "cnn_adapter_small"), tiny=True,
-                       n_bootstrap=50, throughput_steps=0)
+                       n_bootstrap=50, throughput_steps=0,
+                       feature_cache="on" if protocol == "frozen_light_decoder" else "auto")
     result = Comparison(train_config, spec, tmp_path / "cmp").run()
     rows = {row.strategy: row for row in result.leaderboard.rows}
     frozen = rows["frozen"]
@@ -289,3 +290,87 @@ def test_compare_on_whole_slides_with_qupath_annotations(tmp_path, monkeypatch):
         assert row["ci_resampling"].endswith("(all of one slide: within-slide variation only)")
     assert main(["compare", "--config", str(config), "--pfms", "kaiko-vits16", "--output_dir", str(out),
                  "--slides", str(CMU), "--tiny"]) == 2  # a slide without its annotation file: one clear error
+
+
+class TickingClock:
+    """A fake clock: every reading advances it by ``step`` seconds, so time passes only as work is done."""
+
+    def __init__(self, step: float):
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_auto_cache_fills_only_when_it_pays(slide_tile_dataset, tmp_path):
+    from pfmseg_engine.compare import CompareSpec, Comparison
+    from pfmseg_engine.training import load_config
+
+    config = load_config(write_config(tmp_path, slide_tile_dataset))
+    spec = CompareSpec(pfms=("kaiko-vits16",), strategies=("frozen",), seeds=(0,), tiny=True, n_bootstrap=20,
+                       throughput_steps=0)
+    events = []
+    comparison = Comparison(config, spec, tmp_path / "cmp")
+    run = comparison.iter_run()
+    while True:
+        try:
+            events.append(next(run))
+        except StopIteration as done:
+            result = done.value
+            break
+    [row] = result.leaderboard.rows
+    # 4 samples of one epoch replace far fewer backbone passes than the crop set's windows: no fill
+    assert row.ok and row.feature_cache.startswith("no (filling ") and "live backbone passes" in row.feature_cache
+    assert not any(kind == "phase" and value.name == "cache" for kind, value in events)
+    phases = [value.name for kind, value in events if kind == "phase"]
+    assert "train" in phases and "score" in phases and phases.index("train") < phases.index("score")
+    assert row.cache_seconds is not None and "cache_seconds" in (tmp_path / "cmp" / "leaderboard.csv").read_text()
+
+    # a coarse crop grid and more passes over it: the fill pays, is reported window by window, and its time is
+    # its own column, not the training's
+    many = load_config(write_config(tmp_path, slide_tile_dataset, training={"samples_per_epoch": 128}))
+    coarse = CompareSpec(pfms=("kaiko-vits16",), strategies=("frozen",), seeds=(0,), tiny=True, n_bootstrap=20,
+                         throughput_steps=0, crop_stride=10_000)
+    events = list(_drain(Comparison(many, coarse, tmp_path / "cmp2").iter_run()))
+    fills = [value for kind, value in events if kind == "phase" and value.name == "cache"]
+    assert fills and fills[-1].done == fills[-1].total <= 128
+    [row] = [value for kind, value in events if kind == "leaderboard"][-1].rows
+    assert row.feature_cache == "yes (built)" and row.cache_seconds > 0
+
+
+def _drain(generator):
+    while True:
+        try:
+            yield next(generator)
+        except StopIteration:
+            return
+
+
+def test_budget_covers_cache_fill_training_and_scoring(slide_tile_dataset, tmp_path):
+    """A fake clock that advances with every reading: runs share the budget, the cache fill counts against
+    it, and the runs left when it is spent are not started and say so."""
+    from pfmseg_engine.compare import CompareSpec, Comparison
+    from pfmseg_engine.training import Callback, load_config
+
+    config = load_config(write_config(tmp_path, slide_tile_dataset,
+                                      training={"epochs": 50, "samples_per_epoch": 128}))
+    clock = TickingClock(0.25)
+
+    class BatchTime(Callback):  # each training batch takes 0.1 s of the fake clock
+        def on_step_end(self, trainer, info):
+            clock.now += 0.1
+
+    budget = 10.0
+    spec = CompareSpec(pfms=("kaiko-vits16", "lunit_vits8", "unet"), strategies=("frozen",), seeds=(0,), tiny=True,
+                       n_bootstrap=20, throughput_steps=0, budget_s=budget, crop_stride=10_000)
+    result = Comparison(config, spec, tmp_path / "cmp", clock=clock, callbacks=[BatchTime()]).run()
+    rows = {row.pfm: row for row in result.leaderboard.rows}
+    assert rows["kaiko-vits16"].ok  # the first run always gets its share
+    record = result.runs[next(k for k in result.runs if k[0].pfm == "kaiko-vits16")]
+    assert record["cache_seconds"] > 0 and record["stopped_by_time_budget"] and record["epochs"] < 50
+    not_run = [row for row in result.leaderboard.rows if not row.ok]
+    assert not_run and all(row.status == "pending" and "time budget" in row.note for row in not_run)
+    assert not result.failed and result.status == "completed"
+    # nothing started after the budget: the clock passed it by at most the last run's first epoch and scoring
+    assert clock.now < 2 * budget

@@ -288,7 +288,7 @@ def test_writer_keeps_order_and_stops_at_the_first_error():
 
 
 def test_a_failed_write_records_only_chunks_whose_data_is_in_the_store(tmp_path, monkeypatch):
-    from pfmseg_engine.inference import omezarr
+    from pfmseg_engine.labelstore import omezarr
 
     image = random_image(256, 320, seed=8)
     options = dict(window=32, overlap=0.5, chunk=64, tissue=False)
@@ -347,8 +347,8 @@ def test_tile_cache_decodes_each_block_once():
 
 
 def test_pyramid_updates_are_batched_into_rectangles_with_the_same_result(tmp_path):
-    from pfmseg_engine.inference.omezarr import LabelStore
-    from pfmseg_engine.inference.pyramid import merge_boxes
+    from pfmseg_engine.labelstore.omezarr import LabelStore
+    from pfmseg_engine.labelstore.pyramid import merge_boxes
 
     rng = np.random.default_rng(3)
     chosen = [(cy, cx) for cy in range(5) for cx in range(6) if rng.random() < 0.7]

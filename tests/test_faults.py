@@ -99,7 +99,7 @@ def test_cli_turns_any_os_error_into_one_message(monkeypatch, capsys):
 
 # --- disk full ------------------------------------------------------------------------------------
 def test_disk_full_mid_slide_keeps_a_resumable_partial(slide_copy, tmp_path, monkeypatch, clean_run):
-    from pfmseg_engine.inference import omezarr
+    from pfmseg_engine.labelstore import omezarr
 
     real_update = omezarr.update_levels
     calls = []
@@ -171,7 +171,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_last_good_one(tmp_path, m
 
 def test_disk_full_during_exports_and_history_leaves_no_torn_file(tmp_path, monkeypatch):
     from pfmseg_engine.inference import export_geojson, export_ome_tiff
-    from pfmseg_engine.inference.omezarr import write_labels
+    from pfmseg_engine.labelstore.omezarr import write_labels
     from pfmseg_engine.training.history import History
 
     labels = np.zeros((300, 300), np.uint8)
@@ -222,9 +222,9 @@ def test_disk_full_during_exports_and_history_leaves_no_torn_file(tmp_path, monk
 
 # --- a slide that vanishes ------------------------------------------------------------------------
 def test_slide_vanishing_mid_run_is_one_message_and_resumes(slide_copy, tmp_path, monkeypatch, clean_run):
-    from pfmseg_engine.inference import slide as slide_module
+    from pfmseg_engine.inference import plan as plan_module
 
-    reader = slide_module.OffsetReader  # what a region run reads its pixels through
+    reader = plan_module.OffsetReader  # what a region run's plan reads its pixels through
     real_read = reader.__getitem__
     reads = []
 

@@ -17,7 +17,7 @@ from pfmseg_engine.annotations.export import polygon_area
 from pfmseg_engine.errors import ConfigError
 from pfmseg_engine.inference import LabelOutput, export_geojson
 from pfmseg_engine.inference.geojson_export import pick_level
-from pfmseg_engine.inference.omezarr import write_labels
+from pfmseg_engine.labelstore.omezarr import write_labels
 
 MPP = 0.5
 

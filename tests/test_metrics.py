@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pfmseg_engine.training.metrics import (
+from pfmseg_engine.metrics import (
     SUMMARY,
     ConfusionMeter,
     bootstrap_intervals,

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("napari")
+
+from test_napari_workflow import own_output_folder  # noqa: E402, F401  (autouse: outputs per test)
 pytest.importorskip("npe2")
 
 from napari_pfmseg._reader import napari_get_reader
@@ -25,7 +27,7 @@ def test_manifest_validates_and_imports():
     manifest.validate_imports()
     contributions = manifest.contributions
     widgets = {w.display_name for w in contributions.widgets}
-    assert widgets == {"Model", "Annotate", "Train", "Predict", "Compare models"}
+    assert {"Model", "Annotate", "Train", "Predict", "Compare models"} <= widgets
     patterns = set(contributions.readers[0].filename_patterns)
     assert {"*.svs", "*.ndpi", "*.tif", "*.tiff", "*.ome.tif", "*.ome.tiff", "*.zarr"} <= patterns
     assert {tuple(w.layer_types) for w in contributions.writers} == {("labels",)}
@@ -36,8 +38,11 @@ def test_manifest_validates_and_imports():
 def test_reader_declines_other_files(tmp_path):
     import tifffile
 
-    assert napari_get_reader(str(tmp_path / "image.png")) is None
+    for name in ("image.png", "slide.svs"):
+        (tmp_path / name).write_bytes(b"")
+    assert napari_get_reader(str(tmp_path / "image.png")) is None  # napari's own reader opens plain images
     assert napari_get_reader(str(tmp_path / "slide.svs")) is not None
+    assert napari_get_reader(str(tmp_path / "missing.svs")) is None  # the engine opens only what exists
     tifffile.imwrite(tmp_path / "stack.tif", np.zeros((4, 16, 16), np.uint16))  # not a slide: other readers
     assert napari_get_reader(str(tmp_path / "stack.tif")) is None
     tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((16, 16, 3), np.uint8))
@@ -48,7 +53,7 @@ def test_reader_claims_only_ome_zarr_that_pfmseg_wrote(tmp_path):
     """Other OME-Zarr images and label images are left to napari-ome-zarr; pfmseg stores are ours."""
     import zarr
 
-    from pfmseg_engine.inference.omezarr import write_labels
+    from pfmseg_engine.labelstore.omezarr import write_labels
 
     image = zarr.open_group(str(tmp_path / "image.ome.zarr"), mode="w", zarr_format=2)
     image.create_array("0", shape=(3, 32, 32), dtype="uint8")
@@ -191,6 +196,8 @@ def test_reader_opens_openslide_only_formats(make_napari_viewer, tmp_path):
     """A Hamamatsu VMS (OpenSlide reads it, tiffslide does not) opens in the viewer like any slide."""
     from test_slide_backends import _write_vms
 
+    for suffix in (".mrxs", ".scn", ".bif", ".dcm"):
+        (tmp_path / f"slide{suffix}").write_bytes(b"")
     assert all(napari_get_reader(str(tmp_path / f"slide{s}")) is not None for s in (".mrxs", ".scn", ".bif", ".dcm"))
     (tmp_path / "dicom").mkdir()
     (tmp_path / "dicom" / "level0.dcm").write_bytes(b"")

@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("napari")
 
+from test_napari_workflow import own_output_folder  # noqa: E402, F401  (autouse: outputs per test)
+
 import torch
 
 pytestmark = pytest.mark.gui
@@ -36,9 +38,9 @@ def test_model_widget_shows_the_registry_and_strategy_settings(viewer):
     for text in ("dim 1024", "patch 16", "303.4 M params", "mean (0.485, 0.456, 0.406)", "hf-hub:MahmoodLab/UNI"):
         assert text in info
     widget.strategy.setCurrentText("lora")
-    assert widget.tuning_form.isRowVisible(widget.rank) and not widget.tuning_form.isRowVisible(widget.depth)
+    assert widget.tuning_form.isRowVisible(widget.rank) and not widget.tuning_form.isRowVisible(widget.adapter_depth)
     widget.strategy.setCurrentText("transformer_adapter")
-    assert widget.tuning_form.isRowVisible(widget.depth) and not widget.tuning_form.isRowVisible(widget.rank)
+    assert widget.tuning_form.isRowVisible(widget.adapter_depth) and not widget.tuning_form.isRowVisible(widget.rank)
     widget.rank.setValue(8)
     widget.device.setCurrentText("cpu")
     assert widget.session.recipe.strategy == "transformer_adapter" and widget.session.device == "cpu"

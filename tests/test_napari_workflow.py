@@ -30,6 +30,17 @@ TINY = {"backbone": "kaiko-vits16", "tiny": True, "input_size": 32, "mpp": 1.0}
 
 
 
+@pytest.fixture(autouse=True)
+def own_output_folder(tmp_path, monkeypatch):
+    """Each test's remembered choices and outputs stay in its own folder (the default, beside the demo slide,
+    would be shared by every test of the session). Other GUI test modules import this fixture."""
+    monkeypatch.setenv("PFMSEG_CONFIG_DIR", str(tmp_path / "config"))
+    from napari_pfmseg import _preferences
+
+    _preferences.set_output_folder(tmp_path / "outputs")
+    return tmp_path / "outputs"
+
+
 @pytest.fixture
 def notes():
     """Every napari notification shown during the test (messages)."""
@@ -77,7 +88,7 @@ class App:
 
     def predict_settings(self, **changes):
         p = self.predict
-        p.window.setValue(changes.pop("window", 32))
+        p.window_size.setValue(changes.pop("window", 32))
         p.chunk.setValue(changes.pop("chunk", 128))
         p.batch.setValue(changes.pop("batch", 16))
         p.view_first.setChecked(changes.pop("view_first", False))
@@ -112,7 +123,7 @@ def wait_for(qtbot, controller) -> None:
 
 def direct_prediction(model, slide_or_path, out: Path, name: str, **config):
     """The engine's own whole-slide prediction, for comparison with what the layer shows."""
-    from pfmseg_engine.inference.omezarr import LabelOutput
+    from pfmseg_engine.labelstore.omezarr import LabelOutput
     from pfmseg_engine.inference.slide import SlideInferenceConfig, predict_slide
 
     region = config.pop("region", None)
@@ -166,11 +177,10 @@ def test_annotate_train_and_predict_the_whole_slide(app, qtbot, tmp_path):
     assert layer.scale[-1] == pytest.approx(1.0) and layer.translate[-1] == pytest.approx(0.25)
 
     # the dock shows how much of each class the slide holds (the CSV beside the OME-Zarr)
-    measured = outcome.extra["measurements"]
-    assert Path(measured["path"]).is_file() and Path(measured["path"]).parent == Path(outcome.path).parent
+    assert outcome.measurements.is_file() and outcome.measurements.parent == Path(outcome.path).parent
     text = app.predict.measurements.text()
     for name in ("background", "tissue"):
-        area = sum(float(r["area_mm2"]) for r in measured["rows"] if r["class"] == name)
+        area = sum(float(r["area_mm2"]) for r in outcome.measurement_rows if r["class"] == name)
         assert area == pytest.approx(float((shown[0] == ("background", "tissue").index(name) + 1).sum()) * 1e-6)
         assert f"{name}: " in text
     app.predict.per_region.setChecked(True)
@@ -219,7 +229,7 @@ class ParkedToken(CancelToken):
 def test_cancel_training_keeps_a_consistent_model(app, qtbot, monkeypatch):
     from qtpy.QtCore import QCoreApplication, QTimer
 
-    monkeypatch.setattr("pfmseg_engine.training.CancelToken", ParkedToken)
+    monkeypatch.setattr("pfmseg_engine.training.callbacks.CancelToken", ParkedToken)
     app.annotations()
     app.train.epochs.setValue(200)
     app.train.samples.setValue(8)
@@ -337,14 +347,14 @@ def streamed_target(tmp_path: Path):
 
     from napari_pfmseg._prediction import Target
     from pfmseg_engine.inference import LabelStore
-    from pfmseg_engine.inference.pyramid import pyramid_shapes
+    from pfmseg_engine.labelstore.pyramid import pyramid_shapes
 
     plan = SimpleNamespace(pyramid_shapes=pyramid_shapes((600, 600), 256))
     partial = tmp_path / "slide.ome.zarr.partial"
     store = LabelStore(partial, shape=(600, 600), chunk=256, num_classes=2, probabilities=False)
     store.write((0, 256, 0, 256), np.full((256, 256), 2, np.uint8))
     placeholders = [da.zeros(shape, dtype="uint8", chunks=256) for shape in plan.pyramid_shapes]
-    target = Target(plan, layer=Labels(placeholders, multiscale=True))
+    target = Target(None, plan, layer=Labels(placeholders, multiscale=True))
     return target, SimpleNamespace(store=partial), placeholders
 
 

@@ -13,7 +13,7 @@ import tifffile
 
 from pfmseg_engine.inference import LabelOutput, export_ome_tiff
 from pfmseg_engine.inference.export_tiff import CLASSES_NS, PLACEMENT_NS
-from pfmseg_engine.inference.omezarr import write_labels
+from pfmseg_engine.labelstore.omezarr import write_labels
 
 CLASSES = ["tumour", "stroma", "necrosis"]
 SLIDE_MPP, MPP = 0.25, 0.5  # 2 slide level-0 pixels per label pixel

@@ -19,7 +19,7 @@ from pfmseg_engine.annotations import ImportOptions, class_table, load_annotatio
 from pfmseg_engine.annotations.sources import class_table_of
 from pfmseg_engine.cli import main
 from pfmseg_engine.errors import ConfigError, DataError
-from pfmseg_engine.inference.omezarr import write_labels
+from pfmseg_engine.labelstore.omezarr import write_labels
 from pfmseg_engine.slides import Slide, plan_resolution
 from testdata import CMU, TEST_DATA
 
@@ -202,7 +202,7 @@ def test_cli_flags_become_the_engines_import_options(config, tmp_path, monkeypat
     assert not (tmp_path / "logs").exists()
 
     seen: dict = {}
-    monkeypatch.setattr(pfmseg_engine.training.slides, "train_on_slides", capture(seen))
+    monkeypatch.setattr(pfmseg_engine.training.slides, "build_slide_trainer", capture(seen))  # what train uses
     assert main(train) == 2 and seen["import_options"] == ImportOptions()
     assert main([*train, "--ignore_classes", "prefix", "--cells", "nucleus"]) == 2
     assert seen["import_options"] == ImportOptions(ignore_classes="prefix", cells="nucleus")

@@ -11,6 +11,8 @@ import pytest
 
 pytest.importorskip("napari")
 
+from test_napari_workflow import own_output_folder  # noqa: E402, F401  (autouse: outputs per test)
+
 from testdata import CMU
 
 pytestmark = pytest.mark.gui

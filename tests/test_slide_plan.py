@@ -171,7 +171,7 @@ def test_planning_at_an_unchosen_resolution_warns():
 
     slide = Slide.from_array(random_image(64, 64), mpp=0.25, name="level0")
     unknown = ModelInfo(num_classes=3, patch_size=16, class_names=("a", "b", "c"), input_size=32, mpp=None)
-    with pytest.warns(MagnificationWarning, match="level 0 .*0.25.*--target_mpp"):
+    with pytest.warns(MagnificationWarning, match=r"level 0 .*0.25.*\(target_mpp\)"):
         plan_slide(slide, unknown, SlideInferenceConfig(tissue=False))
     known = ModelInfo(num_classes=3, patch_size=16, class_names=("a", "b", "c"), input_size=32, mpp=0.5)
     with warnings.catch_warnings():

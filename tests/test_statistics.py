@@ -204,7 +204,7 @@ NAMES = [f"TCGA-AA-{p:04d}-01Z-00-DX1_tile{t}" for p in range(3) for t in range(
 
 def run_record(seed: int, accuracies: np.ndarray) -> dict:
     matrices = seed_matrices(accuracies)
-    from pfmseg_engine.training.metrics import metrics_from_confusion
+    from pfmseg_engine.metrics import metrics_from_confusion
 
     return {"status": "ok", "seed": seed, "image_names": NAMES, "confusions": matrices.tolist(),
             "metrics": metrics_from_confusion(matrices.sum(0)), "trainable_params": 1000, "train_seconds": 1.0,
@@ -274,7 +274,7 @@ class FakeSplit:
 
 def test_evaluate_resamples_the_same_groups(monkeypatch):
     from pfmseg_engine.training import evaluation
-    from pfmseg_engine.training.metrics import confusion_matrix
+    from pfmseg_engine.metrics import confusion_matrix
 
     names = [f"TCGA-AA-{i // 4:04d}-01Z-00-DX1_{i % 4}" for i in range(8)] + ["other_0", "other_1"]
     groups = [None] * 8 + ["slide-x", "slide-x"]

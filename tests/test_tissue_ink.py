@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pfmseg_engine.errors import ConfigError, DataError
-from pfmseg_engine.inference.omezarr import write_labels
+from pfmseg_engine.labelstore.omezarr import write_labels
 from pfmseg_engine.slides import Slide, TissueMask, detect_tissue, save_tissue_qc
 from testdata import CMU
 

@@ -33,7 +33,7 @@ from pfmseg_engine.data.augment import crop_shrink
 from pfmseg_engine.data.sparse import SparsePatchDataset
 from pfmseg_engine.errors import TrainingScaleWarning
 from pfmseg_engine.inference.plan import ModelInfo, SlideInferenceConfig, plan_slide
-from pfmseg_engine.inference.scale import (
+from pfmseg_engine.training_scale import (
     ScaleMismatch,
     TrainingScale,
     attach_training_scale,

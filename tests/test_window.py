@@ -54,8 +54,7 @@ def test_blend_weights():
 
 def test_stride_is_monais_scan_interval():
     # MONAI's _get_scan_interval: int(roi * (1 - overlap)), at least 1; never rounded to a patch multiple
-    assert stride_for(224, 0.25) == 168  # was 160 when strides were patch multiples: 7-17 % more windows
-    assert stride_for(224, 0.25, 16) == 168  # the patch size no longer matters
+    assert stride_for(224, 0.25) == 168  # not a multiple of the 16-px patch: only the window must be
     assert stride_for(512, 0.25) == 384
     assert stride_for(224, 0.3) == int(224 * (1 - 0.3)) == 156  # truncated like MONAI (224 * 0.7 = 156.8)
     assert stride_for(32, 0.0) == 32

@@ -52,7 +52,7 @@ def test_slide_stitching_equals_direct(tmp_path, window, overlap, blend, chunk):
     np.testing.assert_array_equal(labels[ok], direct.argmax(0)[ok] + 1)
     probs = np.asarray(zarr.open_group(str(result.path), mode="r")["probabilities/0"][:])
     assert np.abs(probs.astype(int) - np.round(direct * 255).astype(int)).max() <= 1
-    stride = stride_for(window, overlap, 16)
+    stride = stride_for(window, overlap)
     n_windows = len(window_starts(150, window, stride)) * len(window_starts(230, window, stride))
     assert result.windows_run == n_windows  # every window computed exactly once, whatever the chunking
 
@@ -268,7 +268,7 @@ def test_ngff_05_output(tmp_path):
 
 @pytest.mark.parametrize("method", ["mode", "nearest"])
 def test_label_pyramid(tmp_path, method):
-    from pfmseg_engine.inference.pyramid import DOWNSAMPLERS
+    from pfmseg_engine.labelstore.pyramid import DOWNSAMPLERS
 
     image = random_image(300, 266, seed=4)
     result = predict_slide(PixelModel(), Slide.from_array(image, mpp=0.5), tmp_path, window=32, chunk=64,

@@ -11,7 +11,7 @@ import pytest
 
 from pfmseg_engine.errors import ConfigError
 from pfmseg_engine.inference import LabelOutput, export_geojson, iter_predict_slide, predict_slide, write_labels
-from pfmseg_engine.inference.pyramid import DOWNSAMPLERS
+from pfmseg_engine.labelstore.pyramid import DOWNSAMPLERS
 from pfmseg_engine.slides import Slide
 from test_wsi_support import PixelModel, decided, random_image
 
@@ -122,7 +122,7 @@ def test_finished_output_of_another_model_is_not_reused(tmp_path):
                          batch_size=7, **options).chunks_run == 0  # runtime-only settings: reused
     other = PixelModel()
     other.scale.data.fill_(-1.0)  # different weights, different answers
-    with pytest.raises(ConfigError, match=r"model weights.*overwrite=True"):
+    with pytest.raises(ConfigError, match=r"model weights.*recompute it over the old one \(overwrite\)"):
         predict_slide(other, Slide.from_array(image, mpp=1.0, name="m"), tmp_path, **options)
     with pytest.raises(ConfigError, match="overlap"):
         predict_slide(PixelModel(), Slide.from_array(image, mpp=1.0, name="m"), tmp_path, overlap=0.5, **options)

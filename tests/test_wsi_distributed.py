@@ -40,6 +40,6 @@ def test_slides_over_a_cluster(tmp_path):
         again = predict_slides("unused.pt", paths, tmp_path / "out", config, client=client, mpp=1.0,
                                model_loader=pixel_loader)
         assert [r.chunks_run for r in again] == [0, 0]
-        assert [r.extra["status"] for r in again] == ["reused", "reused"]
+        assert [r.status for r in again] == ["reused", "reused"]
     summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
     assert len(summary) == 3 and all(",reused," in line for line in summary[1:])

@@ -28,10 +28,11 @@ from qtpy.QtWidgets import (
 )
 
 from ._annotations import classes_of, is_annotation_layer, new_annotation_layer, pixel_counts, set_classes
-from ._layers import META
-from ._notify import notify_error
+from ._layers import META, unit_label
+from ._notify import notify_error, notify_info
 from ._qt_helpers import LayerCombo, button, dspin, group, open_file, row, save_file, wrapped
 from ._session import DEFAULT_CLASSES, session_for
+from ._slides import require_slide_mpp
 from ._torch_guard import guard_triton
 
 #: Default working resolution keeps the annotation layer at most this many pixels per side.
@@ -58,8 +59,11 @@ class AnnotateWidget(QWidget):
         self.annotations = LayerCombo(napari_viewer, is_annotation_layer)
         self.table = QTableWidget(0, 3)
         self.table.setHorizontalHeaderLabels(["colour", "class", "pixels"])
-        self.table.horizontalHeader().setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
-        self.table.verticalHeader().setVisible(False)
+        header, rows = self.table.horizontalHeader(), self.table.verticalHeader()
+        if header is not None:
+            header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
+        if rows is not None:
+            rows.setVisible(False)
         self.totals = wrapped()
         self._count_timer = QTimer(self)
         self._count_timer.setSingleShot(True)
@@ -116,6 +120,7 @@ class AnnotateWidget(QWidget):
         self.image.layer_changed.connect(self._on_image)
         self.target_mpp.valueChanged.connect(self._update_layer_info)
         self.slide_mpp.valueChanged.connect(self._update_layer_info)
+        self.slide_mpp.editingFinished.connect(self.apply_slide_mpp)
         self.annotations.layer_changed.connect(self._on_annotations)
         self.table.itemChanged.connect(self._on_item_changed)
         self.table.cellClicked.connect(self._on_cell_clicked)
@@ -130,17 +135,32 @@ class AnnotateWidget(QWidget):
         if layer is None:
             self.layer_info.setText("Open a slide (File > Open, or File > Open Sample > pfmseg).")
             return
-        from ._slides import layer_mpp, level_arrays
+        from ._slides import entered_mpp_allowed, layer_mpp, level_arrays
 
         mpp = layer_mpp(layer)
         blocked = self.slide_mpp.blockSignals(True)
         self.slide_mpp.setValue(mpp or 0.0)
         self.slide_mpp.blockSignals(blocked)
-        self.slide_mpp.setEnabled(mpp is None)
+        self.slide_mpp.setEnabled(entered_mpp_allowed(layer))
         if mpp:
             height, width = level_arrays(layer)[0].shape[:2]
             self.target_mpp.setValue(round(max(mpp, mpp * max(height, width) / MAX_SIDE), 3))
         self._update_layer_info()
+
+    def apply_slide_mpp(self) -> bool:
+        """Give the chosen slide the µm/px in the field when its file has none: the layer moves to µm and
+        the value is remembered for the file. Returns whether the slide changed."""
+        from ._slides import calibrate_slide, entered_mpp_allowed
+
+        layer, mpp = self.image.layer(), self._slide_mpp()
+        if layer is None or not mpp or not entered_mpp_allowed(layer):
+            return False
+        if layer.metadata.get(META, {}).get("mpp") == mpp:
+            return False
+        calibrate_slide(layer, mpp)
+        notify_info(f"'{layer.name}' is now at {mpp:g} µm/px (remembered for this file).")
+        self._update_layer_info()
+        return True
 
     def _update_layer_info(self, *_: Any) -> None:
         layer = self.image.layer()
@@ -165,13 +185,10 @@ class AnnotateWidget(QWidget):
                 from pfmseg_engine import ConfigError
 
                 raise ConfigError("Open a slide first (File > Open, or File > Open Sample > pfmseg > demo slide).")
+            self.apply_slide_mpp()
             mpp = self._slide_mpp()
-            if mpp and not image.metadata.get(META, {}).get("mpp"):
-                from ._slides import set_slide_mpp
-
-                set_slide_mpp(image, mpp)
             slide = self.session.slide_for(image, mpp)
-            slide.require_mpp()
+            require_slide_mpp(slide, image)
             names, colours = self._classes_for_new_layer()
             data, kwargs = new_annotation_layer(image, slide, max(self.target_mpp.value(), slide.mpp), names, colours)
         except Exception as exc:
@@ -196,13 +213,10 @@ class AnnotateWidget(QWidget):
                 from pfmseg_engine import ConfigError
 
                 raise ConfigError("Open the slide the annotations were drawn on first (File > Open).")
+            self.apply_slide_mpp()
             mpp = self._slide_mpp()
-            if mpp and not image.metadata.get(META, {}).get("mpp"):
-                from ._slides import set_slide_mpp
-
-                set_slide_mpp(image, mpp)
             slide = self.session.slide_for(image, mpp)
-            slide.require_mpp()
+            require_slide_mpp(slide, image)
             from ._qupath import import_geojson
 
             options = {"cells": self.cells.currentText(), "ignore_classes": self.ignore_classes.currentText()}
@@ -217,8 +231,6 @@ class AnnotateWidget(QWidget):
         layer = self.viewer.add_labels(data, **kwargs)
         layer.selected_label = 1
         self.annotations.set_layer(layer)
-        from ._notify import notify_info
-
         notify_info(f"Imported {Path(path).name}: classes {', '.join(kwargs['metadata'][META]['class_names'])}.")
         return layer
 
@@ -237,8 +249,6 @@ class AnnotateWidget(QWidget):
         except Exception as exc:
             notify_error(exc, "Exporting the GeoJSON")
             return None
-        from ._notify import notify_info
-
         notify_info(f"Exported {layer.name} to {written} (open it in QuPath: File > Import objects).")
         return written
 
@@ -296,7 +306,8 @@ class AnnotateWidget(QWidget):
         self.update_counts()
 
     def class_names(self) -> list[str]:
-        return [self.table.item(i, 1).text().strip() or f"class_{i}" for i in range(self.table.rowCount())]
+        items = [self.table.item(i, 1) for i in range(self.table.rowCount())]
+        return [(item.text().strip() if item is not None else "") or f"class_{i}" for i, item in enumerate(items)]
 
     def _apply_classes(self, names: list[str], colours: list[list[int]]) -> None:
         layer = self.annotations.layer()
@@ -379,7 +390,7 @@ class AnnotateWidget(QWidget):
         outside = int(np.count_nonzero(np.asarray(layer.data) > len(counts)))
         unit = layer.scale[-1] ** 2
         area = sum(counts) * unit
-        units = str(layer.units[-1]) if getattr(layer, "units", None) else "px"
+        units = unit_label(layer.units[-1]) if getattr(layer, "units", None) else "px"
         text = f"{sum(counts):,} annotated pixels ({area:,.0f} {units}²)."
         if outside:
             text += f" {outside:,} pixels use labels without a class: add classes."

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ._layers import META, class_features, label_colormap, placement
+from ._layers import META, class_features, label_colormap, layer_name, placement
 
 KIND = "annotation"
 
@@ -42,14 +42,14 @@ def new_annotation_layer(image: Any, slide: Any, target_mpp: float | None, class
     unit = float(image.scale[-1])
     offset = np.asarray(image.translate[-2:], float) / unit
     kwargs = {
-        "name": name or f"{image.name} annotations",
+        "name": name or layer_name(image.name, "annotations"),
         "metadata": {META: {"kind": KIND, "image": image.name, "slide_path": str(slide.path) if slide.path else None,
                             "slide_mpp": slide.mpp, "target_mpp": plan.mpp, "downsample": plan.downsample,
                             "shape": list(plan.shape), "class_names": list(class_names),
                             "colours": [list(c) for c in colours]}},
         "units": tuple(image.units[-2:]),
         "opacity": 0.7,
-        **placement(unit, plan.downsample, offset),
+        **placement(unit, plan.downsample, (float(offset[0]), float(offset[1]))),
     }
     kwargs.update(class_kwargs(class_names, colours))
     return np.zeros(plan.shape, dtype=np.uint8), kwargs
@@ -64,7 +64,7 @@ def annotation_store_layer(path: Any, name: str | None = None) -> tuple[np.ndarr
     """
     from pathlib import Path
 
-    from pfmseg_engine.inference.omezarr import LabelOutput
+    from pfmseg_engine.labelstore.omezarr import LabelOutput
 
     from ._layers import default_colours, world_units
 
@@ -134,16 +134,21 @@ def training_pairs(slide: Any, image: Any, labels_layer: Any) -> tuple[Any, np.n
     labels = np.array(labels_layer.data, copy=True)
     if labels.ndim != 2:
         raise DataError(f"Annotation layer '{labels_layer.name}' has {labels.ndim} dimensions; annotations are 2-D.")
+    from ._slides import require_slide_mpp
+
     meta = labels_layer.metadata.get(META, {})
-    if meta.get("target_mpp"):
+    chosen = bool(meta.get("target_mpp"))
+    if chosen:
         target = float(meta["target_mpp"])
     else:  # a labels layer made by hand: infer its resolution from the scale ratio
-        target = slide.require_mpp() * float(labels_layer.scale[-1]) / float(image.scale[-1])
+        target = require_slide_mpp(slide, image) * float(labels_layer.scale[-1]) / float(image.scale[-1])
     plan = working_plan(slide, target)
     if tuple(plan.shape) != tuple(labels.shape):
+        # quote the layer's own resolution only when one was chosen for it; an inferred one means nothing to the user
+        at = f" at its {plan.mpp:.3g} µm/px" if chosen else ""
         raise DataError(
-            f"Annotation layer '{labels_layer.name}' is {labels.shape[1]}x{labels.shape[0]} px but slide "
-            f"'{image.name}' at {plan.mpp:.3g} um/px is {plan.shape[1]}x{plan.shape[0]} px; create the annotation "
+            f"Annotation layer '{labels_layer.name}' is {labels.shape[1]}x{labels.shape[0]} px but does not line up "
+            f"with slide '{image.name}' (which{at} is {plan.shape[1]}x{plan.shape[0]} px); create the annotation "
             "layer with the Annotate widget so it lines up with the slide."
         )
     if not labels.any():

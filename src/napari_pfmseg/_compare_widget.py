@@ -1,10 +1,12 @@
 """Compare widget: which foundation model for these annotations? Rank PFMs (and the UNet baseline) with CIs.
 
 The widget gathers the inputs on the GUI thread (slide and annotation layers, the backbones whose
-weights are at hand, a strategy and a time budget); the engine's :class:`pfmseg_engine.compare.Comparison`
-runs in a napari ``thread_worker`` generator and its events (runs, training steps, the ranking so far)
-arrive here as signals. When the runs are done the worker predicts the visible area with every finished
-model, shown side by side in the dock. "Use the winner" loads the best model into the session (the
+weights are at hand, the strategies and a time budget for everything the comparison does); the engine's
+:class:`pfmseg_engine.compare.Comparison` runs in a napari ``thread_worker`` generator and its events
+(runs, each run's phase: caching features, training, scoring; the ranking so far) arrive here as signals.
+Comparisons on the same slide and annotation layer share one folder, so their rows accumulate in one
+ranking under the engine's resume rules. While the budget lasts, the worker then predicts the visible
+area with every finished model, shown side by side in the dock. "Use the winner" loads the best model into the session (the
 Train and Predict widgets then use it); "Feature view" adds the first three principal components of a
 backbone's token features over the visible area as an RGB layer. Cancel stops after the current batch
 and keeps (and ranks) the runs that finished. No modelling happens here: only engine calls.
@@ -12,7 +14,9 @@ and keeps (and ranks) the runs that finished. No modelling happens here: only en
 
 from __future__ import annotations
 
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,6 @@ from qtpy.QtCore import Qt
 from qtpy.QtGui import QImage, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
-    QComboBox,
     QFormLayout,
     QGridLayout,
     QHeaderView,
@@ -32,6 +35,8 @@ from qtpy.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QProgressBar,
+    QSizePolicy,
+    QSplitter,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -42,21 +47,20 @@ from ._annotate_widget import is_slide_layer
 from ._annotations import is_trainable_labels
 from ._controller import WorkerController
 from ._notify import Failure, guarded, guarded_generator, notify_error, notify_info
-from ._qt_helpers import LayerCombo, button, dspin, group, row, spin, wrapped
+from ._output_folder import OutputFolderRow
+from ._qt_helpers import LayerCombo, button, dspin, group, row, spin
+from ._run_state import RunState, sentence
 from ._session import BusyError, session_for
 from ._torch_guard import guard_triton
 
-#: Augmentation of a comparison: exact symmetries only, so frozen backbones reuse cached features.
-EXACT_ONLY = {name: {"p": 0.0} for name in ("affine", "elastic", "color_jitter", "hed_jitter", "brightness_contrast",
-                                            "gamma", "blur", "noise", "cutout")}
 PREVIEW_SIDE = 512  # largest preview side (px at the model's resolution); the view's centre is kept
 
 
 @dataclass(frozen=True)
 class CompareSettings:
     pfms: tuple[str, ...]
-    strategy: str = "frozen"
-    budget_minutes: float = 5.0  # training time of the whole comparison
+    strategies: tuple[str, ...] = ("frozen",)
+    budget_minutes: float = 5.0  # wall time of the whole comparison: cache fill, training and scoring
     seeds: int = 1
     epochs: int = 10  # at most; the time budget usually stops earlier
     samples_per_epoch: int = 32
@@ -86,14 +90,11 @@ def parse_weights_text(text: str) -> dict[str, str]:
     return out
 
 
-def weights_available(spec: Any, weights: str, tiny: bool) -> bool:
-    """Whether a comparison can use ``spec`` now: no weights needed, tiny, a local file or the hub cache."""
-    from ._model_widget import weights_status
-
-    if spec.from_scratch or tiny:
-        return True
-    status = weights_status(spec, weights)
-    return status == "weights file found" or "(in local cache)" in status
+def comparison_folder(root: Path, slide: str, annotations: str) -> Path:
+    """One folder per slide and annotation layer under ``root``: comparisons on the same annotations
+    accumulate there (rows reused and ranked together), others never mix with them."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{slide}--{annotations}").strip("_.") or "comparison"
+    return root / slug[:120]
 
 
 def colour_labels(labels: np.ndarray, colours: list[list[int]], image: np.ndarray | None = None) -> np.ndarray:
@@ -124,12 +125,12 @@ def preview_box(box: tuple[float, float, float, float], downsample: float,
 
 
 def predict_previews(rows: list[Any], region: np.ndarray, colours: list[list[int]], device: str,
-                     should_stop: Any = None) -> list[tuple[str, np.ndarray]]:
+                     should_stop: Callable[[], bool] | None = None) -> list[tuple[str, np.ndarray]]:
     """Each finished row's model on ``region``: (caption, coloured prediction over the image)."""
     from pfmseg_engine import load_checkpoint
     from pfmseg_engine.training.validation import predict_probabilities
 
-    previews = []
+    previews: list[tuple[str, np.ndarray]] = []
     for row_ in rows:
         if should_stop is not None and should_stop():
             break
@@ -144,13 +145,19 @@ def predict_previews(rows: list[Any], region: np.ndarray, colours: list[list[int
 @guarded_generator
 def _run(comparison: Any, source: Any, box: tuple[int, int, int, int] | None, colours: list[list[int]],
          device: str):
-    """The worker: the engine's comparison events, then previews of every finished model on the view."""
+    """The worker: the engine's comparison events, then previews of every finished model on the view, as
+    long as the comparison's time budget lasts (it covers the previews too)."""
+    from pfmseg_engine.compare import Phase
+
     result = yield from comparison.iter_run()
     previews: list[tuple[str, np.ndarray]] = []
     rows = [r for r in result.leaderboard.rows if r.ok]
-    if box is not None and rows and result.status == "completed":  # a cancel stops at once, ranking kept
+    if box is not None and rows and result.status == "completed" and not comparison.budget.spent():
         yield ("status", "predicting the visible area with each model")
-        previews = predict_previews(rows, _read_region(source, box), colours, device)
+        yield ("phase", Phase("preview", 0, len(rows)))
+        previews = predict_previews(rows, _read_region(source, box), colours, device,
+                                    should_stop=comparison.budget.spent)
+        yield ("phase", Phase("preview", len(previews), len(rows)))
         yield ("previews", previews)
     return result, previews
 
@@ -167,6 +174,7 @@ class CompareController(WorkerController):
 
     claim_name, job_title = "comparing", "Comparing models"
     run = Signal(object)  # engine RunStart
+    phase = Signal(object)  # engine Phase: progress inside the current run (cache fill, training, scoring)
     step = Signal(object)  # engine StepInfo
     ranking = Signal(object)  # engine Leaderboard (so far)
     previews = Signal(object)  # [(caption, rgb)]
@@ -177,51 +185,54 @@ class CompareController(WorkerController):
         self.leaderboard: Any = None
         self.last: CompareOutcome | None = None
         self.context: dict[str, Any] = {}
+        #: the comparison's clock (its time budget reads it); tests put a fake one here
+        self.clock: Callable[[], float] = time.perf_counter
 
     def _start(self, image: Any, annotations: Any, settings: CompareSettings) -> Any:
         from napari.qt.threading import create_worker
 
         from pfmseg_engine import ConfigError, resolve_device
-        from pfmseg_engine.compare import CompareData, CompareSpec, Comparison
+        from pfmseg_engine.compare import CompareData, CompareSpec, Comparison, exact_augmentation
+        from pfmseg_engine.jobs import FineTuneSettings
         from pfmseg_engine.training import CancelToken, TrainConfig
 
         from ._annotations import classes_of, training_pairs
-        from ._slides import visible_box
-        from ._training import TrainSettings, training_sections
+        from ._slides import require_slide_mpp, visible_box
 
         if not settings.pfms:
             raise ConfigError("Tick at least one backbone (or the UNet baseline) to compare.")
+        if not settings.strategies:
+            raise ConfigError("Tick at least one tuning strategy to compare.")
         session = self.session
         session.claim("comparing")
         device = str(resolve_device(session.device))
         slide = session.slide_for(image)
-        slide.require_mpp()
+        require_slide_mpp(slide, image)
         source, labels, plan = training_pairs(slide, image, annotations)
         names, colours = classes_of(annotations)
         recipe = session.recipe.with_changes(mpp=round(plan.mpp, 6), tiny=settings.tiny or session.recipe.tiny)
         model_config = recipe.model_config(names, require_weights=False)
         self.runs += 1
-        output_dir = session.output_dir("compare") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}-{self.runs:03d}"
-        train = TrainSettings(epochs=settings.epochs, batch_size=settings.batch_size,
-                              learning_rate=settings.learning_rate, samples_per_epoch=settings.samples_per_epoch,
-                              val_fraction=settings.val_fraction)
-        sections = training_sections(train, output_dir / "base", device)
-        sections["training"]["augmentation"] = {"zoom": None, "transforms": EXACT_ONLY}
+        output_dir = comparison_folder(session.output_dir("compare", image), image.name, annotations.name)
+        train = FineTuneSettings().with_overrides(
+            epochs=settings.epochs, batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+            samples_per_epoch=settings.samples_per_epoch, val_fraction=settings.val_fraction)
+        sections = train.sections(output_dir / "base", device)
+        sections["training"]["augmentation"] = exact_augmentation()
         sections["validation"]["eval_interval"] = 1
-        config = TrainConfig.from_model_config(model_config, **sections)
+        config = TrainConfig.from_model_config(model_config, protocol=None, **sections)
         identity = f"{slide.path}@{plan.mpp}" if slide.path else None
         data = CompareData.from_annotations([source], [labels], class_names=names, crop=recipe.input_size,
                                             validation_share=settings.val_fraction, seed=train.seed,
                                             identities=[identity] if identity else None)
         seeds = tuple(range(max(1, settings.seeds)))
-        rows = len(settings.pfms) * len(seeds)
-        spec = CompareSpec(pfms=settings.pfms, strategies=(settings.strategy,), seeds=seeds,
+        spec = CompareSpec(pfms=settings.pfms, strategies=settings.strategies, seeds=seeds,
                            weights=settings.weights, tiny=settings.tiny,
-                           cache_dir=str(session.output_dir("feature_cache")),
-                           time_budget_s=max(1.0, settings.budget_minutes * 60.0 / rows), n_bootstrap=500,
+                           cache_dir=str(session.output_dir("feature_cache", image)),
+                           budget_s=max(1.0, settings.budget_minutes * 60.0), n_bootstrap=500,
                            throughput_steps=2, device=device)
         self.cancel_token = CancelToken()
-        comparison = Comparison(config, spec, output_dir, data=data, cancel=self.cancel_token)
+        comparison = Comparison(config, spec, output_dir, data=data, cancel=self.cancel_token, clock=self.clock)
         box = None
         try:
             box = preview_box(visible_box(session.viewer, image), plan.downsample, tuple(plan.shape))
@@ -231,7 +242,9 @@ class CompareController(WorkerController):
                         "names": names, "device": device, "output_dir": output_dir}
         self.leaderboard = None
         worker = create_worker(_run, comparison, source, box, colours, device, _start_thread=False)
-        return self._launch(worker, f"comparing {len(spec.combinations(settings.strategy))} model(s)")
+        rows = len(comparison.combinations) * len(seeds)
+        return self._launch(worker, f"comparing {len(comparison.combinations)} model(s), {rows} run(s), within "
+                                    f"{comparison.budget.describe()}")
 
     # --- worker events (GUI thread) ------------------------------------------------------------------
     def _on_event(self, event: tuple[str, Any]) -> None:
@@ -243,8 +256,8 @@ class CompareController(WorkerController):
             self.status.emit(f"run {value.index}/{value.total}: {value.combination} (seed {value.seed})")
         elif kind == "step":
             self.step.emit(value)
-        elif kind == "cache":
-            self.status.emit(f"caching backbone features: {value[0]}/{value[1]} windows")
+        elif kind == "phase":
+            self.phase.emit(value)
         elif kind == "leaderboard":
             self.leaderboard = value
             self.ranking.emit(value)
@@ -256,9 +269,11 @@ class CompareController(WorkerController):
         self.leaderboard = result.leaderboard
         winner = result.leaderboard.winner
         done = sum(1 for r in result.leaderboard.rows if r.ok)
+        left = sum(1 for r in result.leaderboard.rows if r.status == "pending" and r.note)
         message = (f"Comparison {result.status}: {done} model(s) ranked"
                    + (f"; best {winner.pfm} / {winner.strategy} (mIoU {winner.metrics['mIoU']:.3f})" if winner else "")
-                   + (f"; {len(result.leaderboard.failed)} failed" if result.leaderboard.failed else "") + ".")
+                   + (f"; {len(result.leaderboard.failed)} failed" if result.leaderboard.failed else "")
+                   + (f"; {left} not run within the time budget" if left else "") + ".")
         self._outcome = CompareOutcome(result.status, result.leaderboard, previews, result.output_dir, message)
         notify_info(message)
 
@@ -271,7 +286,6 @@ class CompareController(WorkerController):
         self.worker = None
         self.last = outcome
         self.session.release("comparing")
-        self.status.emit(outcome.message or outcome.status)
         self.finished.emit(outcome)
 
     # --- after a comparison ------------------------------------------------------------------------------
@@ -367,15 +381,47 @@ class CompareController(WorkerController):
 def _pixmap(rgb: np.ndarray, side: int = 160) -> QPixmap:
     rgb = np.ascontiguousarray(rgb[..., :3])
     height, width = rgb.shape[:2]
-    qimage = QImage(rgb.data, width, height, 3 * width, QImage.Format.Format_RGB888).copy()
+    qimage = QImage(rgb.tobytes(), width, height, 3 * width, QImage.Format.Format_RGB888).copy()
     return QPixmap.fromImage(qimage).scaled(side, side, Qt.AspectRatioMode.KeepAspectRatio,
                                             Qt.TransformationMode.SmoothTransformation)
 
 
-class CompareWidget(QWidget):
-    """Rank backbones (and the UNet baseline) on the current annotations; use the winner."""
+def _checklist(names: list[str], tip: str) -> QListWidget:
+    """A list of checkable names that grows with the dock."""
+    widget = QListWidget()
+    widget.setToolTip(tip)
+    widget.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+    widget.setMinimumHeight(60)
+    for name in names:
+        item = QListWidgetItem(name)
+        item.setData(Qt.ItemDataRole.UserRole, name)
+        item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+        item.setCheckState(Qt.CheckState.Unchecked)
+        widget.addItem(item)
+    return widget
 
-    COLUMNS = ("rank", "backbone", "strategy", "mIoU [95 % CI]", "mean Dice", "vs best", "trainable")
+
+def _items(widget: QListWidget) -> list[QListWidgetItem]:
+    return [item for item in (widget.item(i) for i in range(widget.count())) if item is not None]
+
+
+def _checked(widget: QListWidget) -> tuple[str, ...]:
+    return tuple(item.data(Qt.ItemDataRole.UserRole) for item in _items(widget)
+                 if item.checkState() == Qt.CheckState.Checked)
+
+
+def _set_checked(widget: QListWidget, names: list[str] | tuple[str, ...]) -> None:
+    for item in _items(widget):
+        wanted = item.data(Qt.ItemDataRole.UserRole) in names
+        item.setCheckState(Qt.CheckState.Checked if wanted and item.flags() & Qt.ItemFlag.ItemIsEnabled
+                           else Qt.CheckState.Unchecked)
+
+
+class CompareWidget(QWidget):
+    """Rank backbones x strategies (and the UNet baseline) on the current annotations; use the winner."""
+
+    COLUMNS = ("rank", "backbone", "strategy", "mIoU [95 % CI]", "mean Dice", "vs best", "trainable", "train s",
+               "cache s", "note")
 
     def __init__(self, napari_viewer: Any):
         super().__init__()
@@ -391,38 +437,49 @@ class CompareWidget(QWidget):
 
         self.image = LayerCombo(napari_viewer, is_slide_layer)
         self.annotations = LayerCombo(napari_viewer, is_trainable_labels)
-        self.models = QListWidget()
-        self.models.setToolTip("backbones to compare; a backbone is available when its weights are (a local file or "
-                               "the Hugging Face cache), or with 'tiny test models'")
-        for name in list_backbones():
-            item = QListWidgetItem(name)
-            item.setData(Qt.ItemDataRole.UserRole, name)
-            item.setCheckState(Qt.CheckState.Unchecked)
-            self.models.addItem(item)
+        self.models = _checklist(list(list_backbones()),
+                                 "backbones to compare; a backbone is available when its weights are (a local file "
+                                 "or the Hugging Face cache), or with 'tiny test models'")
+        self.strategies = _checklist(list(STRATEGIES), "tuning strategies: every ticked backbone is trained with each")
+        _set_checked(self.strategies, ["frozen"])
         self.weights = QLineEdit()
         self.weights.setPlaceholderText("more weights: uni_v1=/models/uni.bin, phikon=hf-hub:")
         self.tiny = QCheckBox("tiny test models (random weights: ranking meaningless)")
-        self.strategy = QComboBox()
-        self.strategy.addItems(list(STRATEGIES))
-        self.budget = dspin(5.0, 0.05, 24 * 60.0, 1.0, 2, tip="training time of the whole comparison (minutes)")
+        self.budget = dspin(5.0, 0.05, 24 * 60.0, 1.0, 2,
+                            tip="wall time of the whole comparison (minutes): caching backbone features, training "
+                                "and scoring every run")
         self.seeds = spin(1, 1, 10, tip="training runs per model (seeds); more seeds, tighter rankings")
         self.epochs = spin(10, 1, 10_000, tip="at most this many epochs per run (the time budget may stop earlier)")
         self.samples = spin(32, 1, 100_000, 16, tip="patches per epoch")
         self.val_fraction = dspin(0.25, 0.05, 0.9, 0.05, 2, tip="share of annotated squares held out for scoring")
-        self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m runs")
-        self.status = wrapped("Idle.")
+        self.output = OutputFolderRow(self.session, self.image.layer)
+        self.image.layer_changed.connect(self.output.refresh)
+        self.run_state = RunState("%v / %m runs")
+        self.progress, self.status = self.run_state.progress, self.run_state.status
+        self.phase_progress = QProgressBar()
+        self.phase_progress.setFormat("%v / %m")
+        self.phase_progress.setRange(0, 1)
+        self.phase_progress.setValue(0)
+        self.phase_label = QLabel("")
         self.table = QTableWidget(0, len(self.COLUMNS))
         self.table.setHorizontalHeaderLabels(list(self.COLUMNS))
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.verticalHeader().setVisible(False)
+        header, rows = self.table.horizontalHeader(), self.table.verticalHeader()
+        if header is not None:
+            header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+            header.setStretchLastSection(True)
+        if rows is not None:
+            rows.setVisible(False)
         self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.setWordWrap(True)
+        self.table.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Expanding)
+        self.table.setMinimumHeight(120)
         self.preview_holder = QWidget()
         self.preview_grid = QGridLayout(self.preview_holder)
         self.preview_labels: list[QLabel] = []
 
-        self.compare_button = button("Compare", self.compare, "train and rank every ticked backbone")
+        self.compare_button = button("Compare", self.compare, "train and rank every ticked backbone x strategy; "
+                                     "rows of earlier comparisons on these annotations stay ranked")
         self.cancel_button = button("Cancel", self.controller.cancel, "stop; finished models stay ranked")
         self.use_button = button("Use the winner", self.use_winner,
                                  "load the best model (or the selected row) into the session")
@@ -433,31 +490,53 @@ class CompareWidget(QWidget):
         data = QFormLayout()
         data.addRow("slide", self.image)
         data.addRow("annotations", self.annotations)
-        models = QFormLayout()
-        models.addRow(self.models)
-        models.addRow("weights", self.weights)
-        models.addRow(self.tiny)
-        models.addRow("strategy", self.strategy)
+        lists = QSplitter(Qt.Orientation.Horizontal)
+        lists.addWidget(self.models)
+        lists.addWidget(self.strategies)
+        lists.setStretchFactor(0, 2)
+        lists.setStretchFactor(1, 1)
+        models = QVBoxLayout()
+        models.addWidget(QLabel("backbones  |  strategies"))
+        models.addWidget(lists, 1)
+        extra = QFormLayout()
+        extra.addRow("weights", self.weights)
+        extra.addRow(self.tiny)
+        models.addLayout(extra)
         schedule = QFormLayout()
         schedule.addRow("time budget (min)", self.budget)
         schedule.addRow("seeds", self.seeds)
         schedule.addRow("max epochs", self.epochs)
         schedule.addRow("patches / epoch", self.samples)
         schedule.addRow("scoring share", self.val_fraction)
+        results = QWidget()
+        results_layout = QVBoxLayout(results)
+        results_layout.setContentsMargins(0, 0, 0, 0)
+        results_layout.addWidget(self.run_state)
+        results_layout.addWidget(row(self.phase_label, self.phase_progress))
+        results_layout.addWidget(self.table, 1)
+        results_layout.addWidget(row(self.use_button, self.feature_button))
+        results_layout.addWidget(self.preview_holder)
+        # the model lists and the leaderboard share the dock's height, and the user can move the split
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(group("Models", models))
+        split.addWidget(results)
+        split.setStretchFactor(0, 1)
+        split.setStretchFactor(1, 2)
+        split.setChildrenCollapsible(False)
+        self.split = split
         layout = QVBoxLayout(self)
         layout.addWidget(group("Data", data))
-        layout.addWidget(group("Models", models))
+        layout.addWidget(split, 1)
         layout.addWidget(group("Schedule", schedule))
+        layout.addWidget(self.output)
         layout.addWidget(row(self.compare_button, self.cancel_button))
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
-        layout.addWidget(self.table, 1)
-        layout.addWidget(row(self.use_button, self.feature_button))
-        layout.addWidget(self.preview_holder)
 
         c = self.controller
         c.status.connect(self._on_status)
+        c.started.connect(self._on_started)
+        c.failed_to_start.connect(self._on_failed_to_start)
         c.run.connect(self._on_run)
+        c.phase.connect(self._on_phase)
         c.ranking.connect(self._show_ranking)
         c.previews.connect(self._show_previews)
         c.finished.connect(self._on_finished)
@@ -471,7 +550,9 @@ class CompareWidget(QWidget):
 
     def _disconnect(self) -> None:
         c = self.controller
-        for signal, slot in ((c.status, self._on_status), (c.run, self._on_run), (c.ranking, self._show_ranking),
+        for signal, slot in ((c.status, self._on_status), (c.started, self._on_started),
+                             (c.failed_to_start, self._on_failed_to_start), (c.run, self._on_run),
+                             (c.phase, self._on_phase), (c.ranking, self._show_ranking),
                              (c.previews, self._show_previews), (c.finished, self._on_finished),
                              (self.session.job_changed, self._update_buttons),
                              (self.session.recipe_changed, self._refresh_models)):
@@ -487,12 +568,12 @@ class CompareWidget(QWidget):
 
     def _refresh_models(self, *_: Any) -> None:
         from pfmseg_engine import get_spec
+        from pfmseg_engine.backbones.availability import weights_available
 
         weights, tiny = self.weights_map(), self.tiny.isChecked()
-        for i in range(self.models.count()):
-            item = self.models.item(i)
+        for item in _items(self.models):
             spec = get_spec(item.data(Qt.ItemDataRole.UserRole))
-            available = weights_available(spec, weights.get(spec.name, ""), tiny)
+            available = weights_available(spec, weights.get(spec.name, ""), tiny=tiny)
             flags = item.flags() | Qt.ItemFlag.ItemIsUserCheckable
             item.setFlags(flags | Qt.ItemFlag.ItemIsEnabled if available else flags & ~Qt.ItemFlag.ItemIsEnabled)
             if not available:
@@ -502,18 +583,19 @@ class CompareWidget(QWidget):
             item.setText(f"{spec.name}  ({note})")
 
     def set_checked(self, names: list[str] | tuple[str, ...]) -> None:
-        for i in range(self.models.count()):
-            item = self.models.item(i)
-            wanted = item.data(Qt.ItemDataRole.UserRole) in names
-            item.setCheckState(Qt.CheckState.Checked if wanted and item.flags() & Qt.ItemFlag.ItemIsEnabled
-                               else Qt.CheckState.Unchecked)
+        _set_checked(self.models, names)
 
     def checked(self) -> tuple[str, ...]:
-        return tuple(self.models.item(i).data(Qt.ItemDataRole.UserRole) for i in range(self.models.count())
-                     if self.models.item(i).checkState() == Qt.CheckState.Checked)
+        return _checked(self.models)
+
+    def set_strategies(self, names: list[str] | tuple[str, ...]) -> None:
+        _set_checked(self.strategies, names)
+
+    def checked_strategies(self) -> tuple[str, ...]:
+        return _checked(self.strategies)
 
     def settings(self) -> CompareSettings:
-        return CompareSettings(pfms=self.checked(), strategy=self.strategy.currentText(),
+        return CompareSettings(pfms=self.checked(), strategies=self.checked_strategies(),
                                budget_minutes=self.budget.value(), seeds=self.seeds.value(),
                                epochs=self.epochs.value(), samples_per_epoch=self.samples.value(),
                                val_fraction=self.val_fraction.value(), tiny=self.tiny.isChecked(),
@@ -525,19 +607,26 @@ class CompareWidget(QWidget):
         if image is None or annotations is None:
             from pfmseg_engine import ConfigError
 
-            notify_error(ConfigError("Choose a slide and an annotation layer (Annotate widget) first."),
-                         "Comparing models")
+            self.run_state.fail(notify_error(
+                ConfigError("Choose a slide and an annotation layer (Annotate widget) first."), "Comparing models"))
             return None
         return self.controller.start(image, annotations, self.settings())
+
+    def ranked_rows(self) -> list[Any]:
+        """The leaderboard rows in table order (ranked first, then the rest)."""
+        board = self.controller.leaderboard
+        if board is None:
+            return []
+        return [r for r in board.rows if r.ok] + [r for r in board.rows if not r.ok]
 
     def selected_row(self) -> Any:
         board = self.controller.leaderboard
         if board is None:
             return None
-        ranked = [r for r in board.rows if r.ok]
-        rows = sorted({index.row() for index in self.table.selectedIndexes()})
-        if rows and rows[0] < len(ranked):
-            return ranked[rows[0]]
+        rows = self.ranked_rows()
+        selected = sorted({index.row() for index in self.table.selectedIndexes()})
+        if selected and selected[0] < len(rows) and rows[selected[0]].ok:
+            return rows[selected[0]]
         return board.winner
 
     def use_winner(self) -> Any:
@@ -564,28 +653,50 @@ class CompareWidget(QWidget):
                                             tiny=self.tiny.isChecked())
 
     # --- controller events -------------------------------------------------------------------------------
+    def _on_started(self) -> None:
+        self.run_state.begin(f"Comparing on: {self.controller.subject}")
+        self.phase_label.setText("")
+        self.phase_progress.setRange(0, 1)
+        self.phase_progress.setValue(0)
+        self._show_previews([])
+        self._update_buttons()
+
+    def _on_failed_to_start(self, message: str) -> None:
+        self.run_state.fail(message)
+        self._update_buttons()
+
     def _on_status(self, text: str) -> None:
-        self.status.setText(text[:1].upper() + text[1:])
+        self.run_state.say(text)
         self._update_buttons()
 
     def _on_run(self, start: Any) -> None:
-        self.progress.setRange(0, start.total)
-        self.progress.setValue(start.index - 1)
+        self.run_state.advance(start.index - 1, start.total)
+
+    def _on_phase(self, phase: Any) -> None:
+        self.phase_label.setText(sentence(phase.label).rstrip(".…"))
+        self.phase_progress.setRange(0, max(1, phase.total))
+        self.phase_progress.setValue(min(phase.done, max(1, phase.total)))
 
     def _show_ranking(self, board: Any) -> None:
-        rows = [r for r in board.rows if r.ok] + [r for r in board.rows if r.status == "failed"]
+        self.controller.leaderboard = board
+        rows = self.ranked_rows()
         self.table.setRowCount(len(rows))
         for i, r in enumerate(rows):
             interval = r.intervals.get("mIoU")
-            score = (f"{r.metrics['mIoU']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]" if r.ok and interval
-                     else "failed")
+            if r.ok and interval:
+                score = f"{r.metrics['mIoU']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+            else:
+                score = {"failed": "failed", "pending": "not run"}.get(r.status, r.status)
+            note = r.note or r.error
             values = (str(r.rank or "-"), r.pfm, r.strategy, score,
                       f"{r.metrics['Mean_Dice']:.3f}" if r.ok else "-", r.vs_best or "-",
-                      f"{(r.trainable_params or 0) / 1e6:.2f} M" if r.ok else "-")
+                      f"{(r.trainable_params or 0) / 1e6:.2f} M" if r.ok else "-",
+                      f"{r.train_seconds:.0f}" if r.ok and r.train_seconds is not None else "-",
+                      f"{r.cache_seconds:.0f}" if r.ok and r.cache_seconds else "-", note)
             for j, value in enumerate(values):
                 item = QTableWidgetItem(value)
-                if r.error:
-                    item.setToolTip(r.error)
+                if note:
+                    item.setToolTip(note)
                 self.table.setItem(i, j, item)
 
     def _show_previews(self, previews: list[tuple[str, np.ndarray]]) -> None:
@@ -607,9 +718,9 @@ class CompareWidget(QWidget):
     def _on_finished(self, outcome: CompareOutcome) -> None:
         if outcome.leaderboard is not None:
             self._show_ranking(outcome.leaderboard)
-            done = sum(1 for r in outcome.leaderboard.rows if r.ok or r.status == "failed")
-            self.progress.setValue(min(self.progress.maximum(), done * max(1, self.seeds.value())))
-        self.status.setText(outcome.message or f"Comparison {outcome.status}.")
+        if outcome.status == "completed":
+            self.phase_label.setText("")
+        self.run_state.finish(outcome.status, outcome.message or f"Comparison {outcome.status}.")
         self._update_buttons()
 
     def _update_buttons(self, *_: Any) -> None:

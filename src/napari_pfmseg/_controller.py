@@ -24,6 +24,7 @@ class WorkerController:
 
     status = Signal(str)  # human-readable state
     started = Signal()
+    failed_to_start = Signal(str)  # the message of an error that stopped a run before it started
 
     def __init__(self, session: Any):
         self.session = session
@@ -31,6 +32,7 @@ class WorkerController:
         self.cancel_token: Any = None  # the engine's CancelToken
         self.runs = 0
         self._outcome: Any = None
+        self.subject = ""  # the slide layer the current (or last) run works on, by name
 
     @property
     def running(self) -> bool:
@@ -39,11 +41,13 @@ class WorkerController:
     def start(self, image: Any, annotations: Any, settings: Any) -> Any:
         """Start the job on ``annotations`` over ``image``; returns the napari worker (None after an error notice)."""
         try:
+            if not self.running:
+                self.subject = str(getattr(image, "name", ""))
             return self._start(image, annotations, settings)
         except Exception as exc:
             if not self.running:  # never release the claim of a run that is still going
                 self.session.release(self.claim_name)
-            notify_error(exc, self.job_title)
+            self.failed_to_start.emit(notify_error(exc, self.job_title))
             return None
 
     def cancel(self) -> None:

@@ -14,7 +14,7 @@ exactly at full resolution.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,21 @@ MICRON = "µm"
 PIXEL = "pixel"
 
 LayerDataTuple = tuple[Any, dict[str, Any], str]
+
+
+def unit_label(unit: Any) -> str:
+    """A layer unit as a user reads it: ``µm`` for napari's ``micrometer``, ``px`` for ``pixel``."""
+    text = str(unit)
+    return {"micrometer": MICRON, "um": MICRON, MICRON: MICRON, "pixel": "px", "": "px"}.get(text, text)
+
+
+def layer_name(stem: str, kind: str) -> str:
+    """``"<stem> <kind>"``, without repeating a kind the stem already ends with (``annotations.geojson``
+    imports as "annotations", not "annotations annotations")."""
+    stem = stem.strip()
+    if not stem:
+        return kind
+    return stem if stem.lower().endswith(kind.lower()) else f"{stem} {kind}"
 
 
 def world_units(mpp: float | None) -> tuple[float, str]:
@@ -71,7 +86,7 @@ def slide_layer(slide: Any, name: str | None = None) -> LayerDataTuple:
     return (levels if len(levels) > 1 else levels[0], meta, "image")
 
 
-def label_colormap(colours: dict[int, Sequence[int]]) -> dict[int | None, list[float]]:
+def label_colormap(colours: Mapping[int, Sequence[int]]) -> dict[int | None, list[float]]:
     """napari direct label colormap from ``{label: [r, g, b(, a)]}`` in 0..255; 0 stays transparent."""
     cmap: dict[int | None, list[float]] = {None: [0.0, 0.0, 0.0, 0.0], 0: [0.0, 0.0, 0.0, 0.0]}
     for value, rgba in colours.items():
@@ -94,7 +109,7 @@ def class_features(class_names: Sequence[str], background: str) -> dict[str, lis
     return {"index": list(range(len(class_names) + 1)), "class": [background, *class_names]}
 
 
-def prediction_metadata(path: Path | None, class_names: Sequence[str], colours: dict[int, Sequence[int]],
+def prediction_metadata(path: Path | None, class_names: Sequence[str], colours: Mapping[int, Sequence[int]],
                         downsample: float, offset_px: Sequence[float] = (0.0, 0.0), **extra: Any
                         ) -> dict[str, Any]:
     """Metadata of a prediction labels layer (its engine store, classes and placement on the slide)."""
@@ -116,7 +131,7 @@ def prediction_layer(path: str | Path, name: str | None = None, world: tuple[flo
     ``world`` is (units per level-0 pixel, unit name) of the slide layer it overlays; by default the
     store's own micrometres.
     """
-    from pfmseg_engine.inference.omezarr import LabelOutput
+    from pfmseg_engine.labelstore.omezarr import LabelOutput
 
     output = LabelOutput(path)
     if tuple(offset_px) == (0.0, 0.0):  # a region prediction records where it lies on its slide

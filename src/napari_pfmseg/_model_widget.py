@@ -97,7 +97,7 @@ class ModelWidget(QWidget):
         self.default_channels = list(defaults.adapter_channels)
         self.channels = QLineEdit(", ".join(str(c) for c in defaults.adapter_channels))
         self.channels.setToolTip("widths of the small CNN adapter's 1/2, 1/4 and 1/8 stages")
-        self.depth = spin(defaults.adapter_depth, 1, 12, tip="Transformer adapter blocks")
+        self.adapter_depth = spin(defaults.adapter_depth, 1, 12, tip="Transformer adapter blocks")
         self.head = QComboBox()
         self.head.addItems(list(HEADS))
         self.input_size = spin(224, 8, 4096, 16, tip="training window (pixels), a multiple of the patch size")
@@ -116,12 +116,12 @@ class ModelWidget(QWidget):
         tuning = QFormLayout()
         tuning.addRow("strategy", self.strategy)
         tuning.addRow(self.strategy_info)
-        self.lora_rows = [("rank", self.rank), ("alpha", self.alpha), ("dropout", self.dropout),
-                          ("", self.lora_mlp)]
+        self.lora_rows: list[tuple[str, QWidget]] = [("rank", self.rank), ("alpha", self.alpha),
+                                                     ("dropout", self.dropout), ("", self.lora_mlp)]
         for label, widget in self.lora_rows:
             tuning.addRow(label, widget)
         tuning.addRow("adapter widths", self.channels)
-        tuning.addRow("adapter depth", self.depth)
+        tuning.addRow("adapter depth", self.adapter_depth)
         self.tuning_form = tuning
         other = QFormLayout()
         other.addRow("head", self.head)
@@ -141,7 +141,7 @@ class ModelWidget(QWidget):
         for signal in (self.backbone.currentIndexChanged, self.strategy.currentIndexChanged,
                        self.head.currentIndexChanged, self.device.currentIndexChanged,
                        self.rank.valueChanged, self.alpha.valueChanged, self.dropout.valueChanged,
-                       self.depth.valueChanged, self.input_size.valueChanged, self.mpp.valueChanged,
+                       self.adapter_depth.valueChanged, self.input_size.valueChanged, self.mpp.valueChanged,
                        self.tiny.toggled, self.lora_mlp.toggled, self.weights.editingFinished,
                        self.channels.editingFinished):
             signal.connect(self._on_edit)
@@ -167,7 +167,7 @@ class ModelWidget(QWidget):
             "alpha": self.alpha.value(),
             "dropout": self.dropout.value(), "lora_mlp": self.lora_mlp.isChecked(),
             "adapter_channels": list(channels) if len(channels) == 3 else self.default_channels,
-            "adapter_depth": self.depth.value(),
+            "adapter_depth": self.adapter_depth.value(),
         }
         return ModelRecipe(
             backbone=self.backbone.currentText(), weights=None if scratch else self.weights.text().strip() or None,
@@ -176,7 +176,7 @@ class ModelWidget(QWidget):
         )
 
     def _show_recipe(self, recipe: ModelRecipe) -> None:
-        widgets = (self.backbone, self.strategy, self.head, self.rank, self.alpha, self.dropout, self.depth,
+        widgets = (self.backbone, self.strategy, self.head, self.rank, self.alpha, self.dropout, self.adapter_depth,
                    self.input_size, self.mpp, self.tiny, self.lora_mlp, self.weights, self.channels)
         blocked = [w.blockSignals(True) for w in widgets]
         self.backbone.setCurrentText(recipe.backbone)
@@ -189,7 +189,7 @@ class ModelWidget(QWidget):
         self.dropout.setValue(tuning.dropout)
         self.lora_mlp.setChecked(tuning.lora_mlp)
         self.channels.setText(", ".join(str(c) for c in tuning.adapter_channels))
-        self.depth.setValue(tuning.adapter_depth)
+        self.adapter_depth.setValue(tuning.adapter_depth)
         self.head.setCurrentText(recipe.head)
         self.input_size.setValue(recipe.input_size)
         self.mpp.setValue(recipe.mpp or 0.5)
@@ -222,10 +222,10 @@ class ModelWidget(QWidget):
             f"{spec.name} is trained from scratch: every weight trains (strategy 'full'); tuning strategies, "
             "heads and backbone weights do not apply." if scratch else self.strategies[strategy].description)
         lora = strategy in ("lora", "dora")
-        for _label, widget in self.lora_rows:
-            self.tuning_form.setRowVisible(widget, lora)
+        for _label, lora_widget in self.lora_rows:
+            self.tuning_form.setRowVisible(lora_widget, lora)
         self.tuning_form.setRowVisible(self.channels, strategy == "cnn_adapter_small")
-        self.tuning_form.setRowVisible(self.depth, strategy == "transformer_adapter")
+        self.tuning_form.setRowVisible(self.adapter_depth, strategy == "transformer_adapter")
 
     def _show_model(self, state: Any) -> None:
         model = state.model

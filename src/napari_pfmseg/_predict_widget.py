@@ -7,6 +7,7 @@ output: a copy of the store, a pyramidal OME-TIFF, or GeoJSON polygons that QuPa
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
     QLabel,
-    QLineEdit,
-    QProgressBar,
     QVBoxLayout,
     QWidget,
 )
@@ -24,8 +23,10 @@ from qtpy.QtWidgets import (
 from ._annotate_widget import is_slide_layer
 from ._layers import META
 from ._notify import notify_error, notify_info
+from ._output_folder import OutputFolderRow
 from ._prediction import RESOLUTION_LABEL, PredictSettings, export_prediction, prediction_controller
-from ._qt_helpers import LayerCombo, button, dspin, group, open_folder, row, save_file, spin, wrapped
+from ._qt_helpers import LayerCombo, button, dspin, group, row, save_file, spin, wrapped
+from ._run_state import RunState
 from ._session import session_for
 from ._torch_guard import guard_triton
 
@@ -45,6 +46,9 @@ class PredictWidget(QWidget):
         super().__init__()
         guard_triton()
         import pfmseg_engine.inference.slide  # noqa: F401  heavy import now, not in the worker
+        from pfmseg_engine.jobs import PredictionSettings
+
+        defaults = PredictionSettings()  # the form starts at the engine's defaults (the CLI's too)
         self.viewer = napari_viewer
         self.session = session_for(napari_viewer)
         self.controller = prediction_controller(self.session)
@@ -56,22 +60,25 @@ class PredictWidget(QWidget):
         self.shapes = LayerCombo(napari_viewer, lambda layer: layer.__class__.__name__ == "Shapes", allow_none=True)
         self.target_mpp = dspin(0.0, 0.0, 100.0, 0.25, 3, special="model's",
                                 tip="output resolution (µm/px); default: the resolution the model was trained at")
-        self.window = spin(0, 0, 8192, 16, tip="window side in pixels; 0: the model's input size")
-        self.window.setSpecialValueText("model's")
-        self.overlap = dspin(0.25, 0.0, 0.9, 0.05, 2, tip="overlap between neighbouring windows")
-        self.batch = spin(4, 1, 256, tip="windows per batch")
-        self.chunk = spin(512, 64, 8192, 64, tip="output chunk side: results appear chunk by chunk")
+        self.window_size = spin(0, 0, 8192, 16, tip="window side in pixels; 0: the model's input size")
+        self.window_size.setSpecialValueText("model's")
+        self.overlap = dspin(defaults.overlap, 0.0, 0.9, 0.05, 2, tip="overlap between neighbouring windows")
+        self.batch = spin(defaults.batch_size, 1, 256, tip="windows per batch")
+        self.chunk = spin(defaults.chunk, 64, 8192, 64, tip="output chunk side: results appear chunk by chunk")
         self.tissue = QCheckBox("tissue only (skip background)")
-        self.tissue.setChecked(True)
+        self.tissue.setChecked(defaults.tissue)
         self.view_first = QCheckBox("whole slide: visible area first")
         self.view_first.setChecked(True)
-        self.output = QLineEdit()
-        self.output.setPlaceholderText(str(self.session.output_dir("predictions")))
-        self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m chunks")
-        self.status = wrapped("Idle.")
+        self.output = OutputFolderRow(self.session, self.image.layer)
+        self.image.layer_changed.connect(self.output.refresh)
+        self.run_state = RunState("%v / %m chunks")
+        self.progress, self.status = self.run_state.progress, self.run_state.status
         self.measurements = wrapped("")
         self.measurements.setToolTip("area of each class in the finished prediction (the CSV beside the OME-Zarr)")
+        self.save_measurements_button = button(
+            "Save measurements…", self.save_measurements_dialog,
+            "write the class areas of the last prediction as CSV where you choose (with a cohort table, one row "
+            "per slide, when several slides were predicted)")
         self.export_layer = LayerCombo(napari_viewer, is_prediction_layer)
         self.per_region = QCheckBox("GeoJSON: one object per connected region")
         self.object_type = QComboBox()
@@ -86,25 +93,25 @@ class PredictWidget(QWidget):
         form.addRow("what", self.mode)
         form.addRow("region layer", self.shapes)
         form.addRow(RESOLUTION_LABEL, self.target_mpp)
-        form.addRow("window (px)", self.window)
+        form.addRow("window (px)", self.window_size)
         form.addRow("overlap", self.overlap)
         form.addRow("batch size", self.batch)
         form.addRow("chunk (px)", self.chunk)
         form.addRow(self.tissue)
         form.addRow(self.view_first)
-        form.addRow("output folder", row(self.output, button("…", self._browse_output)))
         exports = QVBoxLayout()
         exports.addWidget(self.export_layer)
         exports.addWidget(self.per_region)
         exports.addWidget(row(QLabel("QuPath objects"), self.object_type, QLabel("min area (µm²)"), self.min_area))
         exports.addWidget(row(*(button(f"{kind.upper() if kind != 'geojson' else 'GeoJSON'}…",
-                                       lambda k=kind: self._export_dialog(k)) for kind in EXPORTS)))
+                                       self._exporter(kind)) for kind in EXPORTS)))
         layout = QVBoxLayout(self)
         layout.addWidget(group("Prediction", form))
+        layout.addWidget(self.output)
         layout.addWidget(row(self.predict_button, self.cancel_button))
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
+        layout.addWidget(self.run_state)
         layout.addWidget(self.measurements)
+        layout.addWidget(self.save_measurements_button)
         layout.addWidget(group("Export", exports))
         layout.addStretch(1)
 
@@ -112,6 +119,8 @@ class PredictWidget(QWidget):
         c.settings_source = self.settings
         c.progress.connect(self._on_progress)
         c.status.connect(self._on_status)
+        c.started.connect(self._on_started)
+        c.failed_to_start.connect(self._on_failed_to_start)
         c.finished.connect(self._on_finished)
         self.session.job_changed.connect(self._update_buttons)
         self.destroyed.connect(lambda *_: self._disconnect())
@@ -120,15 +129,20 @@ class PredictWidget(QWidget):
     def _disconnect(self) -> None:
         c = self.controller
         for signal, slot in ((c.progress, self._on_progress), (c.status, self._on_status),
+                             (c.started, self._on_started), (c.failed_to_start, self._on_failed_to_start),
                              (c.finished, self._on_finished), (self.session.job_changed, self._update_buttons)):
             signal.disconnect(slot)
 
     def settings(self) -> PredictSettings:
-        return PredictSettings(
-            mode=self.mode.currentData(), target_mpp=self.target_mpp.value() or None,
-            window=self.window.value() or None, overlap=self.overlap.value(), batch_size=self.batch.value(),
-            chunk=self.chunk.value(), tissue=self.tissue.isChecked(), view_first=self.view_first.isChecked(),
-            output_dir=self.output.text().strip() or None)
+        """The form as the plugin's choices plus the engine's ``PredictionSettings`` ("model's" fields: None)."""
+        from pfmseg_engine.jobs import PredictionSettings
+
+        prediction = PredictionSettings().with_overrides(
+            target_mpp=self.target_mpp.value() or None, window=self.window_size.value() or None,
+            overlap=self.overlap.value(), batch_size=self.batch.value(), chunk=self.chunk.value(),
+            tissue=self.tissue.isChecked(), device=self.session.device)
+        return PredictSettings(mode=self.mode.currentData(), view_first=self.view_first.isChecked(),
+                               prediction=prediction)
 
     def set_mode(self, mode: str) -> None:
         self.mode.setCurrentIndex(list(MODE_LABELS).index(mode))
@@ -139,10 +153,9 @@ class PredictWidget(QWidget):
         if image is None:
             from pfmseg_engine import ConfigError
 
-            notify_error(ConfigError("Open a slide first (File > Open, or the demo sample)."), "Prediction")
+            self.run_state.fail(notify_error(ConfigError("Open a slide first (File > Open, or the demo sample)."),
+                                             "Prediction"))
             return None
-        self.progress.setRange(0, 1)
-        self.progress.setValue(0)
         return self.controller.start(image, self.settings(), self.shapes.layer())
 
     def export(self, layer: Any, path: str | Path, kind: str) -> Path | None:
@@ -157,35 +170,81 @@ class PredictWidget(QWidget):
         notify_info(f"Exported {layer.name} to {written}")
         return written
 
+    def save_measurements(self, path: str | Path) -> list[Path]:
+        """Write the last finished prediction's measurements CSV to ``path``; with finished predictions of
+        more than one slide in the viewer, also their cohort table (a row per slide) as
+        ``<path stem>_cohort.csv``. Returns the files written."""
+        import shutil
+
+        from pfmseg_engine import ConfigError
+        from pfmseg_engine.annotations.measurements import write_cohort_measurements
+
+        last = self.controller.last
+        source = last.measurements if last is not None and last.status == "completed" else None
+        if source is None or not Path(source).is_file():
+            raise ConfigError("There are no measurements to save yet: let a prediction finish first.")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = [Path(shutil.copyfile(source, path))]
+        tables = finished_measurements(self.viewer)
+        if len(tables) > 1:
+            written.append(write_cohort_measurements(tables, path.with_name(f"{path.stem}_cohort.csv")))
+        return written
+
+    def save_measurements_dialog(self) -> None:
+        last = self.controller.last
+        default = ""
+        if last is not None and last.path is not None:
+            default = str(self.output.folder() / f"{Path(last.path).name.split('.')[0]}_measurements.csv")
+        path = save_file(self, "Save measurements", "CSV (*.csv)", default)
+        if not path:
+            return
+        try:
+            written = self.save_measurements(path)
+        except Exception as exc:
+            notify_error(exc, "Saving measurements")
+            return
+        notify_info("Saved " + " and ".join(str(p) for p in written))
+
     # --- events ----------------------------------------------------------------------------------------
+    def _on_started(self) -> None:
+        self.measurements.setText("")
+        self.run_state.begin(f"Predicting: {self.controller.subject}", "predicting")
+        self._update_buttons()
+
+    def _on_failed_to_start(self, message: str) -> None:
+        self.run_state.fail(message)
+        self._update_buttons()
+
     def _on_progress(self, done: int, total: int) -> None:
-        self.progress.setRange(0, max(1, total))
-        self.progress.setValue(done)
+        self.run_state.advance(done, total)
 
     def _on_status(self, text: str) -> None:
-        self.status.setText(text[:1].upper() + text[1:] + ("…" if text.endswith("ing") else "."))
+        if text not in ("completed", "cancelled", "failed"):  # the end is shown by _on_finished
+            self.run_state.say(text)
         self._update_buttons()
 
     def _on_finished(self, outcome: Any) -> None:
-        self.measurements.setText(measurement_summary(outcome.extra.get("measurements") or {}))
+        self.measurements.setText(measurement_summary(outcome.measurements, outcome.measurement_rows))
         if outcome.status == "completed":
-            self.status.setText(f"Done: {outcome.path}")
+            self.run_state.finish("completed", f"Done: {outcome.path}")
             if outcome.layer is not None:
                 self.export_layer.set_layer(outcome.layer)
         elif outcome.status == "cancelled":
-            self.status.setText("Cancelled: finished chunks stay shown; predict again to resume.")
+            self.run_state.finish("cancelled", "Cancelled: finished chunks stay shown; predict again to resume.")
         else:
-            self.status.setText(outcome.message or "Failed.")
+            self.run_state.fail(outcome.message or "Prediction failed.")
         self._update_buttons()
 
     def _update_buttons(self, *_: Any) -> None:
         self.predict_button.setEnabled(not self.session.job)
         self.cancel_button.setEnabled(self.controller.running)
+        last = self.controller.last
+        self.save_measurements_button.setEnabled(
+            last is not None and last.status == "completed" and last.measurements is not None)
 
-    def _browse_output(self) -> None:
-        folder = open_folder(self, "Output folder")
-        if folder:
-            self.output.setText(folder)
+    def _exporter(self, kind: str) -> Callable[[], None]:
+        return lambda: self._export_dialog(kind)
 
     def _export_dialog(self, kind: str) -> None:
         layer = self.export_layer.layer()
@@ -201,9 +260,24 @@ class PredictWidget(QWidget):
             self.export(layer, path, kind)
 
 
-def measurement_summary(measured: dict[str, Any]) -> str:
+def finished_measurements(viewer: Any) -> list[Path]:
+    """The measurements CSVs of every finished prediction layer in ``viewer`` (one per output, in layer order)."""
+    from pfmseg_engine.annotations.measurements import measurements_path
+
+    found: list[Path] = []
+    for layer in viewer.layers:
+        meta = layer.metadata.get(META, {})
+        store = meta.get("store") if meta.get("kind") == "prediction" and meta.get("status") == "completed" else None
+        if store:
+            csv = measurements_path(store)
+            if csv.is_file() and csv not in found:
+                found.append(csv)
+    return found
+
+
+def measurement_summary(path: Path | None, measured: Sequence[dict[str, Any]]) -> str:
     """The finished prediction's class areas as dock text (the full table is the CSV beside the output)."""
-    rows = [r for r in measured.get("rows", ()) if r.get("class")]
+    rows = [r for r in measured if r.get("class")]
     if not rows:
         return ""
     lines = []
@@ -212,4 +286,4 @@ def measurement_summary(measured: dict[str, Any]) -> str:
         share = f", {float(share):.1%} of tissue" if share not in (None, "") else ""
         count = f", {int(float(r['count']))} objects" if r.get("count") not in (None, "") else ""
         lines.append(f"{r['class']}: {float(r['area_mm2']):.4g} mm²{share}{count}")
-    return "Measurements (" + str(measured.get("path", "")) + "):\n" + "\n".join(lines)
+    return f"Measurements ({path or ''}):\n" + "\n".join(lines)

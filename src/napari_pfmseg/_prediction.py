@@ -1,9 +1,11 @@
 """Prediction of the visible area, a drawn region or the whole slide, streamed into a labels layer.
 
-Each run is planned on the GUI thread with the engine's torch-free ``plan_slide`` (cheap: geometry only;
-tissue detection happens when the worker first needs it), and the layer's shape, placement, pyramid
-and name come from that plan, never from engine internals. The engine's ``iter_execute_plan`` runs the
-plan in a napari ``thread_worker`` generator and yields every finished chunk; the layer shows the
+Each run is one engine :class:`~pfmseg_engine.jobs.SlidePrediction` job with the form's
+:class:`~pfmseg_engine.jobs.PredictionSettings` (the same settings object, defaults and fingerprint as the
+CLI and Python). It is planned on the GUI thread (``job.plan()``: torch-free, geometry only; tissue
+detection happens when the worker first needs it), and the layer's shape, placement, pyramid and name
+come from that plan, never from engine internals. ``job.iter_run()`` runs in a napari ``thread_worker``
+generator and yields every finished chunk, then measures the output; the layer shows the
 engine's own (partial) store, whose coarser levels the engine keeps up to date, and the GUI thread only
 refreshes it, so results appear while the slide is processed, zoomed in or out. Regions are the
 plan's ``region=``; for a whole slide, the area in view is computed first (``priority_box=``). When a
@@ -16,7 +18,6 @@ training (the engine decides, :func:`~pfmseg_engine.inference.scale.check_traini
 
 from __future__ import annotations
 
-import threading
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,29 +35,37 @@ RESOLUTION_LABEL = "resolution (µm/px)"
 REFRESH_MS = 200
 
 
+def _default_prediction() -> Any:
+    from pfmseg_engine.jobs import PredictionSettings
+
+    return PredictionSettings()
+
+
 @dataclass(frozen=True)
 class PredictSettings:
+    """The Predict form: what to predict (the plugin's own choices) and the engine's prediction settings.
+
+    ``prediction`` is the engine's :class:`~pfmseg_engine.jobs.PredictionSettings` (resolution, window,
+    overlap, batch, chunk, tissue, device): its defaults are the engine's, never restated here.
+    """
+
     mode: str = "view"
-    target_mpp: float | None = None  # None: the model's training resolution, else slide level 0
-    window: int | None = None  # None: the model's input size
-    overlap: float = 0.25
-    batch_size: int = 4
-    chunk: int = 512
-    tissue: bool = True
     view_first: bool = True
-    output_dir: str | None = None
+    output_dir: str | None = None  # None: the session's output folder
+    prediction: Any = field(default_factory=_default_prediction)
 
 
 @dataclass
 class Target:
-    """One engine run: its plan (slide, region, geometry, output paths) and where its layer goes."""
+    """One engine job: its plan (slide, region, geometry, output paths) and where its layer goes."""
 
+    job: Any  # pfmseg_engine.jobs.SlidePrediction
     plan: Any  # pfmseg_engine.inference.plan.SlidePlan
     class_colors: dict[str, list[int]] = field(default_factory=dict)
     image: Any = None
     layer: Any = None
     store_shown: bool = False
-    result: Any = None
+    outcome: Any = None  # pfmseg_engine.jobs.PredictionOutcome
 
 
 @dataclass
@@ -66,36 +75,32 @@ class PredictOutcome:
     layer: Any = None
     chunks: int = 0
     message: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    measurements: Path | None = None  # the measurements CSV beside the finished output
+    measurement_rows: tuple[dict[str, Any], ...] = ()
 
 
 @guarded_generator
-def _run(model: Any, targets: list[Target], device: str, cancel: threading.Event):
-    """The worker: run each target's plan in turn, yielding (target index, chunk result).
+def _run(targets: list[Target]):
+    """The worker: run each target's job in turn, yielding (target index, chunk result)."""
+    from pfmseg_engine.jobs import ChunkDone
 
-    A finished output gets its measurements CSV here, in the worker (it reads the whole store)."""
-    from pfmseg_engine.annotations.measurements import read_measurements, write_measurements
-    from pfmseg_engine.inference.slide import iter_execute_plan
-
-    results = []
+    outcomes = []
     for index, target in enumerate(targets):
-        generator = iter_execute_plan(target.plan, model, device=device, class_colors=target.class_colors)
+        events = target.job.iter_run()
         try:
             while True:
                 try:
-                    chunk = next(generator)
+                    event = next(events)
                 except StopIteration as stop:
-                    result = stop.value
-                    csv = write_measurements(result.path)
-                    result.extra["measurements"] = {"path": csv, "rows": read_measurements(csv)}
-                    results.append(result)
+                    outcomes.append(stop.value)
                     break
-                yield index, chunk
-                if cancel.is_set():
-                    return "cancelled", results
+                if isinstance(event, ChunkDone):
+                    yield index, event.chunk
         finally:
-            generator.close()
-    return "completed", results
+            events.close()
+        if outcomes[-1].status == "cancelled":
+            return "cancelled", outcomes
+    return "completed", outcomes
 
 
 class PredictionController:
@@ -103,12 +108,13 @@ class PredictionController:
 
     progress = Signal(int, int)  # chunks done, total (of the main run)
     status = Signal(str)
+    started = Signal()
+    failed_to_start = Signal(str)  # the message of an error that stopped a run before it started
     finished = Signal(object)  # PredictOutcome
 
     def __init__(self, session: Any):
         self.session = session
         self.worker: Any = None
-        self.cancel_event = threading.Event()
         self.targets: list[Target] = []
         self.last: PredictOutcome | None = None
         self.settings = PredictSettings()
@@ -118,6 +124,7 @@ class PredictionController:
         self.settings_source: Any = None  # the Predict widget's form, when one is open
         self._refresh_timer: Any = None
         self.scale_warning: str | None = None  # the last run's training-scale warning, as shown
+        self.subject = ""  # the slide layer the current (or last) run predicts, by name
         session.predict_requested.connect(self._on_requested)
 
     @property
@@ -141,18 +148,24 @@ class PredictionController:
     def start(self, image: Any, settings: PredictSettings, shapes: Any = None) -> Any:
         """Start predicting; returns the napari worker, or None when an error was shown instead."""
         try:
+            if not self.running:
+                self.subject = str(getattr(image, "name", ""))
             return self._start(image, settings, shapes)
         except Exception as exc:
             if not self.running:  # never release the claim of a run that is still going
                 self.session.release("predicting")
-            self.last = PredictOutcome("failed", message=notify_error(exc, "Prediction"))
+            message = notify_error(exc, "Prediction")
+            if not self.running:
+                self.last = PredictOutcome("failed", message=message)
+            self.failed_to_start.emit(message)
             return None
 
     def _start(self, image: Any, settings: PredictSettings, shapes: Any) -> Any:
         from napari.qt.threading import create_worker
 
-        from pfmseg_engine import ConfigError, resolve_device
-        from pfmseg_engine.inference.plan import SlideInferenceConfig
+        from pfmseg_engine import ConfigError
+
+        from ._slides import require_slide_mpp
 
         session = self.session
         if session.model is None:
@@ -162,38 +175,36 @@ class PredictionController:
         session.claim("predicting")
         self.image, self.shapes, self.settings = image, shapes, settings
         session.current_image = image
-        device = str(resolve_device(session.device))
         slide = session.slide_for(image)
-        slide.require_mpp()
-        model = session.model
-        config = SlideInferenceConfig(target_mpp=settings.target_mpp, window=settings.window,
-                                      overlap=settings.overlap, batch_size=settings.batch_size,
-                                      chunk=settings.chunk, tissue=settings.tissue)
-        out_dir = Path(settings.output_dir).expanduser() if settings.output_dir else session.output_dir("predictions")
+        require_slide_mpp(slide, image)
+        out_dir = Path(settings.output_dir).expanduser() if settings.output_dir \
+            else session.output_dir("predictions", image)
         out_dir.mkdir(parents=True, exist_ok=True)
-        targets = self._targets(image, slide, settings, shapes, model, config, out_dir)
-        self._warn_about_scale(model, targets)
+        targets = self._targets(image, slide, settings, shapes, session.model, out_dir)
+        self._warn_about_scale(targets)
         for target in targets:
             self._add_layer(target)
         self.targets = targets
-        self.cancel_event = threading.Event()
-        worker = create_worker(_run, model, targets, device, self.cancel_event, _start_thread=False)
+        worker = create_worker(_run, targets, _start_thread=False)
         worker.yielded.connect(self._on_chunk)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_error)
         worker.finished.connect(self._on_finished)
         self.worker = worker
+        self.last = None
+        self.started.emit()
         self.status.emit("predicting")
         worker.start()
         return worker
 
     # --- planning (GUI thread, cheap) ----------------------------------------------------------------
-    def _targets(self, image: Any, slide: Any, settings: PredictSettings, shapes: Any, model: Any, config: Any,
+    def _targets(self, image: Any, slide: Any, settings: PredictSettings, shapes: Any, model: Any,
                  out_dir: Path) -> list[Target]:
-        """Plan the run (the engine's torch-free plan: geometry, names and paths; no model is moved)."""
+        """The run's job, planned (the engine's torch-free plan: geometry, names and paths; no model is moved)."""
         from pfmseg_engine import ConfigError
         from pfmseg_engine.errors import TrainingScaleWarning
-        from pfmseg_engine.inference.plan import ModelInfo, plan_slide
+        from pfmseg_engine.inference.plan import ModelInfo
+        from pfmseg_engine.jobs import SlidePrediction
 
         from ._slides import box_area, shapes_box, visible_box
 
@@ -214,24 +225,18 @@ class PredictionController:
             region = None
         info = ModelInfo.from_model(model)
         chosen = {n: list(self.session.class_colours[n]) for n in info.class_names if self.session.class_colours.get(n)}
-        options = {"region": _xywh(region) if region is not None else None,
-                   "priority_box": _xywh(priority) if priority is not None and box_area(priority) > 0 else None,
-                   "output_dir": out_dir}
+        job = SlidePrediction(model, slide, out_dir, settings.prediction,
+                              region=_xywh(region) if region is not None else None,
+                              priority_box=_xywh(priority) if priority is not None and box_area(priority) > 0 else None,
+                              new_name=True, class_colors=chosen)  # never overwrite or reuse a finished output
         with warnings.catch_warnings():  # worded for Python users; _warn_about_scale words it for the widget
             warnings.simplefilter("ignore", TrainingScaleWarning)
-            plan = plan_slide(slide, info, config, **options)
-            free = _free_name(out_dir, plan.name)  # never overwrite or reuse a finished output
-            if free != plan.name:
-                plan = plan_slide(slide, info, config, name=free, **options)
-        return [Target(plan, class_colors=chosen, image=image)]
+            plan = job.plan()
+        return [Target(job, plan, class_colors=chosen, image=image)]
 
-    def _warn_about_scale(self, model: Any, targets: list[Target]) -> None:
+    def _warn_about_scale(self, targets: list[Target]) -> None:
         """Notify when a target is predicted far from the scale the model was trained at (once per run)."""
-        from pfmseg_engine.inference.scale import check_training_scale, training_scale_of
-
-        scale = training_scale_of(model)
-        mismatches = (check_training_scale(scale, target.plan.mpp) for target in targets)
-        mismatch = next((m for m in mismatches if m is not None), None)
+        mismatch = next((m for m in (target.job.scale_mismatch() for target in targets) if m is not None), None)
         self.scale_warning = scale_warning_text(mismatch) if mismatch is not None else None
         if self.scale_warning:
             notify_warning(self.scale_warning)
@@ -288,7 +293,8 @@ class PredictionController:
     def cancel(self) -> None:
         """Stop after the current chunk (finished chunks stay visible; the output stays resumable)."""
         if self.running:
-            self.cancel_event.set()
+            for target in self.targets:
+                target.job.cancel()
             self.status.emit("cancelling")
 
     # --- worker events (GUI thread) ------------------------------------------------------------------
@@ -325,36 +331,40 @@ class PredictionController:
         if isinstance(value, Failure):
             self._on_error(value.exc)
             return
-        status, results = value
+        status, outcomes = value
         main = None
-        for target, result in zip(self.targets, results, strict=False):
-            target.result = result
-            self._attach_output(target, result)
+        for target, outcome in zip(self.targets, outcomes, strict=False):
+            target.outcome = outcome
+            if outcome.status != "cancelled":
+                self._attach_output(target, outcome.path)
             main = target
-        for target in self.targets[len(results):]:  # cancelled: keep what was streamed
-            if target.layer is not None:
+        for target in self.targets:  # cancelled: keep what was streamed
+            if target.layer is not None and (target.outcome is None or target.outcome.status == "cancelled"):
                 meta = target.layer.metadata.get(META, {})
                 target.layer.metadata = {**target.layer.metadata, META: {**meta, "status": "cancelled"}}
-            main = main or target
-        path = main.result.path if main is not None and main.result is not None else None
-        measured = main.result.extra.get("measurements", {}) if main is not None and main.result is not None else {}
-        self.last = PredictOutcome(status, path, main.layer if main else None,
-                                   sum(r.chunks_run for r in results), extra={"measurements": measured})
+        main = main or (self.targets[0] if self.targets else None)
+        finished = main.outcome if main is not None else None
+        if finished is not None and finished.status != "cancelled":
+            self.last = PredictOutcome(status, finished.path, main.layer if main else None,
+                                       sum(o.chunks_run for o in outcomes), measurements=finished.measurements,
+                                       measurement_rows=tuple(finished.measurement_rows))
+        else:
+            self.last = PredictOutcome(status, None, main.layer if main else None, sum(o.chunks_run for o in outcomes))
         if status == "completed":
-            notify_info(f"Prediction finished: {path}")
+            notify_info(f"Prediction finished: {self.last.path}")
 
-    def _attach_output(self, target: Target, result: Any) -> None:
+    def _attach_output(self, target: Target, path: Path) -> None:
         """Point the layer at the engine's finished store (the partial one it showed was renamed)."""
-        from pfmseg_engine.inference.omezarr import LabelOutput
+        from pfmseg_engine.labelstore.omezarr import LabelOutput
 
-        levels = list(LabelOutput(result.path).levels)
+        levels = list(LabelOutput(path).levels)
         data = levels if len(levels) > 1 else levels[0]
-        partial = f"{result.path}.partial"  # renamed now: layers of earlier, cancelled runs showed it too
+        partial = f"{path}.partial"  # renamed now: layers of earlier, cancelled runs showed it too
         for layer in list(self.session.viewer.layers):
             meta = layer.metadata.get(META, {})
             if layer is target.layer or (meta.get("kind") == "prediction" and meta.get("partial") == partial):
                 layer.data = data
-                layer.metadata = {**layer.metadata, META: {**meta, "store": str(result.path), "status": "completed"}}
+                layer.metadata = {**layer.metadata, META: {**meta, "store": str(path), "status": "completed"}}
                 layer.refresh()
 
     def _on_error(self, exc: BaseException) -> None:
@@ -395,17 +405,6 @@ def prediction_controller(session: Any) -> PredictionController:
     if "prediction" not in session.controllers:
         session.controllers["prediction"] = PredictionController(session)
     return session.controllers["prediction"]
-
-
-def _free_name(folder: Path, name: str) -> str:
-    """``name``, or ``name-2``, ``name-3``... so a finished output is never overwritten or reused."""
-    from pfmseg_engine.inference.plan import SUFFIX
-
-    candidate, n = name, 1
-    while (folder / f"{candidate}{SUFFIX}").exists():
-        n += 1
-        candidate = f"{name}-{n}"
-    return candidate
 
 
 def _first_slide_layer(viewer: Any) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ._annotations import KIND, class_kwargs, working_plan
-from ._layers import META, placement
+from ._layers import META, layer_name, placement
 
 #: Outlines shown as shapes at most (thousands of nuclei would make the shapes layer slow).
 MAX_SHAPES = 5000
@@ -58,14 +58,14 @@ def import_geojson(image: Any, slide: Any, path: str | Path, target_mpp: float |
     unit = float(image.scale[-1])
     offset = np.asarray(image.translate[-2:], float) / unit
     kwargs = {
-        "name": f"{Path(path).stem} annotations",
+        "name": layer_name(Path(path).stem, "annotations"),
         "metadata": {META: {"kind": KIND, "image": image.name, "slide_path": str(slide.path) if slide.path else None,
                             "slide_mpp": slide.mpp, "target_mpp": plan.mpp, "downsample": plan.downsample,
                             "shape": list(plan.shape), "class_names": names, "colours": colours,
                             "source": str(path)}},
         "units": tuple(image.units[-2:]),
         "opacity": 0.7,
-        **placement(unit, plan.downsample, offset),
+        **placement(unit, plan.downsample, (float(offset[0]), float(offset[1]))),
         **class_kwargs(names, colours),
     }
     return (labels, kwargs), outline_shapes(source, table, image, Path(path).stem)
@@ -74,7 +74,8 @@ def import_geojson(image: Any, slide: Any, path: str | Path, target_mpp: float |
 def outline_shapes(source: Any, table: Any, image: Any, name: str) -> tuple[list[np.ndarray], dict[str, Any]] | None:
     """Polygon outlines (outer rings, level-0 pixels) of a GeoJSON source as shapes over ``image``."""
     features = source.file.features if source.file is not None else []
-    polygons, edges = [], []
+    polygons: list[np.ndarray] = []
+    edges: list[list[float]] = []
     for feature in features:
         value = table.label_of(feature.class_name)
         colour = [c / 255 for c in table.colours[value - 1]] + [1.0] if value else [0.5, 0.5, 0.5, 1.0]

@@ -22,24 +22,23 @@ from typing import Any
 from ._layers import LayerDataTuple, is_annotation_store, is_prediction_store, prediction_layer, slide_layer
 from ._torch_guard import guard_triton
 
-# what the engine's reader backends open (tiffslide; OpenSlide: MIRAX, Hamamatsu, Leica, Ventana, Sakura, Zeiss;
-# DICOM WSI as .dcm files or a folder of them)
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".qptiff", ".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide",
-                  ".czi", ".dcm")
+#: Plain images: napari's own reader opens them; this reader leaves them to it.
+PLAIN_IMAGES = (".png", ".jpg", ".jpeg")
 
 
 def _accepts(path: Path) -> bool:
-    if path.is_dir():
-        return is_prediction_store(path) or _is_dicom_folder(path)
-    suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff"):
+    """Whether this reader claims ``path``: what the engine opens (its ``can_open``), less what other readers
+    serve better: plain images (napari's own reader), zarr folders pfmseg did not write (napari-ome-zarr)
+    and TIFFs that are not 2-D RGB images (stacks, grey images)."""
+    from pfmseg_engine.slides.formats import can_open
+
+    if path.is_dir() and (is_prediction_store(path) or is_annotation_store(path)):
+        return True
+    if path.suffix.lower() in (*PLAIN_IMAGES, ".zarr") or not can_open(path):
+        return False
+    if path.suffix.lower() in (".tif", ".tiff"):
         return _is_rgb_tiff(path)
-    return suffix in SLIDE_SUFFIXES
-
-
-def _is_dicom_folder(path: Path) -> bool:
-    """A DICOM WSI series folder (its instances as .dcm files)."""
-    return next(path.glob("*.dcm"), None) is not None
+    return True
 
 
 def _is_rgb_tiff(path: Path) -> bool:
@@ -79,13 +78,22 @@ def read_one(path: Path) -> LayerDataTuple:
         return prediction_layer(path)
     from pfmseg_engine.slides import open_slide
 
+    from . import _preferences
+
     slide = open_slide(path, require_mpp=False)
+    entered = _preferences.slide_mpp(path) if not slide.mpp else None
+    if entered:  # the µm/px the user gave this file before: open it calibrated, in µm
+        slide.close()
+        slide = open_slide(path, mpp=entered)
     try:
         _check_viewable(slide, path)
     except Exception:
         slide.close()
         raise
-    return slide_layer(slide)
+    data, meta, kind = slide_layer(slide)
+    if entered:
+        meta["metadata"]["pfmseg"]["mpp_entered"] = True
+    return data, meta, kind
 
 
 def _check_viewable(slide: Any, path: Path) -> None:
@@ -104,4 +112,6 @@ def _check_viewable(slide: Any, path: Path) -> None:
 
 def reader_info() -> dict[str, Any]:
     """What this reader accepts (for documentation and tests)."""
-    return {"suffixes": SLIDE_SUFFIXES, "directories": "OME-Zarr stores written by pfmseg"}
+    return {"files": "what pfmseg_engine.slides.can_open accepts, except plain PNG/JPEG images and TIFFs that "
+                     "are not 2-D RGB",
+            "directories": "DICOM WSI series folders, and OME-Zarr stores written by pfmseg"}

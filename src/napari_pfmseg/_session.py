@@ -106,6 +106,7 @@ class Session:
     recipe_changed = Signal(object)  # ModelRecipe
     job_changed = Signal(str)  # "" when idle
     predict_requested = Signal(str)  # prediction mode, e.g. "view" (train widget -> predict)
+    output_changed = Signal(object)  # the output folder the user chose (Path), or None for the default
 
     _counter = itertools.count(1)
 
@@ -120,6 +121,19 @@ class Session:
         self.controllers: dict[str, Any] = {}
         self.current_image: Any = None  # the slide layer the last job used
         self.class_colours: dict[str, list[int]] = {}  # class name -> RGB chosen while annotating
+        viewer.layers.events.inserted.connect(self._on_layer_added)
+
+    def _on_layer_added(self, event: Any) -> None:
+        """A slide opened without µm/px: say, once, where to enter it (its layers stay in pixels until then)."""
+        layer = event.value
+        meta = layer.metadata.get("pfmseg", {})
+        if meta.get("kind") == "slide" and not meta.get("mpp"):
+            from ._notify import notify_warning
+            from ._slides import MPP_FIELD
+
+            notify_warning(f"Slide '{layer.name}' has no microns per pixel in its file: enter it in {MPP_FIELD} "
+                           "(remembered for this file). Until then it is shown in pixels and cannot be "
+                           "annotated, trained on or predicted.")
 
     @property
     def viewer(self) -> Any:
@@ -170,10 +184,33 @@ class Session:
             self._slides[key] = slide_from_layer(layer, mpp)
         return self._slides[key]
 
-    def output_dir(self, kind: str) -> Path:
-        path = self.work_dir / kind
+    def output_root(self, image: Any = None) -> Path:
+        """Where outputs go: the folder the user chose (remembered), else ``pfmseg-output`` beside the
+        slide of ``image`` when that folder is writable, else this session's folder in the cache."""
+        from . import _preferences
+
+        chosen = _preferences.output_folder()
+        if chosen is not None:
+            return chosen
+        path = image.metadata.get("pfmseg", {}).get("path") if image is not None else None
+        if path:
+            folder = Path(path).expanduser().parent
+            if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
+                return folder / "pfmseg-output"
+        return self.work_dir
+
+    def output_dir(self, kind: str, image: Any = None) -> Path:
+        """``kind``'s folder under :meth:`output_root` (created)."""
+        path = self.output_root(image if image is not None else self.current_image) / kind
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def choose_output_folder(self, folder: str | Path | None) -> None:
+        """Remember ``folder`` as the output folder (None: back to the default) and tell every dock."""
+        from . import _preferences
+
+        _preferences.set_output_folder(folder)
+        self.output_changed.emit(_preferences.output_folder())
 
 
     def shutdown(self) -> None:

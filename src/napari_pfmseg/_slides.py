@@ -46,12 +46,43 @@ def slide_from_layer(layer: Any, mpp: float | None = None) -> Any:
     return Slide.from_array(levels, mpp, name=layer.name)
 
 
+#: Where a user gives a slide without calibration its µm/px (named by every message that asks for it).
+MPP_FIELD = "the Annotate dock's 'slide µm/px' field"
+
+
 def set_slide_mpp(layer: Any, mpp: float) -> None:
-    """Give a slide layer without calibration its microns per pixel: metadata, scale and units."""
-    meta = {**layer.metadata.get(META, {}), "mpp": float(mpp)}
+    """Give a slide layer without calibration its microns per pixel: metadata, scale and units (µm)."""
+    meta = {**layer.metadata.get(META, {}), "mpp": float(mpp), "mpp_entered": True}
     layer.metadata = {**layer.metadata, META: meta}
     layer.scale = (float(mpp), float(mpp))
     layer.units = (MICRON, MICRON)
+
+
+def calibrate_slide(layer: Any, mpp: float) -> None:
+    """The user's µm/px for a slide whose file has none: the layer moves to µm, and the value is
+    remembered for the file, so the slide opens calibrated next time."""
+    from . import _preferences
+
+    set_slide_mpp(layer, mpp)
+    path = layer.metadata.get(META, {}).get("path")
+    if path:
+        _preferences.set_slide_mpp(path, mpp)
+
+
+def entered_mpp_allowed(layer: Any) -> bool:
+    """Whether the user may set ``layer``'s µm/px: its file has none (or the user gave it before)."""
+    meta = layer.metadata.get(META, {})
+    return not meta.get("mpp") or bool(meta.get("mpp_entered"))
+
+
+def require_slide_mpp(slide: Any, layer: Any) -> float:
+    """``slide``'s µm/px, or a :class:`SlideError` that says where the napari user enters it."""
+    if slide.mpp:
+        return float(slide.mpp)
+    from pfmseg_engine import SlideError
+
+    raise SlideError(f"Slide '{layer.name}' has no microns per pixel in its file. Enter it in {MPP_FIELD} "
+                     "(remembered for this file); the slide and its layers are then shown in µm.")
 
 
 def _as_uint8(array: Any) -> Any:
@@ -79,17 +110,17 @@ def visible_box(viewer: Any, layer: Any) -> tuple[float, float, float, float]:
 
 
 def _canvas_world_box(viewer: Any) -> tuple[float, float, float, float]:
-    """World (y0, y1, x0, x1) under the canvas, from the camera model and the canvas size.
+    """World (y0, y1, x0, x1) under the canvas, from the camera and canvas models (napari's public
+    ``viewer.camera`` and ``viewer.canvas.size``, height x width).
 
-    The camera model is up to date as soon as it is set (vispy's own transforms only after the next
+    Both models are up to date as soon as they are set (vispy's own transforms only after the next
     draw), so a view set programmatically is honoured at once.
     """
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 moved it
     centre = np.asarray(camera.center[-2:], float)
-    try:
-        height, width = (float(v) for v in viewer.window._qt_viewer.canvas.size)
-    except Exception:  # no Qt window (headless viewer model)
-        height, width = 600.0, 800.0
+    canvas = getattr(viewer, "canvas", None)
+    size = getattr(canvas, "size", None)
+    height, width = (float(v) for v in size) if size is not None else (600.0, 800.0)
     half = np.asarray((height, width)) / float(camera.zoom) / 2.0
     return centre[0] - half[0], centre[0] + half[0], centre[1] - half[1], centre[1] + half[1]
 

@@ -33,9 +33,10 @@ def open_levels(path: str | Path, shapes: Sequence[Sequence[int]]) -> list[Any] 
         levels = [root[str(level)] for level in range(len(shapes))]
     except (FileNotFoundError, KeyError):  # renamed (or removed) between two reads: not there any more
         return None
-    if [tuple(level.shape) for level in levels] != [tuple(shape) for shape in shapes]:
+    arrays = [level for level in levels if isinstance(level, zarr.Array)]
+    if len(arrays) != len(levels) or [tuple(a.shape) for a in arrays] != [tuple(shape) for shape in shapes]:
         return None
-    return levels
+    return arrays
 
 
 def refresh_layer(layer: Any) -> None:

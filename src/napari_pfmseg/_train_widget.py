@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from qtpy.QtWidgets import QCheckBox, QFormLayout, QProgressBar, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QFormLayout, QVBoxLayout, QWidget
 
 from ._annotate_widget import is_slide_layer
 from ._annotations import is_trainable_labels
 from ._curve import CurvePlot
-from ._qt_helpers import LayerCombo, button, dspin, group, row, spin, wrapped
+from ._output_folder import OutputFolderRow
+from ._qt_helpers import LayerCombo, button, dspin, group, row, spin
+from ._run_state import RunState, sentence
 from ._session import session_for
 from ._torch_guard import guard_triton
 from ._training import TrainSettings, training_controller
@@ -45,18 +47,23 @@ class TrainWidget(QWidget):
         self.session = session_for(napari_viewer)
         self.controller = training_controller(self.session)
 
+        from pfmseg_engine.jobs import FineTuneSettings
+
+        defaults = FineTuneSettings()  # the form starts at the engine's defaults
         self.image = LayerCombo(napari_viewer, is_slide_layer)
         self.annotations = LayerCombo(napari_viewer, is_trainable_labels)
-        self.epochs = spin(5, 1, 10_000, tip="passes over the sampled patches")
-        self.batch = spin(4, 1, 512, tip="patches per batch")
-        self.lr = dspin(1e-3, 1e-6, 1.0, 1e-4, 6, tip="learning rate")
-        self.samples = spin(64, 1, 1_000_000, 16, tip="patches drawn around annotated pixels per epoch")
-        self.val_fraction = dspin(0.2, 0.0, 0.9, 0.05, 2,
+        self.epochs = spin(defaults.epochs, 1, 10_000, tip="passes over the sampled patches")
+        self.batch = spin(defaults.batch_size, 1, 512, tip="patches per batch")
+        self.lr = dspin(defaults.learning_rate, 1e-6, 1.0, 1e-4, 6, tip="learning rate")
+        self.samples = spin(defaults.samples_per_epoch, 1, 1_000_000, 16,
+                            tip="patches drawn around annotated pixels per epoch")
+        self.val_fraction = dspin(defaults.val_fraction, 0.0, 0.9, 0.05, 2,
                                   tip="share of annotated squares held out for validation (0: none)")
         self.predict_after = QCheckBox("predict the visible area when done")
-        self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m batches")
-        self.status = wrapped("Idle.")
+        self.run_state = RunState("%v / %m batches")
+        self.progress, self.status = self.run_state.progress, self.run_state.status
+        self.output = OutputFolderRow(self.session, self.image.layer)
+        self.image.layer_changed.connect(self.output.refresh)
         self.curve = CurvePlot()
         self.curve.add_series("step", "train loss (batch)", "#9ecae1")
         self.curve.add_series("train", "train loss (epoch)", "#1f77b4", markers=True)
@@ -77,9 +84,9 @@ class TrainWidget(QWidget):
         form.addRow(self.predict_after)
         layout = QVBoxLayout(self)
         layout.addWidget(group("Data and schedule", form))
+        layout.addWidget(self.output)
         layout.addWidget(row(self.train_button, self.pause_button, self.cancel_button))
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
+        layout.addWidget(self.run_state)
         layout.addWidget(self.curve, 1)
 
         c = self.controller
@@ -87,6 +94,7 @@ class TrainWidget(QWidget):
         c.step.connect(self._on_step)
         c.epoch.connect(self._on_epoch)
         c.started.connect(self._on_started)
+        c.failed_to_start.connect(self._on_failed_to_start)
         c.finished.connect(self._on_finished)
         self.session.job_changed.connect(self._update_buttons)
         self.destroyed.connect(lambda *_: self._disconnect())
@@ -96,14 +104,18 @@ class TrainWidget(QWidget):
         c = self.controller
         for signal, slot in ((c.status, self._on_status), (c.step, self._on_step), (c.epoch, self._on_epoch),
                              (c.started, self._on_started), (c.finished, self._on_finished),
+                             (c.failed_to_start, self._on_failed_to_start),
                              (self.session.job_changed, self._update_buttons)):
             signal.disconnect(slot)
 
     def settings(self) -> TrainSettings:
-        return TrainSettings(epochs=self.epochs.value(), batch_size=self.batch.value(),
-                             learning_rate=self.lr.value(), samples_per_epoch=self.samples.value(),
-                             val_fraction=self.val_fraction.value(),
-                             predict_when_done=self.predict_after.isChecked())
+        """The form as the engine's ``FineTuneSettings`` plus what the plugin does when training ends."""
+        from pfmseg_engine.jobs import FineTuneSettings
+
+        fine_tune = FineTuneSettings().with_overrides(
+            epochs=self.epochs.value(), batch_size=self.batch.value(), learning_rate=self.lr.value(),
+            samples_per_epoch=self.samples.value(), val_fraction=self.val_fraction.value())
+        return TrainSettings(fine_tune, predict_when_done=self.predict_after.isChecked())
 
     def train(self) -> Any:
         """Start training with the form's settings; returns the worker (None if an error was shown)."""
@@ -127,18 +139,20 @@ class TrainWidget(QWidget):
     # --- controller events -------------------------------------------------------------------------
     def _on_started(self) -> None:
         self.curve.clear()
-        self.progress.setRange(0, max(1, self.epochs.value()))
-        self.progress.setValue(0)
+        self.run_state.begin(f"Training on: {self.controller.subject}")
+        self._update_buttons()
+
+    def _on_failed_to_start(self, message: str) -> None:
+        self.run_state.fail(message)
+        self._update_buttons()
 
     def _on_status(self, text: str) -> None:
-        self.status.setText(text[:1].upper() + text[1:] + ("…" if text.endswith("ing") else "."))
+        if text not in ("completed", "cancelled", "failed"):  # the end is shown by _on_finished
+            self.run_state.say(text)
         self._update_buttons()
 
     def _on_step(self, info: Any) -> None:
-        total = info.epochs * info.batches
-        if self.progress.maximum() != total:
-            self.progress.setRange(0, total)
-        self.progress.setValue(info.epoch * info.batches + info.batch + 1)
+        self.run_state.advance(info.epoch * info.batches + info.batch + 1, info.epochs * info.batches)
         self.curve.append("step", info.epoch + (info.batch + 1) / info.batches, info.loss)
 
     def _on_epoch(self, info: Any) -> None:
@@ -146,11 +160,11 @@ class TrainWidget(QWidget):
         self.curve.append("val", info.epoch, info.val_loss)
         self.curve.append("miou", info.epoch, info.metrics.get("mIoU"))
         score = f", validation mIoU {info.metrics['mIoU']:.3f}" if "mIoU" in info.metrics else ""
-        self.status.setText(f"Epoch {info.epoch}/{info.epochs}: train loss {info.train_loss:.4f}{score}"
-                            f"{' (best so far)' if info.is_best else ''}.")
+        self.run_state.say(f"Epoch {info.epoch}/{info.epochs}: train loss {info.train_loss:.4f}{score}"
+                           f"{' (best so far)' if info.is_best else ''}.")
 
     def _on_finished(self, outcome: Any) -> None:
-        self.status.setText(outcome.message or f"Training {outcome.status}.")
+        self.run_state.finish(outcome.status, outcome.message or sentence(f"training {outcome.status}"))
         self._update_buttons()
 
     def _update_buttons(self, *_: Any) -> None:

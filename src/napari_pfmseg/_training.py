@@ -1,12 +1,11 @@
-"""Fine-tuning from an image layer and an annotation layer, in a napari ``thread_worker`` generator.
+"""Fine-tuning from an image layer and an annotation layer: the engine's ``FineTune`` job in a napari worker.
 
-The GUI thread only gathers inputs (layers, settings) and turns worker events into signals; the
-worker builds the model when needed, builds the engine's sparse-label dataset and trainer, and
-yields the events of the engine's ``Trainer.iter_fit``. Pause, resume and cancel go through the
-engine's cancel token, which the trainer checks between batches. When the run ends the worker loads
-its best checkpoint (else the last completed epoch, else the weights it started from), so the model
-left behind is always a consistent one.
-Training again continues from the current model with all annotations painted so far.
+The GUI thread only gathers inputs (layers, the form's :class:`~pfmseg_engine.jobs.FineTuneSettings`) and
+turns the job's events into signals; the job, in a napari ``thread_worker`` generator, builds the model
+when needed, the engine's sparse-label dataset and trainer, trains, and loads its best checkpoint (else
+the last completed epoch, else the weights it started from), so the model left behind is always a
+consistent one. Pause, resume and cancel go through the job's cancel token, which the trainer checks
+between batches. Training again continues from the current model with all annotations painted so far.
 """
 
 from __future__ import annotations
@@ -21,14 +20,17 @@ from ._controller import WorkerController
 from ._notify import guarded_generator, notify_error, notify_info
 
 
+def _default_fine_tune() -> Any:
+    from pfmseg_engine.jobs import FineTuneSettings
+
+    return FineTuneSettings()
+
+
 @dataclass(frozen=True)
 class TrainSettings:
-    epochs: int = 5
-    batch_size: int = 4
-    learning_rate: float = 1e-3
-    samples_per_epoch: int = 64
-    val_fraction: float = 0.2
-    seed: int = 42
+    """The Train form: the engine's fine-tuning settings plus what the plugin does afterwards."""
+
+    fine_tune: Any = field(default_factory=_default_fine_tune)  # pfmseg_engine.jobs.FineTuneSettings
     predict_when_done: bool = False
 
 
@@ -45,58 +47,28 @@ class TrainOutcome:
     message: str = ""
 
 
-def training_sections(settings: TrainSettings, output_dir: Path, device: str) -> dict[str, dict[str, Any]]:
-    """The Train widget's settings as engine config sections (merged over the model's own config).
-
-    Data loading stays in the training thread (``num_workers=0``): worker processes forked from a
-    Qt application are unsafe, and the patches come from an in-memory slide reader anyway. The
-    per-epoch matplotlib curve is off: it holds the GIL long enough to freeze the viewer, and the
-    widget draws the curve live instead.
-    """
-    output_dir = Path(output_dir)
-    return {
-        "system": {"num_workers": 0, "pin_memory": False, "seed": settings.seed, "device": device},
-        "training": {"epochs": settings.epochs, "batch_size": settings.batch_size,
-                     "learning_rate": settings.learning_rate, "samples_per_epoch": settings.samples_per_epoch,
-                     "scheduler": {"type": "cosine", "warmup_epochs": min(1.0, settings.epochs / 4)}},
-        "validation": {"eval_interval": 1, "batch_size": settings.batch_size},
-        "logging": {"log_dir": str(output_dir.parent), "experiment_name": output_dir.name, "plot_history": False},
-        "visualization": {"save_predictions": False, "num_vis_samples": 0},
-    }
-
-
 @guarded_generator
-def _run(model: Any, build: Any, sections: dict[str, Any], source: Any, labels: Any, settings: TrainSettings,
-         device: str, cancel: Any):
-    """The worker: (build model,) build the trainer, yield its events, restore the best weights."""
-    from pfmseg_engine.checkpoint import load_into, read_checkpoint
-    from pfmseg_engine.training import TrainConfig, build_annotation_trainer
+def _run(job: Any):
+    """The worker: the job's events as (kind, value) pairs; returns its outcome."""
+    from pfmseg_engine.jobs import Epoch, ModelReady, Status, Step
 
-    if model is None:
-        yield ("status", "building the model")
-        model = build()
-    yield ("status", "indexing annotations")
-    config = TrainConfig.from_model_config(model.config, **sections)
-    start_state = model.trainable_state_dict()
-    trainer = build_annotation_trainer(config, [source], [labels], model=model,
-                                       validation_share=settings.val_fraction, device=device, cancel=cancel)
-    yield ("model", model)
-    held = trainer.val_source.num_images() if trainer.val_source is not None else 0
-    yield ("status", f"training ({held} validation region{'s' * (held != 1)})")
-    result = yield from trainer.iter_fit()
-    restored = "final weights"
-    if result.best_checkpoint.is_file():
-        load_into(model, read_checkpoint(result.best_checkpoint), source="best checkpoint")
-        restored = f"best epoch {result.best_epoch}"
-    elif result.status == "cancelled":
-        if result.last_checkpoint.is_file():
-            load_into(model, read_checkpoint(result.last_checkpoint), source="last checkpoint")
-            restored = f"last completed epoch {result.epochs_completed}"
-        else:
-            model.load_trainable_state_dict(start_state)
-            restored = "weights from before this run"
-    model.eval()
-    return model, result, restored
+    events = job.iter_run()
+    try:
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as stop:
+                return stop.value
+            if isinstance(event, Status):
+                yield ("status", event.text)
+            elif isinstance(event, ModelReady):
+                yield ("model", event.model)
+            elif isinstance(event, Step):
+                yield ("step", event.info)
+            elif isinstance(event, Epoch):
+                yield ("epoch", event.info)
+    finally:
+        events.close()
 
 
 def training_controller(session: Any) -> TrainingController:
@@ -118,17 +90,17 @@ class TrainingController(WorkerController):
         from napari.qt.threading import create_worker
 
         from pfmseg_engine import resolve_device
-        from pfmseg_engine.training import CancelToken
         from pfmseg_engine.training.outputs import new_run_dir
 
         from ._annotations import classes_of, training_pairs
+        from ._slides import require_slide_mpp
 
         session = self.session
         session.claim("training")
         session.current_image = image
         device = str(resolve_device(session.device))
         slide = session.slide_for(image)
-        slide.require_mpp()
+        require_slide_mpp(slide, image)
         source, labels, plan = training_pairs(slide, image, annotations)
         names, colours = classes_of(annotations)
         session.class_colours.update({n: list(c) for n, c in zip(names, colours, strict=True)})
@@ -156,14 +128,17 @@ class TrainingController(WorkerController):
 
             return build_model(config)
 
+        from pfmseg_engine.jobs import FineTune
+
         self.runs += 1
-        output_dir = new_run_dir(session.output_dir("training"))  # the engine's unnamed-run folders
-        sections = training_sections(settings, output_dir, device)
-        self.cancel_token = CancelToken()
+        output_dir = new_run_dir(session.output_dir("training", image))  # the engine's unnamed-run folders
+        fine_tune = settings.fine_tune.with_overrides(device=device)
+        job = FineTune.on_annotations(model, [source], [labels], fine_tune, output_dir=output_dir,
+                                      build=None if model is not None else build)
+        self.cancel_token = job.token
         self.settings = settings
         self.output_dir = output_dir
-        worker = create_worker(_run, model, build, sections, source, labels, settings, device,
-                               self.cancel_token, _start_thread=False)
+        worker = create_worker(_run, job, _start_thread=False)
         return self._launch(worker, "starting")
 
     # --- control (GUI thread) ------------------------------------------------------------------------
@@ -194,8 +169,8 @@ class TrainingController(WorkerController):
         elif kind == "model" and self.session.model is not value:
             self.session.set_model(value, "new (training)")
 
-    def _on_result(self, value: tuple[Any, Any, str]) -> None:
-        model, result, restored = value
+    def _on_result(self, value: Any) -> None:
+        model, result, restored = value.model, value.result, value.restored
         state = self.session.state
         epochs = (state.epochs_trained if state.model is model else 0) + result.epochs_completed
         metrics = {k: v for k, v in (result.history[-1] if result.history else {}).items()

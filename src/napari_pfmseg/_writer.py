@@ -55,7 +55,7 @@ def _resolution(meta: dict[str, Any]) -> tuple[float, float]:
 
 def write_ome_zarr(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """napari writer: one labels layer -> ``path`` (``.zarr``/``.ome.zarr``) as an OME-Zarr label store."""
-    from pfmseg_engine.inference.omezarr import write_labels
+    from pfmseg_engine.labelstore.omezarr import write_labels
 
     guard_triton()
     target = Path(path)
@@ -65,7 +65,7 @@ def write_ome_zarr(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     mpp, slide_mpp = _resolution(meta)
     offset = meta.get("metadata", {}).get(META, {}).get("offset_px") or (0.0, 0.0)
     write_labels(target, _levels(data)[0], class_names=names, mpp=mpp, slide_mpp=slide_mpp,
-                 class_colors=[colours.get(i + 1) for i in range(len(names))], offset=tuple(offset),
+                 class_colors=[colours.get(i + 1, [0, 0, 0]) for i in range(len(names))], offset=tuple(offset),
                  extra={"source": "napari-pfmseg", "layer": meta.get("name")})
     return [str(target)]
 

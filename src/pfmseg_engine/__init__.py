@@ -28,6 +28,8 @@ _EXPORTS: dict[str, str] = {
                      "infer_image_set", "iter_predict_slide", "plan_slide", "predict_image", "predict_slide"),
                     "inference"),
     **dict.fromkeys(("collect_slides", "predict_slides", "run_cohort"), "distributed"),
+    **dict.fromkeys(("CohortSettings", "FineTune", "FineTuneSettings", "PredictionSettings", "SlidePrediction"),
+                    "jobs"),
     **dict.fromkeys(("compare_models", "feature_pca"), "compare"),
     **dict.fromkeys(("measure_output", "read_geojson", "write_measurements"), "annotations"),
 }

@@ -8,7 +8,7 @@ from-scratch ``unet`` baseline train every weight, so their checkpoints hold the
 without any backbone weights file.
 
 ``metadata["training_scale"]`` records the scale the model learnt (µm per model pixel, and how much the
-training crops shrank the images: :class:`~pfmseg_engine.inference.scale.TrainingScale`); a loaded model
+training crops shrank the images: :class:`~pfmseg_engine.training_scale.TrainingScale`); a loaded model
 carries it as ``model.training_scale``. Checkpoints written before it was recorded load with None
 (unknown), and slide inference then cannot check the resolution it runs at.
 """
@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
+from .backbones.backbone import Backbone
 from .errors import CheckpointError
-from .inference.scale import TrainingScale, attach_training_scale, training_scale_of
 from .model import ModelConfig, SegmentationModel, build_model
 from .paths import check_input_path
+from .training_scale import TrainingScale, attach_training_scale, training_scale_of
 from .tuning import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -68,9 +69,10 @@ def backbone_fingerprint(model: SegmentationModel) -> float | None:
     None for a from-scratch baseline (unet): it has no published backbone, and every weight it has is
     trained and stored in the checkpoint, so there is nothing outside the file to check.
     """
-    if model.spec.from_scratch:
+    backbone = model.encoder.backbone
+    if model.spec.from_scratch or not isinstance(backbone, Backbone):
         return None
-    weight = model.encoder.backbone.vit.patch_embed.proj.weight
+    weight = backbone.vit.patch_embed.proj.weight
     return float(weight.detach().double().abs().sum().cpu())
 
 

@@ -19,7 +19,8 @@ from . import __version__
 from .errors import PfmsegError
 from .storage import describe_os_error
 
-COMMANDS: tuple[str, ...] = ("models", "train", "evaluate", "infer", "demo", "benchmark", "compare")
+COMMANDS: tuple[str, ...] = ("models", "train", "evaluate", "infer", "demo", "benchmark", "compare",
+                             "features", "suggest")
 
 
 def available_commands() -> list[str]:

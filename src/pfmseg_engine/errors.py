@@ -64,7 +64,7 @@ class ImagePixelLimitError(DataError, PixelLimitError):
 class TrainingScaleWarning(UserWarning):
     """A slide is predicted at another resolution than its model was trained at.
 
-    ``mismatch`` holds the comparison (:class:`~pfmseg_engine.inference.scale.ScaleMismatch`), so a front
+    ``mismatch`` holds the comparison (:class:`~pfmseg_engine.training_scale.ScaleMismatch`), so a front
     end can word the fix in its own terms.
     """
 

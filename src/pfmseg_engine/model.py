@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,9 +12,13 @@ from .backbones.backbone import build_backbone
 from .backbones.positions import checkpoint_position_grid
 from .backbones.registry import get_spec
 from .backbones.specs import BackboneSpec
+from .classes import default_class_names
 from .errors import ConfigError, reject_unknown_keys
-from .heads import HEADS, build_head, head_reads_final_tokens
+from .heads import DEFAULT_HEAD, HEADS, build_head, head_reads_final_tokens
 from .tuning import STRATEGIES, Encoder, TuningConfig, apply_strategy
+
+if TYPE_CHECKING:  # built only through build_model, which imports the UNet when a config asks for it
+    from .unet import UNetEncoder
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class ModelConfig:
     tiny: bool = False
     feature_indices: tuple[int, ...] | None = None
     tuning: TuningConfig = field(default_factory=TuningConfig)
-    head: str = "fast"
+    head: str = DEFAULT_HEAD
     light_head_final_norm: bool = False
     input_size: int = 224
     mpp: float | None = None
@@ -53,7 +57,7 @@ class ModelConfig:
         object.__setattr__(self, "backbone", spec.name)
         if self.num_classes < 1:
             raise ConfigError(f"num_classes must be >= 1, got {self.num_classes}.")
-        names = tuple(self.class_names) or tuple(f"class_{i}" for i in range(self.num_classes))
+        names = tuple(self.class_names) or default_class_names(self.num_classes)
         if len(names) != self.num_classes:
             raise ConfigError(
                 f"{len(names)} class names given ({', '.join(names)}) for num_classes={self.num_classes}; "
@@ -139,7 +143,10 @@ class SegmentationModel(nn.Module):
     multiple and logits cropped back.
     """
 
-    def __init__(self, config: ModelConfig, encoder: Encoder, head: nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, config: ModelConfig, encoder: Encoder | UNetEncoder, head: nn.Module):
         super().__init__()
         self.config = config
         self.encoder = encoder
@@ -230,11 +237,11 @@ def build_model(config: ModelConfig, *, weights: str | None = None,
                 device: str | torch.device | None = None) -> SegmentationModel:
     """Build backbone, apply the tuning strategy, attach the head. ``weights`` overrides config's."""
     if get_spec(config.backbone).from_scratch:  # backbone-free baselines (unet) have their own builder
-        from .unet import build_unet_model
+        from .unet import build_unet_parts
 
         if weights:
             config = config.with_changes(weights=weights)  # refused with the reason by ModelConfig
-        model = build_unet_model(config)
+        model = SegmentationModel(config, *build_unet_parts(config))
         _check_declared_trainable(model)
         return model.to(device) if device is not None else model
     # the final norm stays only for consumers of the encoder's normalised output (cup head, light head with

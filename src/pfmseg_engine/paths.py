@@ -79,3 +79,12 @@ def check_input_path(path: str | Path, what: str, *, folders: bool = False,
 
 
 __all__ = ["check_input_path", "describe_path_problem"]
+
+
+def cache_dir() -> Path:
+    """Where pfmseg keeps what it can rebuild (sample data, feature stores): ``$PFMSEG_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/pfmseg``, else ``~/.cache/pfmseg``."""
+    if os.environ.get("PFMSEG_CACHE_DIR"):
+        return Path(os.environ["PFMSEG_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "pfmseg"

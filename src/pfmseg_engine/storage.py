@@ -30,9 +30,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import StorageError
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 _ADVICE = {
     errno.ENOSPC: "the disk is full: free space there (or write to another disk) and run the same command again; "
@@ -193,7 +196,7 @@ class OutputLock:
         self.lock_path = self.output.with_name(f".{self.output.name}.lock")
         self.owner_path = self.output.with_name(f".{self.output.name}.lock.owner")
         self.wait = wait
-        self._lock = None
+        self._lock: BaseFileLock | None = None
 
     def owner(self) -> dict[str, Any] | None:
         """Who holds the lock, as recorded by the holder (None when unknown)."""

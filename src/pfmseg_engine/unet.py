@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import fields, replace
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -51,11 +51,13 @@ from torch import nn
 from .backbones.registry import get_spec
 from .backbones.specs import BackboneSpec
 from .errors import ConfigError
-from .model import ModelConfig, SegmentationModel
+from .heads import DEFAULT_HEAD
 from .tuning import STRATEGIES, EncoderOutput
 
+if TYPE_CHECKING:  # the model builds the UNet from its config; this module never imports the model
+    from .model import ModelConfig
+
 log = logging.getLogger(__name__)
-DEFAULT_HEAD: str = next(f.default for f in fields(ModelConfig) if f.name == "head")
 
 
 class DoubleConv(nn.Module):
@@ -248,8 +250,9 @@ def from_scratch_settings(config: ModelConfig) -> dict[str, Any]:
     return {"head": DEFAULT_HEAD, "tuning": tuning}
 
 
-def build_unet_model(config: ModelConfig) -> SegmentationModel:
-    """The seed's UNet (``tiny``: base width 8) as a :class:`SegmentationModel`; every weight trains."""
+def build_unet_parts(config: ModelConfig) -> tuple[UNetEncoder, UNetDecoder]:
+    """The seed's UNet (``tiny``: base width 8) as the encoder and head of a
+    :class:`~pfmseg_engine.model.SegmentationModel`; every weight trains."""
     spec = get_spec(config.backbone)
     settings = spec.build_kwargs(config.tiny)
     base_width, bilinear = int(settings["base_width"]), bool(settings["bilinear"])
@@ -257,4 +260,4 @@ def build_unet_model(config: ModelConfig) -> SegmentationModel:
         raise ConfigError(f"'{spec.name}' trains every weight; its tuning strategy must be 'full'.")
     encoder = UNetEncoder(UNetBackbone(spec, base_width, bilinear))
     head = UNetDecoder(base_width, config.num_classes, bilinear)
-    return SegmentationModel(config, encoder, head)
+    return encoder, head

@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -368,15 +368,17 @@ def trace_regions(labels: Any, *, tile: int | tuple[int, int] | None = None,
     read one tile at a time (default: the array's chunks, else 1024 px squares), each region exactly once
     whatever the tiling. ``progress`` is called with 1 after each tile.
     """
-    shape = tuple(int(v) for v in labels.shape)
-    if len(shape) != 2:
-        raise ConfigError(f"GeoJSON export takes an (H, W) labels array, got shape {shape}.")
-    if tile is None:
+    dims = tuple(int(v) for v in labels.shape)
+    if len(dims) != 2:
+        raise ConfigError(f"GeoJSON export takes an (H, W) labels array, got shape {dims}.")
+    shape = (dims[0], dims[1])
+    given: int | Sequence[int] | None = tile
+    if given is None:
         chunks = getattr(labels, "chunks", None)
-        tile = tuple(int(c) for c in chunks) if chunks and all(isinstance(c, int) for c in chunks) else DEFAULT_TILE
-    tile = (int(tile), int(tile)) if isinstance(tile, int) else tuple(int(t) for t in tile)
+        given = tuple(int(c) for c in chunks) if chunks and all(isinstance(c, int) for c in chunks) else DEFAULT_TILE
+    size = (int(given), int(given)) if isinstance(given, int) else cast("tuple[int, int]", tuple(int(t) for t in given))
     tracer = RegionTracer(shape, getattr(labels, "dtype", np.int64))
-    for y0, y1, x0, x1 in tile_boxes(shape, tile):
+    for y0, y1, x0, x1 in tile_boxes(shape, size):
         yield from tracer.add(np.asarray(labels[y0:y1, x0:x1]), y0, x0)
         if progress is not None:
             progress(1)
@@ -573,7 +575,7 @@ def _write_classes(regions: Iterable[Region], style: FeatureStyle, out: _Feature
             with writing(out.path, out.what):
                 if region.value not in spools:
                     spools[region.value] = stack.enter_context(tempfile.SpooledTemporaryFile(
-                        max_size=1 << 20, mode="w+", encoding="utf-8", dir=out.path.parent))
+                        max_size=1 << 20, mode="w+", encoding="utf-8", dir=str(out.path.parent)))
                     totals[region.value] = [0, 0]
                 total = totals[region.value]
                 spools[region.value].write(("," if total[1] else "") + _dumps(style.coordinates(region.polygon)))
@@ -594,7 +596,8 @@ def labels_identity(labels: np.ndarray) -> str:
     """An identity of an in-memory labels array for feature ids: its shape and a hash of its pixels."""
     import hashlib
 
-    digest = hashlib.blake2b(np.ascontiguousarray(labels), digest_size=16).hexdigest()
+    # numpy arrays are buffers; numpy's stubs for Python 3.10 do not declare it
+    digest = hashlib.blake2b(np.ascontiguousarray(labels), digest_size=16).hexdigest()  # type: ignore[arg-type]
     return f"array:{labels.shape[0]}x{labels.shape[1]}:{digest}"
 
 

@@ -50,7 +50,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -113,17 +113,17 @@ def is_ignored_class(name: str | None) -> bool:
     The rule of QuPath's ``PathClassTools.isIgnoredClass``: such a class is never turned into objects or
     measured, whatever a classifier predicts.
     """
-    return bool(name) and name.strip().endswith("*")
+    return name is not None and name.strip().endswith("*")
 
 
 def is_region_class(name: str | None) -> bool:
     """Whether ``name`` is QuPath's ``Region*`` class (regions that hold annotations, never trained)."""
-    return bool(name) and name.strip() == REGION_CLASS
+    return name is not None and name.strip() == REGION_CLASS
 
 
 def has_ignore_prefix(name: str | None) -> bool:
     """Whether ``name`` starts with "Ignore" (the "prefix" rule's classes that are not trained)."""
-    return bool(name) and name.strip().lower().startswith(IGNORE_PREFIX)
+    return name is not None and name.strip().lower().startswith(IGNORE_PREFIX)
 
 
 def class_use(name: str | None, rule: str) -> str:
@@ -218,10 +218,11 @@ def _class_name(classification: Mapping[str, Any]) -> str | None:
     """QuPath's name of a classification: ``names`` joined (v0.4+ derived classes), else ``name`` after its
     ``parentClass`` chain (v0.2 derived classes), both joined with ": " as QuPath's ``PathClass.toString``."""
     names = classification.get("names")
+    current: Any = classification
     if isinstance(names, list) and names:
         parts = [str(n).strip() for n in names if n is not None and str(n).strip()]
     else:
-        parts, current = [], classification
+        parts = []
         while isinstance(current, Mapping) and len(parts) < 64:  # a chain, never a cycle
             name = current.get("name")
             if name is None or not str(name).strip():
@@ -622,11 +623,12 @@ def class_table(sources: Iterable[tuple[str, Mapping[str, Colour | None], Mappin
                 continue
             where.setdefault(name, []).append(source)
             first[(source, name)] = indices.get(name, source)
-            if name not in seen or seen[name] is None:
+            known = seen.get(name)
+            if known is None:
                 seen[name] = colour
-            elif colour is not None and tuple(colour) != tuple(seen[name]):
+            elif colour is not None and tuple(colour) != tuple(known):
                 log.warning("Class '%s' has colour %s in %s but %s earlier; keeping %s.", name, list(colour), source,
-                            list(seen[name]), list(seen[name]))
+                            list(known), list(known))
     if class_names is not None:
         allowed = list(class_names)
         for name, files in where.items():
@@ -656,14 +658,14 @@ def class_table(sources: Iterable[tuple[str, Mapping[str, Colour | None], Mappin
                     )
         names = list(seen)
     if not names:
-        files = ", ".join(s for s, _, _ in sources) or "the annotations"
-        raise DataError(f"No classified areas in {files}: every feature is unclassified or of a class that is not "
+        listed = ", ".join(s for s, _, _ in sources) or "the annotations"
+        raise DataError(f"No classified areas in {listed}: every feature is unclassified or of a class that is not "
                         f"trained ({', '.join(ignored) or 'none'}; ignore_classes='{rule}'). Set classes on the "
                         "annotations in QuPath and export them again.")
     palette = class_palette(len(names), None, names).tolist()
-    colours = []
+    colours: list[Colour] = []
     for i, name in enumerate(names):
         given = class_colours[i] if class_colours is not None and i < len(class_colours) else None
-        colour = given or seen.get(name) or palette[i]
-        colours.append(tuple(int(c) for c in list(colour)[:3]))
+        chosen: Sequence[int] = given or seen.get(name) or palette[i]
+        colours.append(cast(Colour, tuple(int(c) for c in list(chosen)[:3])))
     return ClassTable(names=tuple(names), colours=tuple(colours), ignored=tuple(ignored), rule=rule)

@@ -149,7 +149,7 @@ def measure_output(store: str | Path, *, nucleus_classes: Sequence[str] | None =
     ``ignored_classes``: classes left out (None: QuPath's ignored classes, names ending in "*"; [] keeps all).
     """
     from ..errors import DataError
-    from ..inference.omezarr import LabelOutput
+    from ..labelstore.omezarr import LabelOutput
 
     output = LabelOutput(store)
     names = output.class_names

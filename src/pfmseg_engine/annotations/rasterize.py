@@ -21,11 +21,19 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1), end-exclusive
+
+if TYPE_CHECKING:
+    import zarr
+
+
+def _box(box: Sequence[float]) -> Box:
+    y0, y1, x0, x1 = (int(v) for v in box)
+    return (y0, y1, x0, x1)
 
 
 def _slices(key: Any, shape: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -221,7 +229,7 @@ class LazyLabels(ABC):
         """The same labels with ``boxes`` (pixels of this array) cleared: the training side of a hold-out."""
         clone = object.__new__(type(self))
         clone.__dict__.update(self.__getstate__())
-        clone.excluded = [*self.excluded, *(tuple(int(v) for v in b) for b in boxes)]
+        clone.excluded = [*self.excluded, *(_box(b) for b in boxes)]
         return clone
 
     def __getstate__(self) -> dict[str, Any]:
@@ -272,7 +280,7 @@ class PolygonLabels(LazyLabels):
         self.geometries = [scaled[i] for i in order]
         self.values = [int(values[i]) for i in order]
         self.small = [bool(is_small[i]) for i in order]
-        self.excluded = [tuple(int(v) for v in b) for b in excluded]
+        self.excluded = [_box(b) for b in excluded]
         self._tree = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -374,7 +382,7 @@ class StoreLabels(LazyLabels):
 
     def __init__(self, store: Any, shape: tuple[int, int], downsample: float, lut: Sequence[int] | None = None,
                  excluded: Sequence[Box] = ()):
-        from ..inference.omezarr import LabelOutput
+        from ..labelstore.omezarr import LabelOutput
 
         self.path = str(store.path if isinstance(store, LabelOutput) else store)
         output = store if isinstance(store, LabelOutput) else LabelOutput(store)
@@ -391,8 +399,8 @@ class StoreLabels(LazyLabels):
         else:
             table[:len(lut)] = np.asarray(lut, np.uint8)
         self.lut = table
-        self.excluded = [tuple(int(v) for v in b) for b in excluded]
-        self._array = None
+        self.excluded = [_box(b) for b in excluded]
+        self._array: zarr.Array | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_array": None}
@@ -402,7 +410,7 @@ class StoreLabels(LazyLabels):
         if self._array is None:
             import zarr
 
-            self._array = zarr.open_group(self.path, mode="r")[str(self.level)]
+            self._array = cast("zarr.Array", zarr.open_group(self.path, mode="r")[str(self.level)])
         return self._array
 
 

@@ -12,17 +12,27 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from ..errors import ConfigError, DataError
+from ..labelstore.detect import is_zarr
 from .geojson import AnnotationFile, ClassTable, Colour, ImportOptions, check_within, class_table, read_geojson
 from .rasterize import PolygonLabels, StoreLabels
 
+if TYPE_CHECKING:
+    from ..labelstore.omezarr import LabelOutput
+
+
+class LabelGrid(Protocol):
+    """The grid labels are wanted on: (height, width) and level-0 pixels per pixel (a resolution plan)."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    @property
+    def downsample(self) -> float: ...
+
 GEOJSON_SUFFIXES = (".geojson", ".json")
-
-
-def is_label_store(path: Path) -> bool:
-    return path.is_dir() and ((path / ".zattrs").is_file() or (path / "zarr.json").is_file())
 
 
 @dataclass
@@ -32,32 +42,39 @@ class AnnotationSource:
 
     name: str
     file: AnnotationFile | None = None
-    store: Any = None  # LabelOutput
+    store: LabelOutput | None = None
     options: ImportOptions = field(default_factory=ImportOptions)
 
     @property
     def kind(self) -> str:
         return "geojson" if self.file is not None else "store"
 
+    @property
+    def _store(self) -> LabelOutput:
+        if self.store is None:
+            raise ConfigError(f"Annotation source '{self.name}' holds neither a GeoJSON file nor a label store; "
+                              "open annotations with load_annotations.")
+        return self.store
+
     def classes(self) -> dict[str, Colour | None]:
         if self.file is not None:
             return self.file.classes()
-        colours = self.store.colours()
-        return {n: tuple(colours[k][:3]) if k in colours else None  # type: ignore[misc]
-                for k, n in enumerate(self.store.class_names, start=1)}
+        colours = self._store.colours()
+        return {n: cast(Colour, tuple(colours[k][:3])) if k in colours else None
+                for k, n in enumerate(self._store.class_names, start=1)}
 
     def first_seen(self) -> dict[str, str]:
         if self.file is not None:
             return self.file.first_seen()
-        return {n: f"{self.name}, label {k}" for k, n in enumerate(self.store.class_names, start=1)}
+        return {n: f"{self.name}, label {k}" for k, n in enumerate(self._store.class_names, start=1)}
 
-    def labels(self, table: ClassTable, plan: Any) -> PolygonLabels | StoreLabels:
+    def labels(self, table: ClassTable, plan: LabelGrid) -> PolygonLabels | StoreLabels:
         """Lazy labels of the slide at ``plan`` (shape, level-0 pixels per pixel) in ``table``'s classes."""
         if self.file is not None:
             features = [f for f in self.file.features if not table.drops(f.class_name)]
             return PolygonLabels([f.geometry for f in features], [table.label_of(f.class_name) for f in features],
                                  plan.shape, plan.downsample, name=self.name)
-        return StoreLabels(self.store, plan.shape, plan.downsample, lut=table.lut(self.store.class_names))
+        return StoreLabels(self._store, plan.shape, plan.downsample, lut=table.lut(self._store.class_names))
 
 
 def load_annotations(path: str | Path, *, slide: Any = None, frame: str = "qupath",
@@ -68,14 +85,14 @@ def load_annotations(path: str | Path, *, slide: Any = None, frame: str = "qupat
     ``options`` (:class:`~.geojson.ImportOptions`, or a mapping naming some of them) say how QuPath's
     points, ignored classes and cells are read; None reads with the defaults.
     """
-    from ..inference.omezarr import LabelOutput
+    from ..labelstore.omezarr import LabelOutput
 
     options = ImportOptions.of(options)
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"Annotations '{path}' do not exist; give a QuPath GeoJSON export or a label store saved by "
                         "the napari plugin (.ome.zarr).")
-    if is_label_store(path):
+    if is_zarr(path):  # a zarr folder: ours, or refused below with what to do
         try:
             store = LabelOutput(path)
         except Exception as exc:

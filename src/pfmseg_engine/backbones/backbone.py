@@ -8,18 +8,21 @@ import zlib
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, WeightsError
-from .converters import CONVERTERS
+from .layouts import converter_for
 from .positions import RUNTIME_RESAMPLED_LAYOUTS, checkpoint_position_grid, use_vendor_resampling
 from .registry import get_spec
 from .specs import BackboneSpec
 from .weights import read_state_dict, resolve_weights_file
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def resolve_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
-def create_vit(spec: BackboneSpec, tiny: bool = False, overrides: dict[str, Any] | None = None) -> nn.Module:
+def create_vit(spec: BackboneSpec, tiny: bool = False, overrides: dict[str, Any] | None = None) -> VisionTransformer:
     """Create the timm model of ``spec`` (random weights, never a download).
 
     The model resamples its position table at run time with the kernel of the checkpoint's vendor
@@ -62,7 +65,7 @@ def create_vit(spec: BackboneSpec, tiny: bool = False, overrides: dict[str, Any]
     kwargs = spec.build_kwargs(tiny)
     kwargs.update(overrides or {})
     vit = timm.create_model(spec.timm_arch, pretrained=False, **resolve_kwargs(kwargs))
-    return use_vendor_resampling(vit, spec.checkpoint_layout)
+    return cast("VisionTransformer", use_vendor_resampling(vit, spec.checkpoint_layout))  # every spec is a timm ViT
 
 
 def default_feature_indices(depth: int, levels: int = 4) -> tuple[int, ...]:
@@ -83,7 +86,7 @@ class Backbone(nn.Module):
     dropped), padding the input up to the patch multiple so any height and width are accepted.
     """
 
-    def __init__(self, spec: BackboneSpec, vit: nn.Module, feature_indices: Sequence[int] | None = None):
+    def __init__(self, spec: BackboneSpec, vit: VisionTransformer, feature_indices: Sequence[int] | None = None):
         super().__init__()
         self.spec = spec
         self.vit = vit
@@ -133,12 +136,13 @@ class Backbone(nn.Module):
     def features(self, x: torch.Tensor, indices: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Token grids (N, C, ceil(H/p), ceil(W/p)) of the tapped blocks for normalised input ``x``."""
         x = self.pad_to_patch_multiple(x)
-        return self.vit.forward_intermediates(
+        grids = self.vit.forward_intermediates(
             x,
             indices=list(indices or self.feature_indices),
             output_fmt="NCHW",
             intermediates_only=True,
         )
+        return cast("list[torch.Tensor]", grids)  # intermediates_only: the grids alone
 
     def features_and_tokens(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """``features(x)`` plus the whole token sequence (prefix tokens first) of the last tapped block.
@@ -147,13 +151,14 @@ class Backbone(nn.Module):
         of the sequence the encoder's last block produced, so they are kept here (raw, before any norm).
         """
         x = self.pad_to_patch_multiple(x)
-        outs = self.vit.forward_intermediates(
+        # intermediates_only: a list of (grid, prefix tokens) per tapped block, or of grids
+        outs = cast("list[Any]", self.vit.forward_intermediates(
             x,
             indices=list(self.feature_indices),
             return_prefix_tokens=True,
             output_fmt="NCHW",
             intermediates_only=True,
-        )
+        ))
         if not isinstance(outs[0], tuple):  # a ViT without prefix tokens returns bare grids
             return list(outs), outs[-1].flatten(2).transpose(1, 2)
         grids = [grid for grid, _ in outs]
@@ -267,7 +272,7 @@ def load_backbone_weights(backbone: Backbone, source: str | Path, strict: bool =
     state = read_state_dict(path)
     if adopt_grid:
         adopt_checkpoint_grid(backbone, state)
-    state = CONVERTERS[spec.checkpoint_layout](state, backbone.vit)
+    state = converter_for(spec.checkpoint_layout)(state, backbone.vit)
     own = backbone.vit.state_dict()
     wrong_shape = [
         f"{k} {tuple(v.shape)} vs expected {tuple(own[k].shape)}"

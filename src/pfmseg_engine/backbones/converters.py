@@ -1,6 +1,6 @@
 """Checkpoint layout converters: published key names -> timm ``VisionTransformer`` key names.
 
-One function per published layout, registered in :data:`CONVERTERS` under the name used in the
+One function per published layout, registered (:mod:`._registry`) under the name used in the
 ``checkpoint_layout`` column of the backbone table (the way timm keeps a ``checkpoint_filter_fn`` per
 model family). Every converter returns a dict ready for a strict ``load_state_dict``; anything it
 does not recognise is passed through so the strict load reports it by name.
@@ -9,21 +9,20 @@ does not recognise is passed through so the strict load reports it by name.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from ._registry import StateDict, register_converter
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 log = logging.getLogger(__name__)
-
-StateDict = dict[str, torch.Tensor]
-Converter = Callable[[StateDict, nn.Module], StateDict]
 
 # Heads that pretraining checkpoints carry but a feature extractor never uses.
 UNUSED_HEAD_PREFIXES = ("head.", "dino_head.", "ibot_head.", "fc_norm.", "mask_token")
 
 
-def drop_unused_heads(state: StateDict, model: nn.Module) -> StateDict:
+def drop_unused_heads(state: StateDict, model: VisionTransformer) -> StateDict:
     """Drop classifier/projection heads the timm build (``num_classes=0``) does not have."""
     own = set(model.state_dict())
     kept = {}
@@ -38,7 +37,7 @@ def drop_unused_heads(state: StateDict, model: nn.Module) -> StateDict:
     return kept
 
 
-def fit_position_embedding(state: StateDict, model: nn.Module) -> StateDict:
+def fit_position_embedding(state: StateDict, model: VisionTransformer) -> StateDict:
     """Resample ``pos_embed`` when the checkpoint was saved at another image size."""
     target = model.state_dict().get("pos_embed")
     source = state.get("pos_embed")
@@ -55,7 +54,8 @@ def fit_position_embedding(state: StateDict, model: nn.Module) -> StateDict:
     return state
 
 
-def convert_timm(state: StateDict, model: nn.Module) -> StateDict:
+@register_converter("timm")
+def convert_timm(state: StateDict, model: VisionTransformer) -> StateDict:
     """Checkpoints already in timm layout (UNI, Virchow, GigaPath, H-optimus, Kaiko, Lunit, ...)."""
     return fit_position_embedding(drop_unused_heads(state, model), model)
 
@@ -66,33 +66,14 @@ def take_prefixed(state: StateDict, prefix: str) -> StateDict:
     return taken or state
 
 
-def convert_open_clip_conch(state: StateDict, model: nn.Module) -> StateDict:
+@register_converter("open_clip_conch")
+def convert_open_clip_conch(state: StateDict, model: VisionTransformer) -> StateDict:
     """CONCH v1: an open_clip CoCa model whose vision trunk is a timm ViT under ``visual.trunk.``."""
     return convert_timm(take_prefixed(state, "visual.trunk."), model)
 
 
-def convert_conch_v1_5(state: StateDict, model: nn.Module) -> StateDict:
+@register_converter("conch_v1_5")
+def convert_conch_v1_5(state: StateDict, model: VisionTransformer) -> StateDict:
     """CONCH v1.5: a timm ViT-L under ``trunk.`` plus an attentional pooler unused here."""
     return convert_timm(take_prefixed(state, "trunk."), model)
 
-
-CONVERTERS: dict[str, Converter] = {
-    "timm": convert_timm,
-    "open_clip_conch": convert_open_clip_conch,
-    "conch_v1_5": convert_conch_v1_5,
-}
-
-
-def register_converter(layout: str) -> Callable[[Converter], Converter]:
-    """Decorator adding a converter for a new checkpoint layout."""
-
-    def decorate(fn: Converter) -> Converter:
-        CONVERTERS[layout] = fn
-        return fn
-
-    return decorate
-
-
-# Layouts converted in their own modules register themselves on import (they import this module, so the
-# import sits at the end, after every name they use is defined).
-from . import hf_converters, musk  # noqa: E402, F401

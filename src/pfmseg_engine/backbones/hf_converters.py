@@ -17,12 +17,16 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from .converters import StateDict, convert_timm, register_converter
+from ._registry import StateDict, register_converter
+from .converters import convert_timm
 from .positions import antialias_for
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 _PART = re.compile(r"^(?P<head>.*)#(?P<index>\d+)(?P<tail>(\..*)?)$")
 
@@ -112,7 +116,7 @@ def resample_patch_grid(
     )
 
 
-def place_class_position(state: StateDict, model: nn.Module, antialias: bool = False) -> StateDict:
+def place_class_position(state: StateDict, model: VisionTransformer, antialias: bool = False) -> StateDict:
     """Lay out a ``[class, patch grid]`` position table the way ``model`` expects it.
 
     transformers and BEiT3 give the class token a position and registers none. timm either keeps the
@@ -189,7 +193,7 @@ HF_DINOV2_KEYS = KeyMap(
 HF_MODEL_PREFIXES = ("vit.", "dinov2.", "dinov2_with_registers.")
 
 
-def convert_hf(state: StateDict, model: nn.Module, keymap: KeyMap, layout: str) -> StateDict:
+def convert_hf(state: StateDict, model: VisionTransformer, keymap: KeyMap, layout: str) -> StateDict:
     """Shared path of the transformers layouts: unprefix, rename, fuse, place positions.
 
     The table keeps the checkpoint's grid when the model was built at it (the default, see
@@ -201,12 +205,12 @@ def convert_hf(state: StateDict, model: nn.Module, keymap: KeyMap, layout: str) 
 
 
 @register_converter("hf_vit")
-def convert_hf_vit(state: StateDict, model: nn.Module) -> StateDict:
+def convert_hf_vit(state: StateDict, model: VisionTransformer) -> StateDict:
     """transformers ``ViTModel`` (Phikon) -> timm ViT."""
     return convert_hf(state, model, HF_VIT_KEYS, "hf_vit")
 
 
 @register_converter("hf_dinov2")
-def convert_hf_dinov2(state: StateDict, model: nn.Module) -> StateDict:
+def convert_hf_dinov2(state: StateDict, model: VisionTransformer) -> StateDict:
     """transformers ``Dinov2Model``/``Dinov2WithRegistersModel`` (Phikon-v2, Midnight, Hibou) -> timm."""
     return convert_hf(state, model, HF_DINOV2_KEYS, "hf_dinov2")

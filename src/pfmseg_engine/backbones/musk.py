@@ -21,10 +21,14 @@ token are dropped by name.
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .converters import StateDict, convert_timm, register_converter
+from ._registry import StateDict, register_converter
+from .converters import convert_timm
 from .hf_converters import KeyMap, place_class_position, rename_keys
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
 
 # fairseq convention kept by torchscale's PositionalEmbedding: position ids start at 2.
 POSITION_OFFSET = 2
@@ -65,7 +69,7 @@ BEIT3_MUSK_KEYS = KeyMap(
 
 
 @register_converter("beit3_musk")
-def convert_beit3_musk(state: StateDict, model: nn.Module) -> StateDict:
+def convert_beit3_musk(state: StateDict, model: VisionTransformer) -> StateDict:
     """MUSK checkpoint (``beit3.*`` multiway keys) -> timm ViT-L/16 with sub-LayerNorms."""
     state = rename_keys(state, BEIT3_MUSK_KEYS)
     pos = state.get("pos_embed")

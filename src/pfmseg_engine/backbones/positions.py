@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from types import MappingProxyType
+from typing import cast
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -84,11 +85,12 @@ def use_vendor_resampling(vit: nn.Module, layout: str) -> nn.Module:
     if type(vit) not in (VisionTransformer, VendorResampledViT):
         raise TypeError(f"Layout '{layout}' needs a timm VisionTransformer, got {type(vit).__name__}.")
     vit.__class__ = VendorResampledViT
-    vit.position_antialias = antialias
-    return vit
+    resampled = cast(VendorResampledViT, vit)
+    resampled.position_antialias = antialias
+    return resampled
 
 
-def checkpoint_position_grid(state: dict[str, torch.Tensor], vit: nn.Module) -> tuple[int, int] | None:
+def checkpoint_position_grid(state: dict[str, torch.Tensor], vit: VisionTransformer) -> tuple[int, int] | None:
     """The square patch grid of the one position table in ``state`` (None if absent or ambiguous).
 
     A timm table holds a position for every prefix token unless the model uses ``no_embed_class``; a

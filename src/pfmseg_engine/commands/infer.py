@@ -40,18 +40,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..distributed.cluster import SCHEDULER_CONNECT_TIMEOUT
-from ..distributed.cohort import DEFAULT_RETRIES
 from ..errors import CheckpointError, ConfigError, PfmsegError, TrainingScaleWarning
+from ..jobs.cohort import CohortSettings
+from ..jobs.prediction import EXPORTS, PredictionSettings
 from ..paths import check_input_path
 from ..slides import READER_HELP, READERS
 from . import add_command
 
 if TYPE_CHECKING:
-    from ..inference.scale import ScaleMismatch, TrainingScale
+    from ..distributed import CohortSummary, SlideJob, SlideRecord
+    from ..inference.plan import SlidePlan
+    from ..training_scale import ScaleMismatch, TrainingScale
 
 log = logging.getLogger(__name__)
 
-EXPORTS = ("ome-tiff", "geojson")
+#: Where the flags' defaults come from: the jobs' settings (flags left out keep them).
+DEFAULTS = PredictionSettings()
+COHORT_DEFAULTS = CohortSettings()
 CHECKPOINT_NAMES = ("checkpoints/best.pt", "best.pt", "checkpoints/last.pt", "last.pt")
 
 
@@ -104,9 +109,10 @@ def run_image_set(args: argparse.Namespace) -> int:
         bar.total = total
         bar.update(done - bar.n)
 
+    settings = prediction_settings(args)
     result = infer_image_set(model, args.input_json, args.output_dir, input_size=input_size,
-                             mode=args.resize_or_windowslide, batch_size=args.batch_size, device=args.device,
-                             overlap=args.overlap, blend=args.blend, split=args.split,
+                             mode=args.resize_or_windowslide, batch_size=settings.batch_size, device=args.device,
+                             overlap=settings.overlap, blend=settings.blend, split=args.split,
                              ignore_index=ignore_index, progress=progress)
     bar.close()
     if result.metrics:
@@ -118,7 +124,7 @@ def run_image_set(args: argparse.Namespace) -> int:
 
 
 def scale_warning_text(mismatch: ScaleMismatch) -> str:
-    """A :class:`~pfmseg_engine.inference.scale.ScaleMismatch` in the CLI's words (names ``--target_mpp``)."""
+    """A :class:`~pfmseg_engine.training_scale.ScaleMismatch` in the CLI's words (names ``--target_mpp``)."""
     return (f"warning: {mismatch.summary()} Pass --target_mpp {mismatch.suggested_mpp:g} to predict at the "
             "training scale.")
 
@@ -136,7 +142,7 @@ class ScaleReporter:
         self.seen: set[float] = set()
 
     def __call__(self, mpp: float | None) -> None:
-        from ..inference.scale import check_training_scale
+        from ..training_scale import check_training_scale
 
         mismatch = check_training_scale(self.training_scale, mpp)
         if mismatch is not None and round(mismatch.prediction_mpp, 6) not in self.seen:
@@ -156,10 +162,10 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr)
 
 
-def _report(record, write=print) -> None:
+def _report(record: SlideRecord, write: Callable[[str], object] = print) -> None:
     """One slide's outcome (a :class:`~pfmseg_engine.distributed.SlideRecord`) for people."""
     result = record.result
-    if result is None:
+    if result is None or record.outcome is None:
         error = record.error or ""
         write(f"FAILED {record.name} ({record.slide}): {error[:200]}{'...' if len(error) > 200 else ''}")
         return
@@ -168,21 +174,37 @@ def _report(record, write=print) -> None:
     write(f"{result.path}  ({result.shape[1]}x{result.shape[0]} px at {result.mpp:.4g} um/px, {state}{tissue})")
     for path in record.exports:
         write(f"  exported {path}")
-    if result.extra.get("measurements"):
-        write(f"  measurements {result.extra['measurements']}")
+    if record.outcome.measurements is not None:
+        write(f"  measurements {record.outcome.measurements}")
 
 
-def slide_config(args: argparse.Namespace):
-    from ..inference.plan import SlideInferenceConfig
+def prediction_settings(args: argparse.Namespace) -> PredictionSettings:
+    """The flags given, over :class:`~pfmseg_engine.jobs.PredictionSettings` (flags left out are None: the
+    settings' defaults stay)."""
+    if getattr(args, "tissue_roi", None) and args.tissue is False:
+        raise ConfigError("--tissue_roi limits where tissue is; it needs tissue detection on (drop --no-tissue).")
+    return DEFAULTS.with_overrides(
+        target_mpp=getattr(args, "target_mpp", None), window=getattr(args, "window", None) or args.input_size,
+        overlap=args.overlap, blend=args.blend, batch_size=args.batch_size,
+        chunk=getattr(args, "chunk_size", None), tissue=getattr(args, "tissue", None),
+        probabilities=getattr(args, "probabilities", None), ngff=getattr(args, "ngff", None),
+        device=args.device, mpp=getattr(args, "mpp", None), reader=getattr(args, "reader", None),
+        overwrite=getattr(args, "overwrite", None), wait=getattr(args, "wait", None),
+        exports=tuple(args.export) if getattr(args, "export", None) else None)
 
-    return SlideInferenceConfig(
-        target_mpp=args.target_mpp, window=args.window or args.input_size, overlap=args.overlap,
-        blend=args.blend, batch_size=args.batch_size, chunk=args.chunk_size, tissue=args.tissue,
-        probabilities=args.probabilities, ngff=args.ngff,
-    )
+
+def cohort_settings(args: argparse.Namespace, progress: bool = True) -> CohortSettings:
+    """The cohort flags (and every prediction flag) over :class:`~pfmseg_engine.jobs.CohortSettings`;
+    ``progress``: GeoJSON exports show a bar (not on a cluster's workers)."""
+    import dataclasses
+
+    prediction = prediction_settings(args).with_overrides(geojson_options=geojson_options(args, progress))
+    cohort = COHORT_DEFAULTS.with_overrides(retries=args.retries, recycle_after=args.recycle_after,
+                                            weights=args.weights, progress=True)
+    return dataclasses.replace(cohort, prediction=prediction)
 
 
-def collect(args: argparse.Namespace):
+def collect(args: argparse.Namespace) -> list[SlideJob]:
     """The slides ``--slide`` names (files, globs, folders, manifests), with the run's --mpp and --region."""
     from ..distributed import collect_slides
 
@@ -190,20 +212,22 @@ def collect(args: argparse.Namespace):
 
 
 def geojson_options(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
-    """The ``--geojson_*`` flags as :func:`~pfmseg_engine.inference.export_geojson` options (``progress``: a
-    bar over the chunks traced)."""
-    return {"per_region": args.geojson_per_region, "object_type": args.geojson_object_type,
-            "min_area_um2": args.geojson_min_area_um2, "frame": args.geojson_frame,
-            "level": args.geojson_level, "mpp": args.geojson_mpp, "progress": progress}
+    """The ``--geojson_*`` flags given, as :func:`~pfmseg_engine.inference.export_geojson` options (the others
+    keep its defaults; ``progress``: a bar over the chunks traced)."""
+    given = {"per_region": args.geojson_per_region, "object_type": args.geojson_object_type,
+             "min_area_um2": args.geojson_min_area_um2, "frame": args.geojson_frame,
+             "level": args.geojson_level, "mpp": args.geojson_mpp}
+    return {**{k: v for k, v in given.items() if v is not None}, "progress": progress}
 
 
-def plan_only(args: argparse.Namespace, config, jobs) -> int:
+def plan_only(args: argparse.Namespace, settings: PredictionSettings, jobs: list[SlideJob]) -> int:
     """``--dry_run``: print each slide's plan (geometry, windows, chunks, paths) without building the model."""
     import dataclasses
 
     from ..checkpoint import checkpoint_training_scale, read_checkpoint
-    from ..inference.plan import ModelInfo, plan_slide
-    from ..slides import open_slide
+    from ..distributed.jobs import job_settings
+    from ..inference.plan import ModelInfo
+    from ..jobs.prediction import SlidePrediction
 
     payload = read_checkpoint(resolve_checkpoint(args.checkpoint))
     info = dataclasses.replace(ModelInfo.from_model_config(payload["config"]),
@@ -211,13 +235,11 @@ def plan_only(args: argparse.Namespace, config, jobs) -> int:
     check_scale = ScaleReporter(info.training_scale, _stderr)
     failed = 0
     for job in jobs:
-        settings = config if job.target_mpp is None else dataclasses.replace(config, target_mpp=job.target_mpp)
-        if job.tissue_roi is not None:  # the plan a run follows: the slide's own ROI, as predict_job applies it
-            settings = dataclasses.replace(settings, tissue_roi=job.tissue_roi)
+        prediction = SlidePrediction(info, job.path, args.output_dir, job_settings(settings, job),
+                                     region=job.region, name=job.name)
         try:
-            with open_slide(job.path, mpp=job.mpp, reader=args.reader) as slide, cli_words_for_scale():
-                plan = plan_slide(slide, info, settings, region=job.region, output_dir=args.output_dir,
-                                  name=job.name)
+            with cli_words_for_scale():
+                plan = prediction.plan()
                 print(plan.summary())
                 check_scale(plan.mpp)
                 state = ("complete" if plan.final.exists() else
@@ -229,26 +251,39 @@ def plan_only(args: argparse.Namespace, config, jobs) -> int:
                 raise
             failed += 1
             print(f"FAILED {job.label} ({job.path}): {exc}")
+        finally:
+            prediction.close()
     if failed:
         print(f"{failed} of {len(jobs)} slides cannot be planned.")
     return 1 if failed else 0
 
 
-def finish(cohort) -> int:
+def cli_hint(exc: BaseException | None) -> str:
+    """The flag that fixes an engine error, in the CLI's words ("" when none does)."""
+    from ..inference.slide import OutputMismatchError
+
+    return " Pass --overwrite to recompute it." if isinstance(exc, OutputMismatchError) else ""
+
+
+def finish(cohort: CohortSummary) -> int:
     """Print the run's outcome; exit code 1 when any slide failed. A run of one slide that failed stops
-    with that slide's error (one message, exit code 2), as single-slide runs always did."""
+    with that slide's error (one message, exit code 2)."""
     if len(cohort.records) == 1 and cohort.failed and isinstance(cohort.failed[0].exception, PfmsegError | OSError):
-        raise cohort.failed[0].exception
+        exc = cohort.failed[0].exception
+        hint = cli_hint(exc)
+        if hint:
+            raise ConfigError(f"{exc}{hint}") from exc
+        raise exc
     print(cohort.line() + f"; summary: {Path(cohort.output_dir) / 'summary.md'}")
     for record in cohort.failed:
-        print(f"  failed: {record.name} ({record.slide}): {record.error}")
+        print(f"  failed: {record.name} ({record.slide}): {record.error}{cli_hint(record.exception)}")
     if cohort.failed:
         print("Run the same command again to retry the failed slides (finished ones are reused).")
     print("Open in napari: napari --plugin pfmseg <slide> (or drag the .ome.zarr onto the viewer).")
     return 1 if cohort.failed else 0
 
 
-def run_on_cluster(args: argparse.Namespace, config, jobs) -> int:
+def run_on_cluster(args: argparse.Namespace, jobs: list[SlideJob]) -> int:
     """One slide per task on a local cluster (``local[:N]``) or the scheduler at ``--scheduler``."""
     from tqdm import tqdm
 
@@ -259,18 +294,15 @@ def run_on_cluster(args: argparse.Namespace, config, jobs) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint)
     check_scale = ScaleReporter(read_training_scale(checkpoint), lambda text: tqdm.write(text, file=sys.stderr))
 
-    def on_record(record) -> None:  # slides are planned on the workers: check what each was predicted at
+    def on_record(record: SlideRecord) -> None:  # slides are planned on the workers: check each one's mpp
         _report(record, tqdm.write)
         check_scale(record.result.mpp if record.result is not None else None)
 
     dashboard = None if str(args.dashboard).lower() in ("none", "off", "") else args.dashboard
     with open_client(args.scheduler, dashboard=dashboard, debug=bool(getattr(args, "debug", False)),
                      connect_timeout=args.scheduler_timeout) as client:
-        cohort = run_cohort(checkpoint, jobs, args.output_dir, config, client=client,
-                            weights=args.weights, device=args.device, reader=args.reader, retries=args.retries,
-                            overwrite=args.overwrite, exports=args.export or (),
-                            geojson_options=geojson_options(args, progress=False), wait=None,
-                            recycle_after=args.recycle_after, progress=True, on_record=on_record)
+        cohort = run_cohort(checkpoint, jobs, args.output_dir, cohort_settings(args, progress=False),
+                            client=client, on_record=on_record)
     return finish(cohort)
 
 
@@ -278,29 +310,25 @@ def run_slides(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..distributed import run_cohort
-    from ..inference.scale import training_scale_of
+    from ..training_scale import training_scale_of
 
-    config = slide_config(args)
     jobs = collect(args)
     if args.dry_run:
-        return plan_only(args, config, jobs)
+        return plan_only(args, prediction_settings(args), jobs)
     if args.scheduler:
-        return run_on_cluster(args, config, jobs)
+        return run_on_cluster(args, jobs)
     if args.recycle_after:
         log.warning("--recycle_after restarts cluster workers; without --scheduler it has no effect.")
     model = load_model(args)
     check_scale = ScaleReporter(training_scale_of(model), lambda text: tqdm.write(text, file=sys.stderr))
 
-    def on_plan(plan) -> None:
+    def on_plan(plan: SlidePlan) -> None:
         tqdm.write(plan.summary())
         check_scale(plan.mpp)
 
     with cli_words_for_scale():
-        cohort = run_cohort(resolve_checkpoint(args.checkpoint), jobs, args.output_dir, config, model=model,
-                            weights=args.weights, device=args.device, reader=args.reader, retries=args.retries,
-                            overwrite=args.overwrite, exports=args.export or (),
-                            geojson_options=geojson_options(args), wait=args.wait, progress=True,
-                            on_plan=on_plan, on_record=lambda record: _report(record, tqdm.write))
+        cohort = run_cohort(resolve_checkpoint(args.checkpoint), jobs, args.output_dir, cohort_settings(args),
+                            model=model, on_plan=on_plan, on_record=lambda record: _report(record, tqdm.write))
     return finish(cohort)
 
 
@@ -337,11 +365,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument("--output_dir", required=True, help="folder for the predictions")
     common.add_argument("--device", default=None,
                         help="auto, cuda, cuda:1, mps or cpu (default auto: cuda, then mps, then cpu)")
-    common.add_argument("--batch_size", type=int, default=8, help="windows per model call (default 8)")
+    common.add_argument("--batch_size", type=int, help=f"windows per model call (default {DEFAULTS.batch_size})")
     common.add_argument("--input_size", type=int, default=None,
                         help="window size / resize size in pixels (default: the model's training size)")
-    common.add_argument("--overlap", type=float, default=0.25, help="window overlap fraction (default 0.25)")
-    common.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian",
+    common.add_argument("--overlap", type=float, help=f"window overlap fraction (default {DEFAULTS.overlap:g})")
+    common.add_argument("--blend", choices=("gaussian", "constant"),
                         help="weighting of overlapping windows (default gaussian)")
     images = parser.add_argument_group("image set (seed form)")
     images.add_argument("--config", help="seed/training YAML (only dataset.ignore_index is used)")
@@ -354,7 +382,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="slides: files (SVS, NDPI, TIFF, OME-TIFF, MRXS, DICOM, PNG/JPEG, zarr, ...), globs "
                              "('cohort/**/*.svs', quoted), folders (the slide files inside) and manifest CSVs (a "
                              "slide_path column, optional mpp, name, region 'x y w h', target_mpp), mixed freely")
-    slides.add_argument("--reader", choices=READERS, default="auto", help=READER_HELP)
+    slides.add_argument("--reader", choices=READERS, help=READER_HELP)
     slides.add_argument("--mpp", type=float,
                         help="level-0 microns per pixel, for slides without it (a manifest's mpp column wins)")
     slides.add_argument("--target_mpp", type=float,
@@ -362,24 +390,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "warning names the value matching the scale the model was trained at when they "
                              "differ by more than 25 %%")
     slides.add_argument("--window", type=int, help="window size (default: --input_size or the model's)")
-    slides.add_argument("--tissue", action=argparse.BooleanOptionalAction, default=True,
+    slides.add_argument("--tissue", action=argparse.BooleanOptionalAction,
                         help="skip background found by tissue detection (default on)")
-    slides.add_argument("--chunk_size", type=int, default=1024, help="output chunk side (default 1024)")
-    slides.add_argument("--probabilities", action="store_true", help="also store class probabilities")
-    slides.add_argument("--ngff", choices=("0.4", "0.5"), default="0.4",
+    slides.add_argument("--chunk_size", type=int, help=f"output chunk side (default {DEFAULTS.chunk})")
+    slides.add_argument("--probabilities", action="store_true", default=None, help="also store class probabilities")
+    slides.add_argument("--ngff", choices=("0.4", "0.5"),
                         help="OME-Zarr version (default 0.4)")
     slides.add_argument("--export", nargs="+", choices=EXPORTS,
                         help="also write pyramidal OME-TIFF / GeoJSON")
     slides.add_argument("--tissue_roi", metavar="PATH",
                         help="your own tissue mask or region of interest (QuPath GeoJSON, label store or mask "
                              "image) instead of tissue detection; per slide: a manifest's tissue_roi column")
-    slides.add_argument("--geojson_per_region", action="store_true",
+    slides.add_argument("--geojson_per_region", action="store_true", default=None,
                         help="GeoJSON export: one object per connected region (default: one per class)")
-    slides.add_argument("--geojson_object_type", choices=("annotation", "detection"), default="annotation",
+    slides.add_argument("--geojson_object_type", choices=("annotation", "detection"),
                         help="GeoJSON export: QuPath object type (default annotation)")
-    slides.add_argument("--geojson_min_area_um2", type=float, default=0.0, metavar="UM2",
+    slides.add_argument("--geojson_min_area_um2", type=float, metavar="UM2",
                         help="GeoJSON export: drop regions smaller than this many µm² (default 0)")
-    slides.add_argument("--geojson_frame", choices=("qupath", "file"), default="qupath",
+    slides.add_argument("--geojson_frame", choices=("qupath", "file"),
                         help="GeoJSON export coordinates: QuPath's (cropped to the scanned bounds, default) or "
                              "the file's full level-0 frame")
     resolution = slides.add_mutually_exclusive_group()
@@ -388,16 +416,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                  "resolution, every region, chunk by chunk in bounded memory)")
     resolution.add_argument("--geojson_mpp", type=float, metavar="UM",
                             help="GeoJSON export: trace the coarsest pyramid level at least this fine (µm/px)")
-    slides.add_argument("--overwrite", action="store_true", help="redo slides whose output is complete")
-    slides.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    slides.add_argument("--overwrite", action="store_true", default=None, help="redo slides whose output is complete")
+    slides.add_argument("--wait", type=float, metavar="SECONDS",
                         help="if another process is writing the same output, wait this long for it (then reuse "
                              "its result) instead of stopping at once (default 0)")
     slides.add_argument("--region", nargs=4, type=int, metavar=("X", "Y", "W", "H"),
                         help="predict only this level-0 pixel rectangle of each slide (output keeps the offset; "
                              "a manifest's region column wins)")
-    slides.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+    slides.add_argument("--retries", type=int, metavar="N",
                         help="attempts after a slide's first failure before it is recorded as failed and the run "
-                             f"goes on (default {DEFAULT_RETRIES}); the exit code is 1 when any slide failed")
+                             f"goes on (default {COHORT_DEFAULTS.retries}); the exit code is 1 when any slide failed")
     slides.add_argument("--scheduler", metavar="ADDRESS",
                         help="run one slide per task on dask.distributed: 'local' (a local cluster, one worker "
                              "process per GPU, else half the CPU cores), 'local:N' (N workers) or the address of "

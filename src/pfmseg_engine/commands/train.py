@@ -60,6 +60,7 @@ def import_options(args: argparse.Namespace) -> ImportOptions:
 
 def _train(args: argparse.Namespace, config, callbacks):
     from ..errors import ConfigError
+    from ..jobs.finetune import FineTune
     from ..training import train_from_config
 
     slide_flags = [args.annotations, args.train_mpp, args.mpp, args.class_map]
@@ -67,19 +68,21 @@ def _train(args: argparse.Namespace, config, callbacks):
         if any(flag is not None for flag in slide_flags):
             raise ConfigError("--annotations, --train_mpp, --mpp and --class_map train from whole slides; name the "
                               "slides with --slides (one per annotation file).")
-        return train_from_config(config, resume=args.resume, device=args.device, callbacks=callbacks)
-    from ..training.slides import train_on_slides
+        if config.system.seeds:
+            return train_from_config(config, resume=args.resume, device=args.device, callbacks=callbacks)
+        return FineTune.from_config(config, resume=args.resume, device=args.device, callbacks=callbacks).run().result
 
     if not args.annotations:
         raise ConfigError("--slides needs --annotations: one QuPath GeoJSON export (or label store saved from napari) "
                           "per slide, in the same order.")
     if config.system.seeds:
         raise ConfigError("system.seeds is not supported with --slides yet; remove it and train one seed per run.")
-    return train_on_slides(config, args.slides, args.annotations, resume=args.resume, device=args.device,
-                           callbacks=callbacks, train_mpp=args.train_mpp, mpp=args.mpp,
-                           validation_share=args.validation_share, frame=args.annotation_frame,
-                           class_map=_class_map(args.class_map),
-                           import_options=import_options(args), clip=args.clip_annotations)
+    job = FineTune.on_slides(config, args.slides, args.annotations, resume=args.resume, device=args.device,
+                             callbacks=callbacks, train_mpp=args.train_mpp, mpp=args.mpp,
+                             validation_share=args.validation_share, frame=args.annotation_frame,
+                             class_map=_class_map(args.class_map), import_options=import_options(args),
+                             clip=args.clip_annotations)
+    return job.run().result
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,10 +14,11 @@ from __future__ import annotations
 from .._lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(("CompareData", "CropSetDataset", "D4_OPS", "EXACT_TRANSFORMS", "cache_incompatibilities"),
-                    "data"),
+    **dict.fromkeys(("CompareData", "CropSetDataset", "D4_OPS", "EXACT_TRANSFORMS", "cache_incompatibilities",
+                     "exact_augmentation"), "data"),
     **dict.fromkeys(("FeatureCache", "FeatureStore", "cache_refusal", "cached_forward", "weights_identity"), "cache"),
-    **dict.fromkeys(("Leaderboard", "LeaderboardRow", "METRICS"), "leaderboard"),
+    **dict.fromkeys(("Leaderboard", "LeaderboardRow", "METRICS", "zero_score_reason"), "leaderboard"),
+    **dict.fromkeys(("Phase", "TimeBudget"), "budget"),
     **dict.fromkeys(("CompareResult", "Comparison", "RunStart", "compare_models", "score_model"), "runner"),
     **dict.fromkeys(("Combination", "CompareSpec", "parse_seeds", "parse_weights", "run_config"), "spec"),
     "feature_pca": "pca",

@@ -264,6 +264,30 @@ class FeatureCache:
         return array, flags, flag_path
 
     # --- filling ----------------------------------------------------------------------------------
+    def missing_windows(self, dataset: CropSetDataset) -> int:
+        """How many (window, op) features of ``dataset`` a fill would compute, read without creating files.
+
+        What decides whether filling pays (``feature_cache`` ``auto``): a half-filled cache costs only
+        what is missing.
+        """
+        missing = 0
+        for image, box_indices in sorted(dataset.images_boxes.items()):
+            folder = self.image_dir(dataset, image)
+            rows, total_rows = self._rows(dataset, image)
+            for op in dataset.ops:
+                done = np.ones(total_rows, dtype=bool)
+                for block in self.blocks:
+                    try:
+                        flags = np.load(folder / f"op{op}_block{block}.done.npy")
+                    except (OSError, ValueError):
+                        flags = None
+                    if flags is None or flags.shape != (total_rows,):
+                        done[:] = False
+                        break
+                    done &= flags
+                missing += sum(1 for b in box_indices if not done[rows[(dataset.boxes[b].y, dataset.boxes[b].x)]])
+        return missing
+
     def fill(self, dataset: CropSetDataset, *, device: Any = "cpu", batch_size: int = 8,
              progress: Callable[[int, int], None] | None = None, should_stop: Callable[[], bool] | None = None
              ) -> int:

@@ -45,6 +45,14 @@ from ..errors import ConfigError, DataError
 #: Augmentations that permute the pixels of a square crop exactly (the generators of D4).
 EXACT_TRANSFORMS: tuple[str, ...] = ("hflip", "vflip", "rot90", "transpose")
 
+def exact_augmentation() -> dict[str, Any]:
+    """A ``training.augmentation`` section whose inputs repeat exactly, so frozen features can be cached:
+    every transform that is not a symmetry of the square off (the symmetries keep their defaults), no
+    zoom. Front ends ask for it instead of listing the other transforms themselves."""
+    return {"zoom": None,
+            "transforms": {name: {"p": 0.0} for name in TRANSFORMS if name not in EXACT_TRANSFORMS}}
+
+
 #: The 8 symmetries of a square: op ``4 * t + k`` transposes (``t`` = 1) and then rotates by ``k`` x 90 degrees.
 D4_OPS: tuple[str, ...] = ("identity", "rot90", "rot180", "rot270", "transpose", "transpose+rot90",
                            "transpose+rot180", "transpose+rot270")
@@ -295,7 +303,7 @@ class CompareData:
         common = {"num_classes": config.num_classes, "ignore_index": config.dataset.ignore_index,
                   "class_colors": config.dataset.class_colors}
         train = _SeedSource(SegmentationDataset(seed_json.split("train", require_masks=True), **common))
-        val_samples = seed_json.splits.get("val") or []
+        val_samples: Sequence[Any] = seed_json.splits.get("val") or ()
         val = SegmentationDataset(seed_json.split("val", require_masks=True), **common) if val_samples else None
         test_samples = [s for s in (seed_json.splits.get("test") or []) if s.mask_path is not None]
         notes = []
@@ -340,7 +348,10 @@ class CompareData:
         images, labels = list(images), [np.asarray(lab) for lab in labels]
         n = len(class_names)
         block = validation_block or 2 * crop
-        kept, val_images, val_labels, groups = [], [], [], {}
+        kept: list[Any] = []
+        val_images: list[Any] = []
+        val_labels: list[Any] = []
+        groups: dict[str, str] = {}
         for index, (image, label) in enumerate(zip(images, labels, strict=True)):
             train_labels, boxes = split_annotations(label, validation_share, block=block, seed=seed + index)
             kept.append(train_labels)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .. import csvsafe
-from ..training.metrics import metrics_from_confusion
+from ..metrics import metrics_from_confusion
 from ..training.statistics import hierarchical_intervals, holm, paired_gap_test, resolve_groups
 
 #: Metrics with a column (and CI columns) each, in display order.
@@ -71,8 +71,10 @@ class LeaderboardRow:
     train_seconds: float | None = None
     windows_per_second: float | None = None
     feature_cache: str = ""
+    cache_seconds: float | None = None
     checkpoint: str = ""
     error: str = ""
+    note: str = ""  # why a row scores 0, or why some of its runs did not run
     random_weights: bool = False
 
     @property
@@ -118,8 +120,8 @@ class Leaderboard:
         for name in self.class_names:
             key = _column_name(name)
             cols += [f"Dice_{key}", f"Dice_{key}_ci_low", f"Dice_{key}_ci_high"]
-        cols += ["trainable_params", "train_seconds", "inference_windows_per_s", "feature_cache", "checkpoint",
-                 "error"]
+        cols += ["trainable_params", "train_seconds", "cache_seconds", "inference_windows_per_s", "feature_cache",
+                 "checkpoint", "error", "note"]
         return cols
 
     def records(self) -> list[dict[str, Any]]:
@@ -143,8 +145,9 @@ class Leaderboard:
                 record.update({f"Dice_{key}": row.class_dice.get(name), f"Dice_{key}_ci_low": low,
                                f"Dice_{key}_ci_high": high})
             record.update({"trainable_params": row.trainable_params, "train_seconds": row.train_seconds,
-                           "inference_windows_per_s": row.windows_per_second, "feature_cache": row.feature_cache,
-                           "checkpoint": row.checkpoint, "error": row.error})
+                           "cache_seconds": row.cache_seconds, "inference_windows_per_s": row.windows_per_second,
+                           "feature_cache": row.feature_cache, "checkpoint": row.checkpoint, "error": row.error,
+                           "note": row.note})
             out.append(record)
         return out
 
@@ -185,8 +188,8 @@ class Leaderboard:
             f"Holm-adjusted over the rows compared; `vs best` is `below` when it is under {ALPHA:g}, else `tied`.",
             "",
             "| rank | backbone | strategy | mIoU [95 % CI] | mean Dice [95 % CI] | pixel accuracy [95 % CI] "
-            "| p (Holm) | vs best | trainable params | train s | windows/s |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| p (Holm) | vs best | trainable params | train s | cache s | windows/s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for row in self.rows:
             if not row.ok:
@@ -194,7 +197,7 @@ class Leaderboard:
             cells = [str(row.rank), f"`{row.pfm}`", row.strategy]
             cells += [_with_ci(row.metrics.get(m), row.intervals.get(m)) for m in METRICS]
             cells += [_p_value(row.gap_p_holm), row.vs_best or "", _count(row.trainable_params),
-                      _number(row.train_seconds, 1),
+                      _number(row.train_seconds, 1), _number(row.cache_seconds, 1),
                       _number(row.windows_per_second, 1)]
             lines.append("| " + " | ".join(cells) + " |")
         if any(row.ok for row in self.rows):
@@ -212,6 +215,9 @@ class Leaderboard:
         pending = [row for row in self.rows if row.status == "pending"]
         if pending:
             lines += ["", "Not run yet: " + ", ".join(f"`{r.pfm}` / {r.strategy}" for r in pending) + "."]
+        noted = [row for row in self.rows if row.note]
+        if noted:
+            lines += ["", "Notes:", ""] + [f"- `{row.pfm}` / {row.strategy}: {row.note}" for row in noted]
         if self.notes:
             lines += ["", *[f"- {note}" for note in self.notes]]
         if self.next_steps:
@@ -226,7 +232,7 @@ class Leaderboard:
         for row in self.rows:
             score = _with_ci(row.metrics.get("mIoU"), row.intervals.get("mIoU")) if row.ok else "-"
             dice = _number(row.metrics.get("Mean_Dice"), 4) if row.ok else "-"
-            status = row.status + (f": {row.error}" if row.error else "")
+            status = row.status + (f": {row.error}" if row.error else "") + (f" ({row.note})" if row.note else "")
             lines.append(f"{row.rank or '-':>4}  {row.label:<34} {score:<26} {dice:>9}  {_p_value(row.gap_p_holm):>8}  "
                          f"{row.vs_best:<8} {status}")
         return "\n".join(lines)
@@ -328,17 +334,19 @@ def _occurrences(names: list[str]) -> list[tuple[str, int]]:
 
 def build_row(pfm: str, strategy: str, runs: list[dict[str, Any]], class_names: tuple[str, ...], *,
               n_bootstrap: int, error: str = "", expected_seeds: int = 0, groups: Mapping[str, str] | None = None,
-              group_unit: str = "groups") -> LeaderboardRow:
+              group_unit: str = "groups", scored_on: str = "the scoring images", note: str = "") -> LeaderboardRow:
     """A row from the ``result.json`` payloads of its finished seeds (see the module docstring).
 
     ``groups`` maps image names to their slide or patient (``group_unit`` says which); images without
-    one are grouped by the TCGA patient in their name, else stand alone.
+    one are grouped by the TCGA patient in their name, else stand alone. ``note`` says why some runs did
+    not run; a row whose predictions never meet its scoring images' classes gets a note saying so
+    (:func:`zero_score_reason`), since its scores of 0 say nothing else.
     """
     ok = [r for r in runs if r.get("status") == "ok"]
     status = "ok" if ok and not error else ("partial" if ok else ("failed" if error else "pending"))
     if ok and expected_seeds and len(ok) < expected_seeds and not error:
         status = "partial"
-    row = LeaderboardRow(pfm=pfm, strategy=strategy, status=status, error=error)
+    row = LeaderboardRow(pfm=pfm, strategy=strategy, status=status, error=error, note=note)
     if not ok:
         return row
     stack, names = seed_stack(ok)
@@ -358,8 +366,12 @@ def build_row(pfm: str, strategy: str, runs: list[dict[str, Any]], class_names: 
     for i, name in enumerate(class_names):
         row.class_dice[name] = point.get(f"Dice_Class_{i}", math.nan)
         row.class_dice_intervals[name] = intervals.get(f"Dice_Class_{i}", (math.nan, math.nan))
+    reason = zero_score_reason(stack.sum((0, 1)), class_names, scored_on)
+    if reason:
+        row.note = "; ".join(n for n in (reason, note) if n)
     row.trainable_params = int(ok[0]["trainable_params"])
     row.train_seconds = float(np.mean([r["train_seconds"] for r in ok]))
+    row.cache_seconds = float(np.mean([float(r.get("cache_seconds") or 0.0) for r in ok]))
     speeds = [r["windows_per_second"] for r in ok if r.get("windows_per_second")]
     row.windows_per_second = float(np.mean(speeds)) if speeds else None
     row.feature_cache = ok[0].get("feature_cache", "")
@@ -370,6 +382,24 @@ def build_row(pfm: str, strategy: str, runs: list[dict[str, Any]], class_names: 
     row._names = names  # type: ignore[attr-defined]
     row._grouping = grouping  # type: ignore[attr-defined]
     return row
+
+
+def zero_score_reason(confusion: np.ndarray, class_names: tuple[str, ...] | list[str], scored_on: str) -> str:
+    """Why a pooled confusion matrix (rows: truth, columns: prediction) scores no overlap at all, e.g.
+    ``predicted only 'Stroma'; held-out annotations contain no 'Stroma'``; empty when some pixel is right."""
+    confusion = np.asarray(confusion)
+    if not confusion.size or np.trace(confusion) > 0:
+        return ""
+
+    def name(index: int) -> str:
+        return f"'{class_names[index]}'" if index < len(class_names) else f"class {index}"
+
+    predicted = [name(int(i)) for i in np.flatnonzero(confusion.sum(0))]
+    if not predicted:
+        return f"predicted nothing on {scored_on}"
+    present = [name(int(i)) for i in np.flatnonzero(confusion.sum(1))]
+    return (f"predicted only {', '.join(predicted)}; {scored_on} contain no {' or '.join(predicted)}"
+            + (f" (they hold {', '.join(present)})" if present else ""))
 
 
 def rank_rows(rows: list[LeaderboardRow], n_bootstrap: int) -> list[LeaderboardRow]:
@@ -391,7 +421,8 @@ def rank_rows(rows: list[LeaderboardRow], n_bootstrap: int) -> list[LeaderboardR
                                    n_bootstrap, seed=0, metric="mIoU")
             row.gap_to_best, row.gap_p = (test.low, test.high), test.p_value
             compared.append(row)
-        for row, adjusted in zip(compared, holm([r.gap_p for r in compared]), strict=True):
+        for row, adjusted in zip(compared, holm([r.gap_p if r.gap_p is not None else math.nan for r in compared]),
+                                 strict=True):
             row.gap_p_holm = adjusted
             row.vs_best = "n/a" if math.isnan(adjusted) else ("below" if adjusted < ALPHA else "tied")
     return scored + rest

@@ -39,7 +39,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, PfmsegError, StorageError
-from ..training.callbacks import Callback, CancelToken
+from ..training.callbacks import Callback, CancelToken, StepInfo
+from .budget import Clock, Phase, RunToken, TimeBudget, TrainingDeadline
 from .data import CompareData, CropSetDataset, cache_incompatibilities
 from .leaderboard import Leaderboard, build_row, rank_rows
 from .spec import Combination, CompareSpec, run_config
@@ -82,56 +83,6 @@ class CompareResult:
         return self.leaderboard.winner
 
 
-class _RunToken(CancelToken):
-    """A run's token: cancelled by the comparison's token (the user) or by :meth:`stop` (the time budget)."""
-
-    def __init__(self, parent: CancelToken | None):
-        super().__init__()
-        self.parent = parent
-        self.stopped = False
-
-    def stop(self) -> None:
-        self.stopped = True
-        self.cancel()
-
-    @property
-    def user_cancelled(self) -> bool:
-        return self.parent is not None and self.parent.cancelled
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled or self.user_cancelled
-
-    @property
-    def paused(self) -> bool:
-        return self.parent is not None and self.parent.paused and not self.cancelled
-
-    def wait_while_paused(self, timeout: float | None = None) -> bool:
-        if self.parent is None:
-            return not self.cancelled
-        return self.parent.wait_while_paused(timeout) and not self.cancelled
-
-
-class _Budget(Callback):
-    """Stop a run at the first epoch end where another epoch would exceed ``seconds`` (at least one epoch)."""
-
-    def __init__(self, seconds: float, token: _RunToken):
-        self.seconds, self.token = float(seconds), token
-        self.start = time.perf_counter()
-        self.first_epoch = 0
-
-    def on_train_begin(self, trainer: Any) -> None:
-        self.start = time.perf_counter()
-        self.first_epoch = trainer.epoch
-
-    def on_epoch_end(self, trainer: Any, info: Any) -> None:
-        elapsed = time.perf_counter() - self.start
-        per_epoch = elapsed / max(1, trainer.epoch - self.first_epoch)
-        if trainer.epoch < trainer.epochs and elapsed + per_epoch > self.seconds:
-            log.info("Time budget of %.0f s reached after %d epoch(s).", self.seconds, trainer.epoch)
-            self.token.stop()
-
-
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, PfmsegError):
         return str(exc)
@@ -172,7 +123,7 @@ class Comparison:
 
     def __init__(self, config: Any, spec: CompareSpec, output_dir: str | Path, *, data: CompareData | None = None,
                  callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None,
-                 config_path: str | Path | None = None):
+                 config_path: str | Path | None = None, clock: Clock = time.perf_counter):
         from ..storage import ensure_output_dir
 
         self.config = config
@@ -206,6 +157,12 @@ class Comparison:
         self.errors: dict[Combination, str] = {}
         self._crop_sets: dict[tuple[int, int | None], CropSetDataset] = {}
         self.trained = 0
+        self.clock = clock
+        self.budget = TimeBudget(spec.budget_s, clock)
+        self.not_run: dict[tuple[Combination, int], str] = {}  # runs the budget left out, and why
+        self.earlier: list[Combination] = []  # rows of earlier calls into the same folder, kept in the ranking
+        self._score_seconds = 0.0  # the last scoring's time, set aside from each run's training share
+        self._pending: list[tuple[Combination, int]] = []
 
     # --- public -----------------------------------------------------------------------------------
     def run(self) -> CompareResult:
@@ -222,10 +179,14 @@ class Comparison:
                  len(self.combinations), len(self.seeds), self.data.description, self.data.eval_split, self.output_dir)
         status = "completed"
         index = 0
+        self.budget = TimeBudget(self.spec.budget_s, self.clock)
+        self.earlier = self._adopt_earlier_rows()
+        self._pending = [(c, s) for c in self.combinations for s in self.seeds]
         try:
             for combination in self.combinations:
                 for seed in self.seeds:
                     index += 1
+                    self._pending.remove((combination, seed))
                     if combination in self.errors:
                         continue
                     run_dir = self.output_dir / "runs" / combination.name / f"seed_{seed}"
@@ -236,6 +197,8 @@ class Comparison:
                         break
                     if record["status"] == "ok":
                         self.records[(combination, seed)] = record
+                    elif record["status"] == "not run":
+                        self.not_run[(combination, seed)] = record["note"]
                     yield "result", record
                 if status == "cancelled":
                     break
@@ -260,12 +223,16 @@ class Comparison:
 
     def leaderboard(self) -> Leaderboard:
         rows = []
-        for combination in self.combinations:
+        split = self.data.eval_split
+        scored_on = split if " " in split else f"the {split} images"
+        for combination in [*self.combinations, *self.earlier]:
             runs = [self.records[(combination, s)] for s in self.seeds if (combination, s) in self.records]
+            skipped = [self.not_run[(combination, s)] for s in self.seeds if (combination, s) in self.not_run]
             rows.append(build_row(combination.pfm, combination.strategy, runs, self.data.class_names,
                                   n_bootstrap=self.spec.n_bootstrap, error=self.errors.get(combination, ""),
-                                  expected_seeds=len(self.seeds), groups=self.data.groups,
-                                  group_unit=self.data.group_unit))
+                                  expected_seeds=len(self.seeds) - len(skipped), groups=self.data.groups,
+                                  group_unit=self.data.group_unit, scored_on=scored_on,
+                                  note=skipped[0] if skipped else ""))
         rows = rank_rows(rows, self.spec.n_bootstrap)
         notes = list(self.notes)
         if any(row.random_weights for row in rows):
@@ -318,6 +285,12 @@ class Comparison:
                 return previous
             if previous:
                 log.info("%s seed %d: settings changed since %s; training again.", combination, seed, result_path)
+            if self.budget.spent():
+                note = (f"not run: the comparison's time budget ({self.budget.describe()}) was used up before it "
+                        "started; run again to add it")
+                log.info("%s seed %d: %s.", combination, seed, note)
+                return {"status": "not run", "pfm": combination.pfm, "strategy": combination.strategy,
+                        "seed": seed, "note": note}
             record = yield from self._train_and_score(combination, seed, run_dir, config, fingerprint, weights_id)
             if record is None:
                 return None
@@ -344,6 +317,43 @@ class Comparison:
             return {"status": "failed", "pfm": combination.pfm, "strategy": combination.strategy, "seed": seed,
                     "error": message}
 
+    def _adopt_earlier_rows(self) -> list[Combination]:
+        """Rows trained into this folder by earlier calls with other backbones or strategies, which this
+        call would reuse as they are (the resume rule: a ``result.json`` whose fingerprint matches the
+        settings this comparison would train it with). They join the ranking; nothing is retrained."""
+        from ..backbones.registry import get_spec
+        from .cache import weights_identity
+
+        runs = self.output_dir / "runs"
+        found: list[Combination] = []
+        if not runs.is_dir():
+            return found
+        for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
+            for seed in self.seeds:
+                record = _read_json(folder / f"seed_{seed}" / "result.json")
+                if not record or record.get("status") != "ok":
+                    continue
+                try:
+                    combination = Combination(get_spec(str(record["pfm"])).name, str(record["strategy"]))
+                    if combination in self.combinations or folder.name != combination.name:
+                        continue
+                    weights = self.spec.weights_for(combination.pfm, self.config)
+                    config = run_config(self.config, combination, seed, folder / f"seed_{seed}", weights=weights,
+                                        tiny=self.spec.tiny)
+                    weights_id = weights_identity(weights, get_spec(combination.pfm),
+                                                  self.cache_root / "weights_sha256.json")
+                except (PfmsegError, KeyError, OSError):
+                    continue  # a backbone, strategy or weights file this comparison cannot name: not comparable
+                if record.get("fingerprint") != self._fingerprint(config, weights_id, combination):
+                    continue
+                self.records[(combination, seed)] = record
+                if combination not in found:
+                    found.append(combination)
+        if found:
+            log.info("Ranked with %d row(s) from earlier comparisons in %s: %s", len(found), self.output_dir,
+                     ", ".join(map(str, found)))
+        return found
+
     def _crop_set(self, config: Any) -> CropSetDataset:
         key = (config.crop_size, self.spec.crop_stride)
         if key not in self._crop_sets:
@@ -365,50 +375,61 @@ class Comparison:
         from ..checkpoint import load_into, read_checkpoint
         from ..training.runner import build_model_for
         from ..training.trainer import Trainer
-        from .cache import FeatureCache, cache_refusal, cached_forward
+        from .cache import cache_refusal, cached_forward
 
         device = self.spec.device or None
+        run_started = self.clock()
+        share = self.budget.share(len(self._pending) + 1)  # this run's equal part of what is left
         yield "status", f"{combination} seed {seed}: building the model"
         model = build_model_for(config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        token = _RunToken(self.cancel)
+        token = RunToken(self.cancel)
         callbacks = list(self.callbacks)
-        if self.spec.time_budget_s:
-            callbacks.append(_Budget(self.spec.time_budget_s, token))
         forward, cache_note, cache_seconds = None, "off", 0.0
         if self.fixed_crops:
             dataset: Any = self._crop_set(config)
             refusal = cache_refusal(model) if self.spec.feature_cache != "off" else "feature cache off"
             cache_note = f"no ({refusal})" if refusal else "yes"
             if refusal is None:
-                from ..devices import resolve_device
-
-                cache = FeatureCache(self.cache_root, model, crop=config.crop_size, dtype=self.spec.cache_dtype)
-                started = time.perf_counter()
-                model.to(resolve_device(device or config.system.device))
-                computed = yield from self._fill(cache, dataset, model, config, token, device)
-                cache_seconds = time.perf_counter() - started
+                started = self.clock()
+                use, cache_note = yield from self._use_cache(combination, model, config, dataset, token, device,
+                                                             share)
+                cache_seconds = self.clock() - started
                 if token.user_cancelled:
                     return None
-                cache_note = "yes (built)" if computed else "yes"
-                dataset.attach_features(cache.store(dataset))
-                forward = cached_forward
+                if use:
+                    forward = cached_forward
         else:
             dataset = self.data.default_train_dataset(config)
+        if self.spec.time_budget_s or self.budget.limited:
+            deadline = (run_started + share - self._score_seconds) if self.budget.limited else None
+            callbacks.append(TrainingDeadline(token, self.clock, seconds=self.spec.time_budget_s, deadline=deadline))
         trainer = Trainer(config, model, dataset, self.data.val, device=device, callbacks=callbacks, cancel=token,
                           forward=forward)
         resume = _resumable(run_dir, config)
         yield "status", f"{combination} seed {seed}: training" + (" (resumed)" if resume else "")
-        result = yield from trainer.iter_fit(resume=resume)
+        training = trainer.iter_fit(resume=resume)
+        while True:
+            try:
+                kind, value = next(training)
+            except StopIteration as finished:
+                result = finished.value
+                break
+            yield kind, value
+            if isinstance(value, StepInfo):
+                yield "phase", Phase("train", value.epoch * value.batches + value.batch + 1,
+                                           value.epochs * value.batches)
         if token.user_cancelled:
             return None
         best = result.best_checkpoint if result.best_checkpoint.is_file() else result.last_checkpoint
         load_into(model, read_checkpoint(best), source=f"checkpoint '{best}'")
         model.eval()
+        scoring_started = self.clock()
         yield "status", f"{combination} seed {seed}: scoring on {self.data.eval_split}"
-        scores = score_model(model, self.data.test, config, device=trainer.device)
+        scores = yield from _iter_score(model, self.data.test, config, device=trainer.device)
         speed = self._throughput(model, config, trainer.device)
-        train_seconds = float(sum(float(r.get("seconds") or 0.0) for r in result.history)) + cache_seconds
+        self._score_seconds = self.clock() - scoring_started
+        train_seconds = float(sum(float(r.get("seconds") or 0.0) for r in result.history))
         return {
             "format": RESULT_FORMAT, "status": "ok", "fingerprint": fingerprint, "pfm": combination.pfm,
             "strategy": combination.strategy, "head": model.config.head if not model.spec.from_scratch else "own",
@@ -420,17 +441,66 @@ class Comparison:
             "random_weights": weights_id == "random-init" and not model.spec.from_scratch,
         }
 
-    def _fill(self, cache: Any, dataset: CropSetDataset, model: Any, config: Any, token: _RunToken,
-              device: Any) -> Generator[CompareEvent, None, int]:
-        """Fill the cache batch by batch, passing its progress on as ``("cache", (done, total))`` events."""
+    def _use_cache(self, combination: Combination, model: Any, config: Any, dataset: CropSetDataset,
+                   token: RunToken, device: Any, share: float) -> Generator[CompareEvent, None, tuple[bool, str]]:
+        """Fill the backbone's feature cache when it pays and attach it to ``dataset``; returns (used, note).
+
+        ``auto`` fills only when fewer windows are missing than the live backbone passes the cache
+        replaces (this call's remaining runs of the backbone that read it), and, with a budget, stops a
+        fill whose first batches say it would not end within those runs' share of it; the runs then
+        train live on the same crops (what is cached stays for next time). ``on`` always fills.
+        """
+        from ..devices import resolve_device
+        from .cache import FeatureCache
+
+        cache = FeatureCache(self.cache_root, model, crop=config.crop_size, dtype=self.spec.cache_dtype)
+        missing = cache.missing_windows(dataset)
+        readers = 1 + sum(1 for c, _ in self._pending if c.pfm == combination.pfm and self._reads_cache(c))
+        live = readers * config.training.epochs * (config.training.samples_per_epoch or len(dataset.boxes))
+        auto = self.spec.feature_cache == "auto"
+        if auto and missing > live:
+            note = f"no (filling {missing} windows costs more than the {live} live backbone passes it replaces)"
+            log.info("%s: feature cache %s.", combination, note)
+            return False, note
+        allowed = share * readers if self.budget.limited and auto else math.inf
+        model.to(resolve_device(device or config.system.device))
+        started = self.clock()
+        too_slow = False
+
+        def should_stop(done: int, total: int) -> bool:
+            nonlocal too_slow
+            if token.cancelled:
+                return True
+            elapsed = self.clock() - started
+            # the fill's own pace says it will not fit, or the comparison's time is up
+            too_slow = bool(done and elapsed / done * total > allowed) or self.budget.spent()
+            return too_slow
+
         filling = cache.iter_fill(dataset, device=next(model.parameters()).device,
-                                  batch_size=config.validation.batch_size, should_stop=lambda: token.cancelled)
+                                  batch_size=config.validation.batch_size, should_stop=None)
+        computed = 0
         while True:
             try:
-                progress = next(filling)
-            except StopIteration as finished:
-                return finished.value
-            yield "cache", progress
+                computed, total = next(filling)
+            except StopIteration:
+                break
+            yield "phase", Phase("cache", computed, total)
+            if should_stop(computed, total):
+                filling.close()
+                break
+        if token.user_cancelled:
+            return False, "no (cancelled)"
+        if too_slow:
+            note = (f"no (filling {missing} windows would not fit the time budget; {computed} cached for the next "
+                    "comparison)")
+            if not auto:
+                raise ConfigError(f"The feature cache of {combination.pfm} could not be filled within the time "
+                                  f"budget ({computed} of {missing} windows); raise the budget or set the feature "
+                                  "cache to auto.")
+            log.info("%s: feature cache %s.", combination, note)
+            return False, note
+        dataset.attach_features(cache.store(dataset))
+        return True, "yes (built)" if computed else "yes"
 
     def _throughput(self, model: Any, config: Any, device: Any) -> float | None:
         if not self.spec.throughput_steps:
@@ -485,20 +555,19 @@ def _resumable(run_dir: Path, config: Any) -> Path | None:
     return last if stored == config.to_dict() and payload.get("training_state") else None
 
 
-def score_model(model: Any, source: Any, config: Any, *, device: Any = None) -> dict[str, Any]:
-    """Per-image confusion matrices and pooled metrics of ``model`` on every image of ``source`` with a mask.
-
-    Predicted like validation: native resolution, ``validation.resize_or_windowslide`` with the config's
-    window, overlap and batch size.
-    """
-    from ..training.metrics import ConfusionMeter
+def _iter_score(model: Any, source: Any, config: Any, *, device: Any = None
+                ) -> Generator[CompareEvent, None, dict[str, Any]]:
+    """:func:`score_model` yielding ``("phase", Phase("score", done, total))`` after each image."""
+    from ..metrics import ConfusionMeter
     from ..training.validation import iterate_predictions
 
     meter = ConfusionMeter(config.num_classes, config.dataset.ignore_index)
     names = []
-    for index, _image, mask, probs in iterate_predictions(
+    total = source.num_images()
+    for done, (index, _image, mask, probs) in enumerate(iterate_predictions(
             model, source, window=config.window_size, mode=config.validation.resize_or_windowslide,
-            overlap=config.validation.overlap, batch_size=config.validation.batch_size, device=device):
+            overlap=config.validation.overlap, batch_size=config.validation.batch_size, device=device), 1):
+        yield "phase", Phase("score", done, total)
         if mask is None:
             continue
         meter.update(probs.argmax(0), mask)
@@ -508,6 +577,20 @@ def score_model(model: Any, source: Any, config: Any, *, device: Any = None) -> 
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in meter.compute().items()}
     return {"metrics": metrics, "names": names,
             "confusions": [np.asarray(cm, dtype=np.int64).tolist() for cm in meter.per_image]}
+
+
+def score_model(model: Any, source: Any, config: Any, *, device: Any = None) -> dict[str, Any]:
+    """Per-image confusion matrices and pooled metrics of ``model`` on every image of ``source`` with a mask.
+
+    Predicted like validation: native resolution, ``validation.resize_or_windowslide`` with the config's
+    window, overlap and batch size.
+    """
+    scoring = _iter_score(model, source, config, device=device)
+    while True:
+        try:
+            next(scoring)
+        except StopIteration as done:
+            return done.value
 
 
 def compare_models(config: Any, spec: CompareSpec, output_dir: str | Path, **kwargs: Any) -> CompareResult:

@@ -76,9 +76,9 @@ def parse_weights(pairs: Iterable[str] | Mapping[str, str] | None) -> dict[str, 
 
     if pairs is None:
         return {}
-    items = pairs.items() if isinstance(pairs, Mapping) else []
+    items: Iterable[tuple[str, str]] = pairs.items() if isinstance(pairs, Mapping) else []
     if not isinstance(pairs, Mapping):
-        parsed = []
+        parsed: list[tuple[str, str]] = []
         for pair in pairs:
             if "=" not in pair:
                 raise ConfigError(f"--weights '{pair}' is not NAME=PATH (e.g. uni_v1=/models/uni/pytorch_model.bin).")
@@ -101,15 +101,20 @@ class CompareSpec:
     * ``weights``: backbone name -> weights file or ``hf-hub:[repo]``. A full-size backbone without
       weights is a failed row (its random features would make the ranking meaningless); ``tiny``
       compares the small random-weight variants, for tests and demos only.
-    * ``feature_cache``: ``auto`` trains every row on the fixed crop set and reads frozen backbones'
-      features from the cache when the config's augmentation allows it (symmetries of the square
-      only, no zoom; see :mod:`.data`), else trains as ``train`` does; ``on`` requires it (an error
+    * ``feature_cache``: ``auto`` trains every row on the fixed crop set when the config's augmentation
+      allows it (symmetries of the square only, no zoom; see :mod:`.data`), else trains as ``train``
+      does, and reads a frozen backbone's features from the cache when filling it pays: fewer windows
+      to compute than the live backbone passes the cache replaces, and (with ``budget_s``) a fill
+      estimated, from its first batch, to fit in the time those runs have; ``on`` requires it (an error
       names the augmentation keys to change); ``off`` never uses it. ``cache_dir`` (default
       ``<output_dir>/feature_cache``) may be shared between comparisons; ``cache_dtype`` float32
       (exact) or float16 (half the disk). ``crop_stride``: step of the fixed crop grid (default half
       the crop).
     * ``time_budget_s``: training time per run (combination x seed); a run stops at the epoch that
       would exceed it (at least one epoch) and is scored as it is.
+    * ``budget_s``: wall time of the whole comparison, cache fill and scoring included: each run gets
+      an equal share of what is left, and runs that would start after it is spent are not started
+      (:mod:`.budget`).
     * ``n_bootstrap``: bootstrap resamples for the confidence intervals; ``throughput_steps``: batches
       timed for the inference windows/s column; ``device``: overrides ``system.device``.
     """
@@ -124,6 +129,7 @@ class CompareSpec:
     cache_dtype: str = "float32"
     crop_stride: int | None = None
     time_budget_s: float | None = None
+    budget_s: float | None = None
     n_bootstrap: int = 1000
     throughput_steps: int = 5
     device: str | None = None
@@ -153,6 +159,8 @@ class CompareSpec:
             raise ConfigError(f"cache_dtype is '{self.cache_dtype}'; choose one of {', '.join(DTYPES)}.")
         if self.time_budget_s is not None and self.time_budget_s <= 0:
             raise ConfigError(f"The time budget must be positive seconds, got {self.time_budget_s}.")
+        if self.budget_s is not None and self.budget_s <= 0:
+            raise ConfigError(f"The comparison's time budget must be positive seconds, got {self.budget_s}.")
         if self.crop_stride is not None and self.crop_stride < 1:
             raise ConfigError(f"crop_stride must be a positive number of pixels, got {self.crop_stride}.")
         if self.n_bootstrap < 1:

@@ -44,7 +44,7 @@ class AugmentContext:
 class _Joint(v2.Transform):
     """A custom v2 transform applied with probability ``p`` to images and masks alike."""
 
-    _transformed_types = (tv_tensors.Image, tv_tensors.Mask)
+    _transformed_types: tuple[type | Callable[[Any], bool], ...] = (tv_tensors.Image, tv_tensors.Mask)
 
     def __init__(self, p: float):
         super().__init__()
@@ -236,6 +236,17 @@ TRANSFORMS: dict[str, Callable[..., v2.Transform]] = {
         p, tuple(scale), tuple(ratio), value, ctx.ignore_index),
 }
 
+#: Transforms that permute the pixels of a square crop exactly (the generators of D4): a frozen backbone
+#: sees only inputs it has seen before, which is what lets a comparison reuse cached features.
+EXACT_TRANSFORMS: tuple[str, ...] = ("hflip", "vflip", "rot90", "transpose")
+
+
+def exact_only() -> dict[str, dict[str, Any]]:
+    """An augmentation ``transforms`` mapping that switches off (``p`` = 0) every transform that is not in
+    :data:`EXACT_TRANSFORMS`, in registry order; the exact ones keep their configured settings."""
+    return {name: {"p": 0.0} for name in TRANSFORMS if name not in EXACT_TRANSFORMS}
+
+
 # The defaults follow the seed's pipeline in spirit (flips, rot90/transpose, distortion, colour,
 # noise/blur, lighting, cutout) with strengths suited to H&E; stain jitter replaces weather effects.
 DEFAULT_PROBABILITIES: dict[str, float] = {
@@ -322,7 +333,7 @@ class JointAugment:
             steps.append(v2.RandomResizedCrop(size=(crop_size, crop_size), scale=tuple(crop_scale),
                                               ratio=tuple(crop_ratio), antialias=True))
         elif crop_size is not None and crop_zoom is not None:
-            steps.append(ZoomCrop(crop_size, tuple(crop_zoom), ignore_index))
+            steps.append(ZoomCrop(crop_size, (crop_zoom[0], crop_zoom[1]), ignore_index))
         elif crop_size is not None:
             steps.append(v2.RandomCrop(size=(crop_size, crop_size), pad_if_needed=True, fill=ctx.fill))
         for name in TRANSFORMS:
@@ -415,6 +426,7 @@ def crop_shrink(crop_size: int | None, *, scale: tuple[float, float] | None = No
     sizes = Counter((int(h), int(w)) for h, w in image_sizes)
     if not sizes:
         raise ConfigError("The shrink of area-scale crops depends on the image sizes; pass image_sizes.")
+    assert scale is not None  # neither native nor zoom: area-scale crops
     parts = [_area_crop_shrinks(h, w, int(crop_size), scale, ratio) for h, w in sizes]
     low, high = min(v.min() for v, _ in parts), max(v.max() for v, _ in parts)
     if len(parts) == 1:

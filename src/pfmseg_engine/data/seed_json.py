@@ -30,8 +30,9 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from ..classes import default_class_names
 from ..errors import DataError, closest
 
 SPLITS = ("train", "val", "test")
@@ -128,7 +129,7 @@ def load_seed_json(path: str | Path, check_files: bool = True) -> SeedDataset:
     num_classes = raw["num_classes"]
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
         raise DataError(f"Dataset JSON '{path}': num_classes must be a positive integer, got {num_classes!r}.")
-    names = raw.get("class_names") or [f"class_{i}" for i in range(num_classes)]
+    names = raw.get("class_names") or list(default_class_names(num_classes))
     if len(names) != num_classes:
         raise DataError(
             f"Dataset JSON '{path}' lists {len(names)} class_names for num_classes={num_classes}; "
@@ -167,7 +168,8 @@ def load_seed_json(path: str | Path, check_files: bool = True) -> SeedDataset:
         num_classes=num_classes,
         class_names=tuple(str(n) for n in names),
         splits=splits,
-        class_colors=tuple(tuple(int(v) for v in c) for c in colours) if colours else None,
+        class_colors=cast("tuple[tuple[int, int, int], ...]", tuple(tuple(int(v) for v in c) for c in colours))
+        if colours else None,
     )
 
 

@@ -77,7 +77,8 @@ def run_demo(output_dir: str | Path, *, epochs: int | None = None, device: str =
     import time
 
     from ..checkpoint import load_checkpoint
-    from ..inference import LabelOutput, predict_slide
+    from ..jobs.prediction import ChunkDone, PredictionSettings, SlidePrediction
+    from ..labelstore.omezarr import LabelOutput
     from ..slides import open_slide
     from ..training import TqdmProgress, train_on_annotations
     from ..training.visualize import palette, save_panel
@@ -106,9 +107,9 @@ def run_demo(output_dir: str | Path, *, epochs: int | None = None, device: str =
     model = load_checkpoint(trained.best_checkpoint, device=None)
     start = time.perf_counter()
     bar = _ChunkBar(progress)
-    outcome = predict_slide(model, slide_path, output_dir, callback=bar.update_chunk, overwrite=True,
-                            device=config.system.device if config.system.device != "auto" else None,
-                            **SLIDE_SETTINGS)
+    settings = PredictionSettings(**SLIDE_SETTINGS, overwrite=True, measure=False, device=config.system.device)
+    outcome = SlidePrediction(model, slide_path, output_dir, settings).run(
+        lambda event: bar.update_chunk(event.chunk) if isinstance(event, ChunkDone) else None)
     bar.close()
     seconds_inference = time.perf_counter() - start
 
@@ -130,7 +131,7 @@ def run_demo(output_dir: str | Path, *, epochs: int | None = None, device: str =
 
 
 def _scores(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    from ..training.metrics import confusion_matrix, metrics_from_confusion
+    from ..metrics import confusion_matrix, metrics_from_confusion
 
     flat = metrics_from_confusion(confusion_matrix(prediction, truth, len(DEMO_CLASS_NAMES)))
     return {k: flat[k] for k in ("mIoU", "Mean_Dice", "Pixel_Accuracy")}
@@ -140,7 +141,7 @@ class _ChunkBar:
     """tqdm over finished slide chunks (or nothing when progress is off)."""
 
     def __init__(self, enabled: bool):
-        self.bar = None
+        self.bar: Any = None
         self.enabled = enabled
 
     def update_chunk(self, chunk: Any) -> None:

@@ -3,8 +3,8 @@
 * :mod:`.inputs`: slide files, globs, folders and manifest CSVs -> :class:`SlideJob` (per-slide mpp,
   name, region, target mpp); duplicates dropped.
 * :mod:`.jobs`: :func:`predict_job`, one slide: the checkpoint is loaded once per worker process
-  (cached), the slide planned (:func:`~pfmseg_engine.inference.plan_slide`) and the plan run
-  (:func:`~pfmseg_engine.inference.execute_plan`); :func:`slide_task`, what a worker runs: that, with
+  (cached) and the slide is one :class:`~pfmseg_engine.jobs.SlidePrediction`
+  (plan, execute, export, measure); :func:`slide_task`, what a worker runs: that, with
   its retries, an expected failure (a corrupt or refused slide) returned as a ``SlideFailure``, not raised.
 * :mod:`.recycle`: ``SlideRecycler``, the worker plugin that restarts a worker process after K slides.
 * :mod:`.cohort`: :func:`run_cohort` (serial, or futures with ``retries=`` on a client, collected with
@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from .cohort import DEFAULT_RETRIES, predict_slides, run_cohort
 from .inputs import SlideJob, collect_slides, parse_region, read_manifest
-from .jobs import cached_model, predict_job, predict_one, task_key
+from .jobs import cached_model, predict_job, slide_task, task_key
 from .summary import CohortSummary, SlideRecord
 
 __all__ = ["DEFAULT_RETRIES", "CohortSummary", "SlideJob", "SlideRecord", "cached_model",
-           "collect_slides", "parse_region", "predict_job", "predict_one", "predict_slides", "read_manifest",
-           "run_cohort", "task_key"]
+           "collect_slides", "parse_region", "predict_job", "predict_slides", "read_manifest", "run_cohort",
+           "slide_task", "task_key"]

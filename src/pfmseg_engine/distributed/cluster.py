@@ -44,11 +44,11 @@ CLIENT_CLOSE_TIMEOUT = 10.0
 DASK_LOGGER = "distributed"
 
 
-def need_distributed(flag: str = "--scheduler") -> None:
+def need_distributed(what: str = "A dask scheduler") -> None:
     try:
         import distributed  # noqa: F401
     except ImportError as exc:
-        raise ConfigError(f'{flag} needs the distributed package: pip install "dask[distributed]".') from exc
+        raise ConfigError(f'{what} needs the distributed package: pip install "dask[distributed]".') from exc
 
 
 def parse_scheduler(value: str) -> tuple[str, Any]:
@@ -63,10 +63,10 @@ def parse_scheduler(value: str) -> tuple[str, Any]:
         except ValueError:
             n = 0
         if n < 1:
-            raise ConfigError(f"--scheduler '{value}': write local or local:N with N worker processes (N >= 1).")
+            raise ConfigError(f"Scheduler '{value}': write local or local:N with N worker processes (N >= 1).")
         return "local", n
     if not text:
-        raise ConfigError("--scheduler needs local, local:N or a scheduler address such as tcp://host:8786.")
+        raise ConfigError("A scheduler needs to be local, local:N or an address such as tcp://host:8786.")
     return "address", text
 
 
@@ -193,8 +193,8 @@ def close_cluster(cluster: Any, timeout: float = WORKER_CLOSE_TIMEOUT) -> None:
 
 def _unreachable(address: str, reason: str) -> ConfigError:
     return ConfigError(f"Could not reach a dask scheduler at '{address}': {reason}; check the address (start "
-                       "one with 'dask scheduler' and workers with 'dask worker ADDRESS') or use --scheduler "
-                       "local:N.")
+                       "one with 'dask scheduler' and workers with 'dask worker ADDRESS') or use a local "
+                       "cluster (local:N).")
 
 
 def _tcp_endpoint(address: str) -> tuple[str, int] | None:
@@ -207,7 +207,7 @@ def _tcp_endpoint(address: str) -> tuple[str, int] | None:
             return None
         return parse_host_port(location, 8786)
     except ValueError as exc:  # a port that is not a number, a malformed IPv6 address, ...
-        raise ConfigError(f"--scheduler '{address}' is not a scheduler address ({exc}); write tcp://host:port, "
+        raise ConfigError(f"'{address}' is not a scheduler address ({exc}); write tcp://host:port, "
                           "or local / local:N.") from exc
 
 
@@ -228,7 +228,7 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_CONNECT_TIMEOUT) ->
     something else answers (garbage, or silence) ends within ``timeout`` instead of waiting forever.
     """
     if not (timeout > 0):
-        raise ConfigError(f"--scheduler_timeout must be a positive number of seconds, got {timeout}.")
+        raise ConfigError(f"The scheduler timeout must be a positive number of seconds, got {timeout}.")
     endpoint = _tcp_endpoint(address)
     if endpoint is not None:
         try:

@@ -8,6 +8,7 @@ as failed with its error and the others go on; ``summary.csv``/``.json``/``.md``
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -15,14 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..inference.plan import SlideInferenceConfig
+from ..jobs.cohort import DEFAULT_RETRIES, CohortSettings
+from ..jobs.prediction import PredictionOutcome, PredictionSettings, worker_id
 from ..storage import StorageError, ensure_output_dir
 from .inputs import SlideJob, collect_slides
 from .jobs import ModelLoader, SlideFailure, fatal, predict_job, slide_task, task_key
-from .summary import CohortSummary, SlideRecord, describe_error, worker_id
+from .summary import CohortSummary, SlideRecord, describe_error
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RETRIES = 1
 #: Seconds between rewrites of the summary while a long run goes on (it is always written at the end).
 SUMMARY_INTERVAL = 30.0
 
@@ -71,69 +74,57 @@ def run_cohort(
     checkpoint: str | Path,
     slides: Iterable[str | Path | SlideJob],
     output_dir: str | Path,
-    config: Any = None,
+    settings: CohortSettings | PredictionSettings | SlideInferenceConfig | dict[str, Any] | None = None,
     *,
     client: Any = None,
     model: Any = None,
     model_loader: ModelLoader | None = None,
-    weights: str | None = None,
-    device: str | None = None,
-    reader: str = "auto",
-    mpp: float | None = None,
-    retries: int = DEFAULT_RETRIES,
-    overwrite: bool = False,
-    exports: Sequence[str] = (),
-    geojson_options: dict[str, Any] | None = None,
-    wait: float | None = None,
-    recycle_after: int | None = None,
-    progress: bool = False,
     on_plan: Callable[[Any], Any] | None = None,
     on_record: Callable[[SlideRecord], Any] | None = None,
-    summary: bool = True,
+    **overrides: Any,
 ) -> CohortSummary:
     """Predict every slide ``slides`` names (files, globs, folders, manifest CSVs or :class:`SlideJob`).
+
+    ``settings`` is a :class:`~pfmseg_engine.jobs.CohortSettings` (or the prediction settings of every
+    slide: a :class:`~pfmseg_engine.jobs.PredictionSettings`, ``SlideInferenceConfig`` or its dict);
+    ``overrides`` are fields of either, by name (``retries=0``, ``exports=("geojson",)``...). Each slide is
+    one :class:`~pfmseg_engine.jobs.SlidePrediction`.
 
     Without ``client`` the slides run here, one after the other, with ``model`` (else the checkpoint,
     or ``model_loader(checkpoint, weights, device)``, loaded once); with a dask.distributed ``client``
     each slide is a task (``model_loader`` must then be importable or picklable on the workers; the
-    model is loaded once per worker process), retried ``retries`` times by dask, and a worker that dies
-    mid-slide only costs a resumed slide. ``recycle_after`` K restarts each worker process after K
-    slides (cluster only). ``wait`` is how long a slide waits for another writer of its output (None:
-    as long as it takes). ``on_record`` sees each slide's :class:`SlideRecord` as it ends; ``progress``
-    shows tqdm bars (slides, and chunks of the current slide when serial). Failures never raise here
-    (except a full or read-only output disk in a serial run, which would fail every slide): see the
-    returned :class:`CohortSummary`, which is also written to ``output_dir`` when ``summary``.
+    model is loaded once per worker process), retried ``retries`` times, and a worker that dies
+    mid-slide only costs a resumed slide; tasks wait for another writer of their output as long as it
+    takes. ``on_record`` sees each slide's :class:`SlideRecord` as it ends, ``on_plan`` each plan (serial
+    runs). Failures never raise here (except a full or read-only output disk in a serial run, which
+    would fail every slide): see the returned :class:`CohortSummary`, which is also written to
+    ``output_dir`` unless ``summary=False``.
     """
-    from ..inference.plan import SlideInferenceConfig
-
-    if int(retries) < 0:
-        raise ConfigError(f"--retries must be 0 or more, got {retries}.")
+    settings = CohortSettings.of(settings, **overrides)
+    if int(settings.retries) < 0:
+        raise ConfigError(f"retries must be 0 or more, got {settings.retries}.")
     if client is not None and model is not None:
         raise ConfigError("model= runs slides in this process; on a cluster each worker loads the checkpoint "
                           "(or calls model_loader), so pass client= without model=.")
-    config = config or SlideInferenceConfig()
+    prediction = settings.prediction
     output_dir = ensure_output_dir(output_dir).absolute()  # workers may run elsewhere, in another folder
-    jobs = collect_slides(slides, mpp=mpp)
+    jobs = collect_slides(slides, mpp=prediction.mpp)
     if not jobs:
         raise ConfigError("No slides to predict.")
-    settings = {"checkpoint": str(checkpoint), "reader": reader, "retries": int(retries), "overwrite": overwrite,
-                "exports": list(exports or ()), "config": config.to_dict(),
-                "scheduler": _address(client)}
+    recorded = {"checkpoint": str(checkpoint), "reader": prediction.reader, "retries": int(settings.retries),
+                "overwrite": prediction.overwrite, "exports": list(prediction.exports),
+                "config": prediction.inference_config().to_dict(), "scheduler": _address(client)}
     bar = None
-    if progress:
+    if settings.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(jobs), desc="slides", unit="slide", position=0)
-    run = _Run(jobs, output_dir, settings, summary, on_record, bar)
-    options = {"weights": weights, "device": device, "reader": reader, "overwrite": overwrite,
-               "exports": tuple(exports or ()), "geojson_options": dict(geojson_options or {})}
+    run = _Run(jobs, output_dir, recorded, settings.summary, on_record, bar)
     try:
         if client is None:
-            _serial(run, jobs, checkpoint, output_dir, config, model, model_loader, retries, wait, progress,
-                    on_plan, options)
+            _serial(run, jobs, checkpoint, output_dir, settings, model, model_loader, on_plan)
         else:
-            _distributed(run, jobs, client, checkpoint, output_dir, config, model_loader, retries, wait,
-                         recycle_after, options)
+            _distributed(run, jobs, client, checkpoint, output_dir, settings, model_loader)
     except BaseException:
         run.save(quiet=True)  # what finished is recorded; the rest stays "pending"
         raise
@@ -162,27 +153,29 @@ def _address(client: Any) -> str:
         return "dask"
 
 
-def _serial(run: _Run, jobs, checkpoint, output_dir, config, model, model_loader, retries, wait, progress,
-            on_plan, options) -> None:
+def _serial(run: _Run, jobs: Sequence[SlideJob], checkpoint: str | Path, output_dir: Path,
+            settings: CohortSettings, model: Any, model_loader: ModelLoader | None,
+            on_plan: Callable[[Any], Any] | None) -> None:
     if model is None:
         if model_loader is not None:
-            model = model_loader(str(checkpoint), options["weights"], "cpu")
+            model = model_loader(str(checkpoint), settings.weights, "cpu")
         else:
             from ..checkpoint import load_checkpoint
 
-            model = load_checkpoint(checkpoint, weights=options["weights"], device="cpu")
+            model = load_checkpoint(checkpoint, weights=settings.weights, device="cpu")
+    retries = int(settings.retries)
     for index, job in enumerate(jobs):
         start = time.perf_counter()
-        for attempt in range(int(retries) + 1):
-            bar = _chunk_bar(job) if progress else None
+        for attempt in range(retries + 1):
+            bar = _chunk_bar(job) if settings.progress else None
             try:
-                result = predict_job(job, checkpoint, output_dir, config, model=model, wait=wait,
-                                     callback=bar and bar.callback, on_plan=on_plan, **options)
+                outcome = predict_job(job, checkpoint, output_dir, settings.prediction, model=model,
+                                      callback=bar.callback if bar is not None else None, on_plan=on_plan)
             except Exception as exc:
-                last = attempt == int(retries) or fatal(exc)
+                last = attempt == retries or fatal(exc)
                 if not last:
                     log.warning("Slide '%s' failed (%s); retrying (%d of %d).", job.label, describe_error(exc),
-                                attempt + 1, int(retries))
+                                attempt + 1, retries)
                     continue
                 record = SlideRecord.from_error(job.path, job.output_stem(), exc,
                                                 seconds=time.perf_counter() - start, worker=worker_id())
@@ -191,7 +184,7 @@ def _serial(run: _Run, jobs, checkpoint, output_dir, config, model, model_loader
                     raise
                 break
             else:
-                run.record(index, SlideRecord.from_result(job.path, result))
+                run.record(index, SlideRecord.from_outcome(job.path, outcome))
                 break
             finally:
                 if bar is not None:
@@ -214,13 +207,16 @@ class _chunk_bar:
         self.bar.close()
 
 
-def _distributed(run: _Run, jobs, client, checkpoint, output_dir, config, model_loader, retries, wait,
-                 recycle_after, options) -> None:
+def _distributed(run: _Run, jobs: Sequence[SlideJob], client: Any, checkpoint: str | Path, output_dir: Path,
+                 settings: CohortSettings, model_loader: ModelLoader | None) -> None:
     from distributed import as_completed
 
     from .recycle import QuietRestarts, SlideRecycler
 
     quiet = QuietRestarts()
+    recycle_after = settings.recycle_after
+    # a retry that starts while an earlier attempt still writes waits for it, then reuses its output
+    prediction = dataclasses.replace(settings.prediction, wait=None)
     if recycle_after:
         client.register_plugin(SlideRecycler(recycle_after), name=SlideRecycler.name)
         logging.getLogger(QuietRestarts.LOGGER).addFilter(quiet)  # a local cluster's nannies log here
@@ -231,9 +227,9 @@ def _distributed(run: _Run, jobs, client, checkpoint, output_dir, config, model_
             key = task_key(job, output_dir)
             index[key] = i
             # expected failures are retried inside the task and returned; dask's retries cover the rest
-            futures.append(client.submit(slide_task, job, str(checkpoint), str(output_dir), config.to_dict(),
-                                         model_loader=model_loader, wait=wait, key=key, retries=int(retries),
-                                         pure=False, **options))
+            futures.append(client.submit(slide_task, job, str(checkpoint), str(output_dir), prediction,
+                                         model_loader=model_loader, weights=settings.weights, key=key,
+                                         retries=int(settings.retries), pure=False))
         completed = as_completed(futures)
         futures = []  # as_completed holds them; each is released once its result is in
         for future in completed:
@@ -253,48 +249,44 @@ def _distributed(run: _Run, jobs, client, checkpoint, output_dir, config, model_
                 log.debug("Could not unregister the recycling plugin: %s", exc)
 
 
-def _task_record(job: SlideJob, value: Any) -> SlideRecord:
-    """The record of what :func:`~.jobs.slide_task` returned: a SlideResult or a :class:`SlideFailure`."""
+def _task_record(job: SlideJob, value: PredictionOutcome | SlideFailure) -> SlideRecord:
+    """The record of what :func:`~.jobs.slide_task` returned: an outcome or a :class:`SlideFailure`."""
     if isinstance(value, SlideFailure):
         return SlideRecord.from_error(job.path, job.output_stem(), value.as_exception(), seconds=value.seconds,
                                       worker=value.worker)
-    return SlideRecord.from_result(job.path, value)
+    return SlideRecord.from_outcome(job.path, value)
 
 
 def predict_slides(
     checkpoint: str | Path,
     slides: Iterable[str | Path | SlideJob],
     output_dir: str | Path,
-    config=None,
+    settings: CohortSettings | PredictionSettings | SlideInferenceConfig | dict[str, Any] | None = None,
     *,
-    client=None,
-    weights: str | None = None,
-    mpp: float | None = None,
-    reader: str = "auto",
-    device: str | None = None,
-    retries: int = DEFAULT_RETRIES,
-    overwrite: bool = False,
-    exports: Sequence[str] = (),
-    recycle_after: int | None = None,
-    on_done: Callable[[Any], Any] | None = None,
+    client: Any = None,
     model_loader: ModelLoader | None = None,
-    summary: bool = True,
-) -> list[Any]:
+    on_done: Callable[[PredictionOutcome], Any] | None = None,
+    **overrides: Any,
+) -> list[PredictionOutcome]:
     """Predict every slide (one task each on ``client``; in this process without one) and return the
-    :class:`~pfmseg_engine.inference.SlideResult` of each, in input order.
+    :class:`~pfmseg_engine.jobs.PredictionOutcome` of each, in input order.
 
-    The same run as :func:`run_cohort` (inputs, retries, summary files), but a slide that still fails
-    after ``retries`` raises its error here, once every other slide has finished. ``on_done`` sees each
-    result as it finishes.
+    The same run as :func:`run_cohort` (settings, inputs, retries, summary files), but a slide that still
+    fails after ``retries`` raises its error here, once every other slide has finished. ``on_done`` sees
+    each outcome as it finishes.
     """
-    cohort = run_cohort(checkpoint, slides, output_dir, config, client=client, weights=weights, mpp=mpp,
-                        reader=reader, device=device, retries=retries, overwrite=overwrite, exports=exports,
-                        recycle_after=recycle_after, model_loader=model_loader, summary=summary,
-                        on_record=(lambda r: on_done(r.result) if r.result is not None else None) if on_done else None)
+    def report(record: SlideRecord) -> None:
+        if on_done is not None and record.outcome is not None:
+            on_done(record.outcome)
+
+    cohort = run_cohort(checkpoint, slides, output_dir, settings, client=client, model_loader=model_loader,
+                        on_record=report, **overrides)
+    outcomes = []
     for record in cohort.records:
-        if record.status == "failed":
+        if record.outcome is None:
             raise record.exception or RuntimeError(record.error)
-    return [record.result for record in cohort.records]
+        outcomes.append(record.outcome)
+    return outcomes
 
 
 __all__ = ["DEFAULT_RETRIES", "predict_slides", "run_cohort"]

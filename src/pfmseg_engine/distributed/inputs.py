@@ -106,7 +106,7 @@ def parse_region(value: str | Sequence[float] | None, where: str = "region") -> 
             or numbers[0] < 0 or numbers[1] < 0:
         raise ConfigError(f"{where}: '{value}' is not a region; write four numbers 'x y w h' (or 'x,y,w,h') in "
                           "level-0 pixels, with x, y >= 0 and a positive width and height.")
-    return numbers  # type: ignore[return-value]
+    return numbers
 
 
 def _positive(value: str | None, column: str, where: str) -> float | None:
@@ -231,7 +231,7 @@ def collect_slides(items: Iterable[str | Path | SlideJob], *, mpp: float | None 
     manifest gets the manifest's mpp). Two slides that would write the same output name raise a
     :class:`ConfigError`.
     """
-    region = parse_region(region, "--region") if region is not None else None
+    region = parse_region(region, "region") if region is not None else None
     jobs: list[SlideJob] = []
     for item in items:
         jobs += [item] if isinstance(item, SlideJob) else _expand(str(item))

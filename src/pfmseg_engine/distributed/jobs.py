@@ -2,30 +2,31 @@
 slide with its retries, an expected failure returned as a :class:`SlideFailure`), the per-process model
 cache and the check that lets :class:`~.recycle.SlideRecycler` restart a worker process after K slides.
 
-A task plans its slide (:func:`~pfmseg_engine.inference.plan_slide`) and runs the plan
-(:func:`~pfmseg_engine.inference.execute_plan`). A finished output is reused and a ``.partial`` one
-resumed, so a task that fails or loses its worker is simply run again; ``wait=None`` (the default
-here) makes a retry that starts while an earlier attempt still writes wait for it, then reuse it.
+A task is a :class:`~pfmseg_engine.jobs.SlidePrediction` (plan, execute, export, measure). A finished
+output is reused and a ``.partial`` one resumed, so a task that fails or loses its worker is simply run
+again; a cohort's settings wait for another writer as long as it takes (``wait=None``), so a retry that
+starts while an earlier attempt still writes waits for it, then reuses it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
 import pickle
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import PfmsegError
+from ..inference.plan import SlideInferenceConfig
+from ..jobs.prediction import EXPORT_FILES, PredictionOutcome, PredictionSettings, worker_id
 from ..storage import OutputBusyError, StorageError
 from .inputs import SlideJob
-from .summary import describe_error, tissue_area_mm2, worker_id
+from .summary import describe_error
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ ModelLoader = Callable[[str, "str | None", str], Any]
 _MODELS: dict[tuple[Any, ...], Any] = {}
 _LOCK = threading.Lock()
 
-#: Default export file of each ``--export`` kind, beside ``<name>.ome.zarr``.
-EXPORT_FILES = {"ome-tiff": "{name}.labels.ome.tif", "geojson": "{name}.geojson"}
 
 
 def _loader_id(loader: ModelLoader | None) -> str | None:
@@ -87,71 +86,51 @@ def _this_worker_recycler():
     return plugin if isinstance(plugin, SlideRecycler) else None
 
 
+def job_settings(settings: PredictionSettings | SlideInferenceConfig | dict[str, Any] | None,
+                 job: SlideJob) -> PredictionSettings:
+    """The settings of one slide of a cohort: its own ``mpp``, ``target_mpp`` and ``tissue_roi`` (a manifest's
+    columns) over the cohort's."""
+    return PredictionSettings.of(settings).with_overrides(mpp=job.mpp, target_mpp=job.target_mpp,
+                                                          tissue_roi=job.tissue_roi)
+
+
 # ---- the task ------------------------------------------------------------------------------------
 def predict_job(
     job: SlideJob,
     checkpoint: str | Path,
     output_dir: str | Path,
-    config: Any = None,
+    settings: PredictionSettings | SlideInferenceConfig | dict[str, Any] | None = None,
     *,
     model: Any = None,
     model_loader: ModelLoader | None = None,
     weights: str | None = None,
-    device: str | None = None,
-    reader: str = "auto",
-    overwrite: bool = False,
-    exports: Sequence[str] = (),
-    geojson_options: dict[str, Any] | None = None,
-    wait: float | None = None,
     callback: Callable[[Any], Any] | None = None,
     on_plan: Callable[[Any], Any] | None = None,
-):
-    """Predict one slide of a cohort; returns its :class:`~pfmseg_engine.inference.SlideResult`.
-
-    ``model`` is used as given; else the process's cached model (:func:`cached_model`). ``config``
-    is a :class:`~pfmseg_engine.inference.SlideInferenceConfig` or its dict; the job's ``target_mpp``
-    and ``tissue_roi`` replace the config's. ``exports``: "ome-tiff", "geojson" (a reused slide is
-    exported only where the export is missing; ``geojson_options`` go to ``export_geojson``). Every
-    finished output gets its ``<name>_measurements.csv``. ``result.extra`` carries the plan summary
-    ("plan"), "status" ("done", or "reused" when the output was complete when the task started),
-    "tissue_mm2", "exports", "measurements" (the CSV), "worker" (host:pid) and "seconds" (the whole
-    task, model loading aside); ``result.slide_plan`` is dropped (it holds the open slide).
+) -> PredictionOutcome:
+    """Predict one slide of a cohort: a :class:`~pfmseg_engine.jobs.SlidePrediction` of ``job`` (its
+    ``mpp``, ``target_mpp`` and ``tissue_roi`` overlay ``settings``), with ``model`` or else the process's
+    cached model (:func:`cached_model`). ``callback`` sees every finished chunk and ``on_plan`` the plan.
     """
     from ..devices import resolve_device
-    from ..inference.plan import SlideInferenceConfig, plan_slide
-    from ..inference.runner import model_info
-    from ..inference.slide import execute_plan
-    from ..slides import open_slide
+    from ..jobs.prediction import ChunkDone, Planned, SlidePrediction
 
     recycler = _this_worker_recycler()
     if recycler is not None:
         recycler.gate()
     try:
-        device = str(resolve_device(device))  # resolved here, on the worker that owns the GPU
+        settings = job_settings(settings, job)
+        device = str(resolve_device(settings.device))  # resolved here, on the worker that owns the GPU
         if model is None:
             model = cached_model(str(checkpoint), weights, device, model_loader)
-        start = time.perf_counter()
-        if config is None or isinstance(config, dict):
-            config = SlideInferenceConfig(**(config or {}))
-        if job.target_mpp is not None:
-            config = dataclasses.replace(config, target_mpp=job.target_mpp)
-        if job.tissue_roi is not None:
-            config = dataclasses.replace(config, tissue_roi=job.tissue_roi)
-        with open_slide(job.path, mpp=job.mpp, reader=reader) as slide:
-            plan = plan_slide(slide, model_info(model), config, region=job.region, output_dir=output_dir,
-                              name=job.name)
-            if on_plan is not None:
-                on_plan(plan)
-            reused = plan.final.exists() and not overwrite
-            result = execute_plan(plan, model, device=device, callback=callback, overwrite=overwrite, wait=wait)
-            result.extra.update(plan=plan.summary(), status="reused" if reused else "done",
-                                tissue_mm2=tissue_area_mm2(plan), worker=worker_id())
-        result.slide_plan = None
-        result.extra["exports"] = [str(p) for p in export(result.path, exports, only_missing=reused,
-                                                          geojson_options=geojson_options)]
-        result.extra["measurements"] = str(measure(result.path, only_missing=reused))
-        result.extra["seconds"] = time.perf_counter() - start
-        return result
+        prediction = SlidePrediction(model, job.path, output_dir, settings.with_overrides(device=device),
+                                     region=job.region, name=job.name)
+        for event in prediction.iter_run():
+            if isinstance(event, Planned) and on_plan is not None:
+                on_plan(event.plan)
+            elif isinstance(event, ChunkDone) and callback is not None:
+                callback(event.chunk)
+        assert prediction.outcome is not None  # iter_run ran to its end
+        return prediction.outcome
     finally:
         if recycler is not None:
             recycler.finished()
@@ -196,9 +175,11 @@ class SlideFailure:
         return self.exception if self.exception is not None else PfmsegError(self.error)
 
 
-def slide_task(job: SlideJob, checkpoint: str | Path, output_dir: str | Path, config: Any = None, *,
-               retries: int = 0, **options: Any):
-    """:func:`predict_job` as a cluster task: its SlideResult, or a :class:`SlideFailure` once the slide
+def slide_task(job: SlideJob, checkpoint: str | Path, output_dir: str | Path,
+               settings: PredictionSettings | SlideInferenceConfig | dict[str, Any] | None = None, *,
+               retries: int = 0, model_loader: ModelLoader | None = None,
+               weights: str | None = None) -> PredictionOutcome | SlideFailure:
+    """:func:`predict_job` as a cluster task: its outcome, or a :class:`SlideFailure` once the slide
     failed ``retries`` more times with an expected error (:data:`EXPECTED_ERRORS`).
 
     Expected errors are retried here, on this worker, and never raised; other exceptions propagate,
@@ -207,7 +188,7 @@ def slide_task(job: SlideJob, checkpoint: str | Path, output_dir: str | Path, co
     start, attempt = time.perf_counter(), 0
     while True:
         try:
-            return predict_job(job, checkpoint, output_dir, config, **options)
+            return predict_job(job, checkpoint, output_dir, settings, model_loader=model_loader, weights=weights)
         except EXPECTED_ERRORS as exc:
             if attempt >= int(retries) or fatal(exc):
                 return SlideFailure.of(exc, time.perf_counter() - start)
@@ -216,40 +197,5 @@ def slide_task(job: SlideJob, checkpoint: str | Path, output_dir: str | Path, co
                         int(retries))
 
 
-def export(store: Path, kinds: Sequence[str], only_missing: bool = False,
-           geojson_options: dict[str, Any] | None = None) -> list[Path]:
-    """Write the requested exports of a finished output (skipping existing ones when ``only_missing``)."""
-    from ..inference.export_tiff import export_ome_tiff
-    from ..inference.geojson_export import export_geojson
-
-    exporters = {"ome-tiff": export_ome_tiff,
-                 "geojson": lambda path: export_geojson(path, **(geojson_options or {}))}
-    name = store.name.removesuffix(".ome.zarr")
-    written = []
-    for kind in kinds or ():
-        target = store.with_name(EXPORT_FILES[kind].format(name=name))
-        if only_missing and target.exists():
-            written.append(target)
-            continue
-        written.append(Path(exporters[kind](store)))
-    return written
-
-
-def measure(store: Path, only_missing: bool = False) -> Path:
-    """The output's ``<name>_measurements.csv`` (area per class, regions, nucleus counts), written beside it."""
-    from ..annotations.measurements import measurements_path, write_measurements
-
-    target = measurements_path(store)
-    return target if only_missing and target.exists() else write_measurements(store)
-
-
-def predict_one(checkpoint: str, slide: str, output_dir: str, config: dict[str, Any], *,
-                weights: str | None = None, mpp: float | None = None, device: str | None = None,
-                reader: str = "auto", model_loader: ModelLoader | None = None):
-    """One slide with the process's cached model (the earlier single-slide task; see :func:`predict_job`)."""
-    return predict_job(SlideJob(path=str(slide), mpp=mpp), checkpoint, output_dir, config, weights=weights,
-                       device=device, reader=reader, model_loader=model_loader)
-
-
-__all__ = ["EXPECTED_ERRORS", "EXPORT_FILES", "SlideFailure", "cached_model", "export", "fatal", "measure",
-           "predict_job", "predict_one", "slide_task", "task_key"]
+__all__ = ["EXPECTED_ERRORS", "EXPORT_FILES", "SlideFailure", "cached_model", "fatal", "job_settings", "predict_job",
+           "slide_task", "task_key"]

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 
-from distributed import Reschedule, WorkerPlugin
+from distributed import Reschedule, Worker, WorkerPlugin
 
 from ..errors import ConfigError
 
@@ -38,13 +38,13 @@ class SlideRecycler(WorkerPlugin):
 
     def __init__(self, after: int):
         if int(after) < 1:
-            raise ConfigError(f"--recycle_after must be 1 or more slides, got {after}.")
+            raise ConfigError(f"recycle_after must be 1 or more slides, got {after}.")
         self.after = int(after)
         self.done = 0
         self.closing = False
-        self.worker = None
+        self.worker: Worker | None = None
 
-    def setup(self, worker) -> None:
+    def setup(self, worker: Worker) -> None:
         self.worker = worker
 
     def finished(self) -> None:
@@ -74,6 +74,8 @@ class SlideRecycler(WorkerPlugin):
         (what ``Client.restart_workers`` does) avoids that race.
         """
         worker = self.worker
+        if worker is None:  # never set up: not on a worker
+            return
         try:
             await worker.scheduler.retire_workers(workers=[worker.address], close_workers=False, remove=False,
                                                   stimulus_id=f"pfmseg-recycle-{time.time()}")

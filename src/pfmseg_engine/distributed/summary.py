@@ -13,15 +13,18 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import csvsafe
 from ..errors import PfmsegError
 from ..storage import describe_os_error, writing
+
+if TYPE_CHECKING:
+    from ..inference.slide import SlideResult
+    from ..jobs.prediction import PredictionOutcome
 
 STATUSES = ("done", "reused", "failed", "pending")
 COLUMNS = ("slide", "name", "status", "seconds", "tissue_mm2", "chunks_run", "chunks_total", "windows",
@@ -43,29 +46,6 @@ def describe_error(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def worker_id() -> str:
-    """host:pid of this process (where a slide ran)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def tissue_area_mm2(plan: Any) -> float | None:
-    """Tissue area (before the halo) inside the planned area of a :class:`SlidePlan`, in mm²."""
-    tissue = plan.tissue
-    slide_mpp = plan.slide.mpp
-    if tissue is None or not slide_mpp:
-        return None
-    d = tissue.downsample
-    mask = tissue.tissue
-    if plan.is_region:
-        (oy, ox), ds = plan.origin, plan.downsample
-        r0, c0 = max(0, int(oy // d)), max(0, int(ox // d))
-        r1 = min(mask.shape[0], int(-(-(oy + plan.shape[0] * ds) // d)))
-        c1 = min(mask.shape[1], int(-(-(ox + plan.shape[1] * ds) // d)))
-        mask = mask[r0:r1, c0:c1]
-    pixel_mm = d * slide_mpp / 1000.0
-    return float(mask.sum()) * pixel_mm * pixel_mm
-
-
 @dataclass
 class SlideRecord:
     """What happened to one slide (``result``/``exception`` stay in memory; the rest is written)."""
@@ -84,21 +64,27 @@ class SlideRecord:
     worker: str | None = None
     error: str | None = None
     exports: list[str] = field(default_factory=list)
-    result: Any = field(default=None, repr=False, compare=False)
+    outcome: PredictionOutcome | None = field(default=None, repr=False, compare=False)
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
+    @property
+    def result(self) -> SlideResult | None:
+        """The executor's result of a slide that finished (None when it failed or is pending)."""
+        return self.outcome.result if self.outcome is not None else None
+
     @classmethod
-    def from_result(cls, slide: str, result: Any) -> SlideRecord:
-        """The record of a slide that finished (``result``: a SlideResult from :func:`predict_job`)."""
-        extra = result.extra
-        seconds = extra.get("seconds", result.seconds)
-        run_seconds = result.seconds
-        rate = result.windows_run / run_seconds if result.windows_run and run_seconds else None
-        return cls(slide=slide, name=result.name, status=extra.get("status", "done"), seconds=seconds,
-                   tissue_mm2=extra.get("tissue_mm2"), chunks_run=result.chunks_run,
-                   chunks_total=result.chunks_total, windows=result.windows_run, windows_per_s=rate,
-                   resumed=bool(result.resumed), output=str(result.path), worker=extra.get("worker"),
-                   exports=list(extra.get("exports", [])), result=result)
+    def from_outcome(cls, slide: str, outcome: PredictionOutcome) -> SlideRecord:
+        """The record of a slide that finished (``outcome``: from :func:`~.jobs.predict_job`)."""
+        result = outcome.result
+        run_seconds = result.seconds if result is not None else 0.0
+        windows = result.windows_run if result is not None else 0
+        rate = windows / run_seconds if windows and run_seconds else None
+        return cls(slide=slide, name=outcome.name, status=outcome.status, seconds=outcome.seconds,
+                   tissue_mm2=outcome.tissue_mm2, chunks_run=outcome.chunks_run,
+                   chunks_total=result.chunks_total if result is not None else None, windows=windows,
+                   windows_per_s=rate, resumed=bool(result is not None and result.resumed),
+                   output=str(outcome.path), worker=outcome.worker, exports=[str(p) for p in outcome.exports],
+                   outcome=outcome)
 
     @classmethod
     def from_error(cls, slide: str, name: str, exc: BaseException, seconds: float | None = None,
@@ -202,5 +188,4 @@ def _md(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-__all__ = ["COLUMNS", "FILES", "STATUSES", "CohortSummary", "SlideRecord", "describe_error", "tissue_area_mm2",
-           "worker_id"]
+__all__ = ["COLUMNS", "FILES", "STATUSES", "CohortSummary", "SlideRecord", "describe_error"]

@@ -11,6 +11,9 @@ from .cup import CupDecoder
 from .light import LightDecoder
 from .multilevel import FastDecoder, MultiLevelDecoder
 
+#: The head a model config names when it names none (and the one a from-scratch baseline records).
+DEFAULT_HEAD = "fast"
+
 HEADS: dict[str, type[nn.Module]] = {
     "fast": FastDecoder,
     "multilevel": MultiLevelDecoder,
@@ -45,5 +48,5 @@ def head_reads_final_tokens(name: str, **options: Any) -> bool:
     return bool(options.get("final_norm", default))
 
 
-__all__ = ["HEADS", "CupDecoder", "FastDecoder", "LightDecoder", "MultiLevelDecoder", "build_head",
+__all__ = ["DEFAULT_HEAD", "HEADS", "CupDecoder", "FastDecoder", "LightDecoder", "MultiLevelDecoder", "build_head",
            "head_reads_final_tokens"]

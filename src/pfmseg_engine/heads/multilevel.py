@@ -27,7 +27,7 @@ class MultiLevelDecoder(nn.Module):
     """
 
     uses_skips = True
-    STAGE_FRACTIONS = (8, 4, 2, 1)
+    STAGE_FRACTIONS: tuple[int, ...] = (8, 4, 2, 1)
 
     def __init__(self, in_channels: list[int], skip_channels: list[int], num_classes: int,
                  patch_size: int = 16, channels: int = 256, stage_channels: tuple[int, ...] = (128, 64, 32, 16)):

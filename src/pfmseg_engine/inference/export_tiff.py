@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from ..labelstore.omezarr import LabelOutput
 from ..storage import writing
-from .omezarr import LabelOutput
 
 #: OME ``MapAnnotation`` namespaces of the label legend and of the placement on the slide.
 CLASSES_NS = "pfmseg/labels"

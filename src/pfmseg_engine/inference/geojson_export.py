@@ -38,7 +38,7 @@ from ..annotations.export import (
     write_regions,
 )
 from ..errors import ConfigError
-from .omezarr import LabelOutput
+from ..labelstore.omezarr import LabelOutput
 
 __all__ = ["FRAMES", "OBJECT_TYPES", "class_polygons", "drop_collinear", "export_geojson", "frame_offset",
            "pick_level"]
@@ -145,7 +145,8 @@ def export_geojson(store: str | Path, path: str | Path | None = None, *, level: 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(tile_boxes(labels.shape, tiles)), desc=f"GeoJSON {name}", unit="tile", leave=False)
+        boxes = tile_boxes((labels.shape[0], labels.shape[1]), tiles)
+        bar = tqdm(total=len(boxes), desc=f"GeoJSON {name}", unit="tile", leave=False)
     try:
         return write_regions(trace_regions(labels, tile=tiles, progress=bar.update if bar else None), path, style)
     finally:

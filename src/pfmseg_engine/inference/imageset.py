@@ -114,7 +114,7 @@ def infer_image_set(
     """Predict every image of ``split`` and write masks, overlays and (with masks) ``metrics.json``."""
     if mode not in MODES:
         raise ConfigError(
-            f"Unknown inference mode '{mode}'; choose resize or windowslide (--resize_or_windowslide)."
+            f"Unknown inference mode '{mode}'; choose resize or windowslide."
         )
     runner_info = ModelRunner(model, device=device, batch_size=batch_size).info
     check_window(input_size, runner_info.patch_size)
@@ -123,7 +123,7 @@ def infer_image_set(
     from ..data.images import read_image
     from ..data.masks import read_mask
     from ..data.seed_json import load_seed_json
-    from ..training.metrics import confusion_matrix, metrics_from_confusion
+    from ..metrics import confusion_matrix, metrics_from_confusion
 
     dataset = load_seed_json(input_json)
     if dataset.num_classes != runner_info.num_classes:

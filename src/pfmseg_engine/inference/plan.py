@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -26,12 +25,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..labelstore.pyramid import pyramid_shapes
 from ..slides import Slide, TissueMask, detect_tissue, plan_resolution
 from ..slides.readers import ArrayReader, OffsetReader, PILReader
 from ..slides.resolution import DEFAULT_TOLERANCE, ResampledReader, ResolutionPlan
-from .grid import Box, ChunkPlan, WindowGrid, raster_order
-from .pyramid import pyramid_shapes
-from .scale import TrainingScale, training_scale_of, warn_training_scale
+from ..training_scale import warn_training_scale
+from .grid import ChunkPlan, WindowGrid, raster_order
+from .modelinfo import ModelInfo
 from .schedule import output_region, priority_order
 from .window import BLEND_MODES, check_window, stride_for
 
@@ -45,58 +45,6 @@ RUNTIME_ONLY = ("batch_size", "prefetch", "read_workers")
 MAX_CLASSES = 254
 #: Level readers that hold their pixels in memory: nothing to gain from caching decoded tiles.
 IN_MEMORY = (ArrayReader, PILReader)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What inference needs to know about a model, whatever class it is (no weights, no torch)."""
-
-    num_classes: int
-    patch_size: int
-    class_names: tuple[str, ...]
-    input_size: int | None
-    mpp: float | None
-    training_scale: TrainingScale | None = None  # µm per model pixel in training (see .scale)
-
-    @classmethod
-    def from_model(cls, model: Any) -> ModelInfo:
-        """Classes, patch size, training window and resolution of a model (its ``config`` when present)."""
-        for attr in ("num_classes", "patch_size"):
-            if not isinstance(getattr(model, attr, None), int):
-                raise ConfigError(
-                    f"Model {type(model).__name__} has no integer '{attr}' attribute; inference needs "
-                    "'num_classes' and 'patch_size' (SegmentationModel has both)."
-                )
-        config = getattr(model, "config", None)
-        names = tuple(getattr(config, "class_names", None) or getattr(model, "class_names", None) or ())
-        if len(names) != model.num_classes:
-            names = tuple(f"class_{i}" for i in range(model.num_classes))
-        input_size = getattr(config, "input_size", None)
-        mpp = getattr(config, "mpp", None)
-        return cls(model.num_classes, model.patch_size, names,
-                   int(input_size) if input_size else None, float(mpp) if mpp else None, training_scale_of(model))
-
-    @classmethod
-    def from_model_config(cls, config: Any) -> ModelInfo:
-        """The same from a model's config (a ``ModelConfig`` or the dict a checkpoint stores), without
-        building the model: the patch size comes from the backbone registry."""
-        from ..backbones.registry import get_spec
-
-        get = config.get if isinstance(config, Mapping) else (lambda key, default=None: getattr(config, key, default))
-        backbone, num_classes = get("backbone"), get("num_classes")
-        if not backbone or not isinstance(num_classes, int):
-            raise ConfigError("A model config needs 'backbone' and an integer 'num_classes' to plan inference.")
-        names = tuple(get("class_names") or ())
-        if len(names) != num_classes:
-            names = tuple(f"class_{i}" for i in range(num_classes))
-        input_size, mpp = get("input_size"), get("mpp")
-        return cls(num_classes, int(get_spec(backbone).patch_size), names,
-                   int(input_size) if input_size else None, float(mpp) if mpp else None)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["class_names"] = list(self.class_names)
-        return data
 
 
 @dataclass(frozen=True)
@@ -122,7 +70,7 @@ class SlideInferenceConfig:
     window: int | None = None
     overlap: float = 0.25
     blend: str = "gaussian"
-    batch_size: int = 4
+    batch_size: int = 8
     chunk: int = 1024
     tissue: bool = True
     tissue_halo_um: float | None = None
@@ -137,6 +85,12 @@ class SlideInferenceConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def inference_config(self) -> SlideInferenceConfig:
+        """Just these settings (a subclass's extra fields dropped): what a plan records and fingerprints."""
+        if type(self) is SlideInferenceConfig:
+            return self
+        return SlideInferenceConfig(**{name: getattr(self, name) for name in SlideInferenceConfig.__dataclass_fields__})
 
 
 @dataclass(frozen=True, eq=False)
@@ -282,6 +236,23 @@ class SlidePlan:
     def windows_total(self) -> int:
         return sum(len(plan.windows) for plan in self.order)
 
+    def tissue_area_mm2(self) -> float | None:
+        """Tissue area (before the halo) inside the planned area, in mm² (None without tissue detection or
+        a slide µm/px)."""
+        tissue, slide_mpp = self.tissue, self.slide.mpp
+        if tissue is None or not slide_mpp:
+            return None
+        d = tissue.downsample
+        mask = tissue.tissue
+        if self.is_region:
+            (oy, ox), ds = self.origin, self.downsample
+            r0, c0 = max(0, int(oy // d)), max(0, int(ox // d))
+            r1 = min(mask.shape[0], int(-(-(oy + self.shape[0] * ds) // d)))
+            c1 = min(mask.shape[1], int(-(-(ox + self.shape[1] * ds) // d)))
+            mask = mask[r0:r1, c0:c1]
+        pixel_mm = d * slide_mpp / 1000.0
+        return float(mask.sum()) * pixel_mm * pixel_mm
+
     # ---- identity, metadata, summary ------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         """What makes two runs write the same output, model aside (the executor adds its fingerprint)."""
@@ -293,7 +264,8 @@ class SlidePlan:
             "config": config, "tissue": tissue, "classes": list(self.class_names)}))
 
     def fingerprint(self, model_fingerprint: str) -> dict[str, Any]:
-        """The run's identity as recorded in the output (key order as earlier versions wrote it)."""
+        """The run's identity as recorded in the output (the key order is part of the format: outputs of the
+        same run compare equal byte for byte)."""
         identity = self.identity()
         classes = identity.pop("classes")
         return {**identity, "model": model_fingerprint, "classes": classes}
@@ -370,12 +342,12 @@ def plan_slide(
     output pixels); ``priority_box`` (same units) is finished first. ``name`` defaults to the slide's
     name (plus the region's position and size); paths need ``output_dir``.
     """
-    config = config or SlideInferenceConfig()
+    config = config.inference_config() if config is not None else SlideInferenceConfig()
     info = model_info if isinstance(model_info, ModelInfo) else ModelInfo.from_model(model_info)
     if info.num_classes > MAX_CLASSES:
         raise ConfigError(f"{info.num_classes} classes do not fit uint8 labels (at most {MAX_CLASSES}).")
     if config.tissue_roi is not None and not config.tissue:
-        raise ConfigError("A tissue ROI limits where tissue is; it needs tissue detection on (drop --no-tissue).")
+        raise ConfigError("A tissue ROI limits where tissue is; it needs tissue detection on (tissue=True).")
     if config.blend not in BLEND_MODES:
         raise ConfigError(f"Unknown blend mode '{config.blend}'; choose one of {', '.join(BLEND_MODES)}.")
     if config.target_mpp is None and info.mpp is None:
@@ -383,7 +355,7 @@ def plan_slide(
         warnings.warn(
             f"The model records no training resolution (mpp) and no target_mpp was given, so '{slide.name}' is "
             f"predicted at its level 0 ({slide.mpp or 'unknown'} µm/px). If the model was trained at another "
-            "magnification, pass it (CLI: --target_mpp, Python: SlideInferenceConfig(target_mpp=...)), or "
+            "magnification, set the resolution to predict at (target_mpp) to it, or "
             "record it when training (model.mpp).", MagnificationWarning, stacklevel=2)
     resolution = plan_resolution(slide, config.target_mpp or info.mpp, config.mpp_tolerance)
     warn_training_scale(info.training_scale, resolution.mpp)  # a TrainingScaleWarning when they differ > 25 %
@@ -396,7 +368,7 @@ def plan_slide(
     if name is None:
         name = slide.name if region is None else (
             f"{slide.name}_x{round(ox0 * ds)}_y{round(oy0 * ds)}_{round(shape[1] * ds)}x{round(shape[0] * ds)}")
-    box: Box | None = None
+    box: tuple[float, float, float, float] | None = None
     if priority_box is not None:
         px, py, pw, ph = (float(v) for v in priority_box)
         oy, ox = oy0 * ds, ox0 * ds

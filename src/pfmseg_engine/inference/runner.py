@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .plan import ModelInfo
+from .modelinfo import ModelInfo
 
 
 def model_info(model) -> ModelInfo:

@@ -37,7 +37,7 @@ def output_region(region: Sequence[float], downsample: float, shape: tuple[int, 
     return y0, y1, x0, x1
 
 
-def priority_order(order: list[ChunkPlan], box: Box | None) -> list[ChunkPlan]:
+def priority_order(order: list[ChunkPlan], box: tuple[float, float, float, float] | None) -> list[ChunkPlan]:
     """``order`` with chunks intersecting ``box`` (output pixels) first, the rest by distance to it."""
     if box is None:
         return list(order)

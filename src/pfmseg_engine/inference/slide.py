@@ -38,25 +38,27 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..colors import ClassColors
 from ..errors import ConfigError, SlideError
+from ..labelstore.omezarr import LabelOutput, LabelStore
 from ..slides import Slide, open_slide, save_tissue_qc
-from ..slides.readers import OffsetReader  # noqa: F401  (what region runs read through; tests patch it here)
 from ..slides.resolution import ResolutionPlan
 from ..storage import OutputLock, describe_os_error, ensure_output_dir, writing
 from .grid import ChunkPlan
-from .omezarr import LabelOutput, LabelStore
 from .plan import DEFAULT_WINDOW, SUFFIX, WORK, ModelInfo, SlideInferenceConfig, SlidePlan, plan_slide
 from .schedule import schedule
 from .spills import OUTGOING, SELF, SpillStore, split_accumulator
 from .window import blend_weights, pad_to_window
 from .writer import BackgroundWriter
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,6 @@ class SlideResult:
     windows_run: int = 0
     resumed: bool = False
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
     slide_plan: SlidePlan | None = None
 
 
@@ -138,6 +139,11 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class OutputMismatchError(ConfigError):
+    """A complete output at the planned path was made by another model or with other settings (front ends
+    name their own way to recompute it)."""
+
+
 # ---- the output's bookkeeping ------------------------------------------------------------------
 class _Output:
     """The partial store of one plan: creating or reopening it, and its progress records."""
@@ -159,17 +165,17 @@ class _Output:
             elif old != new:
                 differ.append(key)
         what = "model weights" if differ == ["model"] else f"{', '.join(differ)}"
-        raise ConfigError(f"'{self.final}' was made with a different {what}; pass overwrite=True (CLI: --overwrite) "
-                          "to recompute it, or choose another name or output folder.")
+        raise OutputMismatchError(f"'{self.final}' was made with a different {what}; recompute it over the old "
+                                  "one (overwrite), or choose another name or output folder.")
 
     def prepare_store(self) -> tuple[LabelStore, dict[tuple[int, int], bool], set[tuple[int, int]], bool]:
         """Open the partial store to resume it, or start a fresh one; returns (store, done, computed, resumed)."""
         plan, config = self.plan, self.plan.config
         work = self.partial / WORK
         record = work / "run.json"
-        kwargs = {"shape": plan.shape, "chunk": plan.chunk, "num_classes": plan.num_classes,
-                  "probabilities": config.probabilities, "ngff": config.ngff, "method": config.pyramid,
-                  "pyramid_interval": PYRAMID_INTERVAL}
+        kwargs: dict[str, Any] = {"shape": plan.shape, "chunk": plan.chunk, "num_classes": plan.num_classes,
+                                  "probabilities": config.probabilities, "ngff": config.ngff,
+                                  "method": config.pyramid, "pyramid_interval": PYRAMID_INTERVAL}
         if record.is_file():
             try:
                 same = json.loads(record.read_text()) == self.fingerprint
@@ -228,7 +234,7 @@ class _ChunkWork:
     def __init__(self, plan: ChunkPlan, box: tuple[int, int, int, int]):
         self.plan, self.box = plan, box
         self.remaining = len(plan.windows)
-        self.acc = None
+        self.acc: Tensor | None = None
 
 
 class _Executor:
@@ -305,7 +311,8 @@ class _Executor:
             for _, future in pending:
                 future.cancel()
 
-    def _batches(self, works: list[_ChunkWork], pool: ThreadPoolExecutor) -> Iterator[tuple[list, list]]:
+    def _batches(self, works: list[_ChunkWork],
+                 pool: ThreadPoolExecutor) -> Generator[tuple[list[np.ndarray], list[Any]], None, None]:
         """Full batches of the next windows in schedule order, across chunk boundaries (the last may be short)."""
         parts: list[np.ndarray] = []
         targets: list[tuple[_ChunkWork, int, int, int, int]] = []
@@ -325,11 +332,13 @@ class _Executor:
     # -- the hot path (computing thread, device ops) --
     def _run_batch(self, parts: list[np.ndarray], targets: list[tuple[_ChunkWork, int, int, int, int]]) -> None:
         logits = self.runner.forward(self.staging.upload(parts))
-        for work, *_ in targets:
+        placed = []
+        for work, y0, y1, x0, x1 in targets:
             if work.acc is None:
                 ay0, ay1, ax0, ax1 = work.box
                 work.acc = self.stitcher.zeros(ay1 - ay0, ax1 - ax0)
-        self.stitcher.add(logits, [(work.acc, y0, y1, x0, x1) for work, y0, y1, x0, x1 in targets])
+            placed.append((work.acc, y0, y1, x0, x1))
+        self.stitcher.add(logits, placed)
         for work, *_ in targets:
             work.remaining -= 1
 
@@ -537,19 +546,20 @@ def iter_execute_plan(
         if plan.final.exists():
             if not overwrite:
                 output.check_existing()
-                log.info("'%s' is complete already; pass overwrite=True (--overwrite) to redo it.", plan.final)
+                log.info("'%s' is complete already: reused (overwrite recomputes it).", plan.final)
                 return result
             with writing(plan.final, "(removing) the old output"):
                 shutil.rmtree(plan.final)
         with writing(plan.final, "the output"):
-            if plan.tissue is not None:
+            if plan.tissue is not None and plan.qc_path is not None:
                 result.qc_path = save_tissue_qc(plan.tissue, plan.qc_path)
             store, done, computed, result.resumed = output.prepare_store()
         runner = ModelRunner(model, device=device, batch_size=config.batch_size)
         spills = SpillStore(plan.partial / WORK / "spills",
                             load=lambda array: _to_device(array, runner.device))
         total, count = plan.chunks_total, 0
-        report = {"downsample": plan.downsample, "shape": plan.shape, "store": plan.partial, "origin": plan.origin}
+        report: dict[str, Any] = {"downsample": plan.downsample, "shape": plan.shape, "store": plan.partial,
+                                  "origin": plan.origin}
         for chunk in plan.order:  # finished before an interruption: shown at once, from the store
             if chunk.index in done:
                 y0, y1, x0, x1 = chunk.box
@@ -646,17 +656,15 @@ def iter_predict_slide(
     from .runner import model_info
 
     output_dir = ensure_output_dir(output_dir)
-    own_slide = not isinstance(slide, Slide)
-    if own_slide:
-        slide = open_slide(slide, mpp=mpp)
+    opened = slide if isinstance(slide, Slide) else open_slide(slide, mpp=mpp)
     try:
-        plan = plan_slide(slide, model_info(model), config, region=region, priority_box=priority_box,
+        plan = plan_slide(opened, model_info(model), config, region=region, priority_box=priority_box,
                           output_dir=output_dir, name=name)
         return (yield from iter_execute_plan(plan, model, device=device, overwrite=overwrite,
                                              class_colors=class_colors, wait=wait))
     finally:
-        if own_slide:
-            slide.close()
+        if opened is not slide:
+            opened.close()
 
 
 def predict_slide(
@@ -700,6 +708,7 @@ def config_with(config: SlideInferenceConfig | None = None, **options: Any) -> S
     return SlideInferenceConfig(**{**(config.to_dict() if config else {}), **options})
 
 
-__all__ = ["DEFAULT_WINDOW", "SUFFIX", "ChunkResult", "SlideInferenceConfig", "SlideResult", "available_cpus",
+__all__ = ["DEFAULT_WINDOW", "SUFFIX", "ChunkResult", "OutputMismatchError", "SlideInferenceConfig", "SlideResult",
+           "available_cpus",
            "config_with", "execute_plan", "iter_execute_plan", "iter_predict_slide", "model_fingerprint",
            "predict_slide"]

@@ -19,11 +19,13 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..storage import writing
+
+A = TypeVar("A", bound=Any)  # an accumulator: a device tensor, or an array
 
 #: Where a sender's spill goes, relative to the sender: direction name as seen by the receiver.
 OUTGOING = (("left", 0, 1), ("top", 1, 0), ("topleft", 1, 1))
@@ -96,8 +98,9 @@ class SpillStore:
             self._path(target, direction).unlink(missing_ok=True)
 
 
-def split_accumulator(acc: np.ndarray, chunk_hw: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Cut the parts of an accumulator that lie beyond its chunk, keyed by the receiver's direction."""
+def split_accumulator(acc: A, chunk_hw: tuple[int, int]) -> dict[str, A]:
+    """Cut the parts of an accumulator (a device tensor or an array) that lie beyond its chunk, keyed by the
+    receiver's direction."""
     h, w = chunk_hw
     parts = {"left": acc[:, :h, w:], "top": acc[:, h:, :w], "topleft": acc[:, h:, w:]}
     return {direction: part for direction, part in parts.items() if part.shape[1] and part.shape[2]}

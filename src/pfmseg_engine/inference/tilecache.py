@@ -71,20 +71,17 @@ class TileCache:
             if block is not None:
                 self._blocks.move_to_end(key)
                 return block
-            loading = self._loading.get(key)
-            mine = loading is None
-            if mine:
+            waiting = self._loading.get(key)
+            if waiting is None:
                 loading = self._loading[key] = _Loading()
-        if not mine:
-            loading.event.wait()
-            if loading.error is not None:
-                raise loading.error
-            return loading.block
+        if waiting is not None:  # another thread decodes it: wait for its result
+            waiting.event.wait()
+            if waiting.error is not None:
+                raise waiting.error
+            assert waiting.block is not None
+            return waiting.block
         try:
-            bh, bw = self.block
-            height, width = self.shape[:2]
-            block = np.ascontiguousarray(self.source[by * bh:min((by + 1) * bh, height),
-                                                     bx * bw:min((bx + 1) * bw, width)])
+            block = self._load(by, bx)
         except BaseException as exc:
             loading.error = exc
             with self._lock:
@@ -102,6 +99,13 @@ class TileCache:
                 self._bytes -= old.nbytes
         loading.event.set()
         return block
+
+    def _load(self, by: int, bx: int) -> np.ndarray:
+        """Block (by, bx) read from the source, decoded in the calling thread."""
+        bh, bw = self.block
+        height, width = self.shape[:2]
+        return np.ascontiguousarray(self.source[by * bh:min((by + 1) * bh, height),
+                                                bx * bw:min((bx + 1) * bw, width)])
 
     def close(self) -> None:
         with self._lock:

@@ -64,16 +64,14 @@ def blend_weights(window: int | tuple[int, int], mode: str = "gaussian") -> np.n
     return np.maximum(weights, MIN_WEIGHT).astype(np.float32)
 
 
-def stride_for(window: int, overlap: float, patch_size: int | None = None) -> int:
+def stride_for(window: int, overlap: float) -> int:
     """Stride of windows of side ``window`` sharing ``overlap`` (a fraction of the window) with their neighbours.
 
     ``int(window * (1 - overlap))``, at least 1: MONAI's ``_get_scan_interval``, so together with
     :func:`window_starts` (MONAI's last-window-shifted-inward rule) a run computes exactly the windows
     ``monai.inferers.sliding_window_inference`` does. Only the window must be a multiple of the
-    model's patch size (its token grid); the stride need not be, so ``patch_size`` is not used (kept
-    for callers of the earlier signature).
+    model's patch size (its token grid); the stride need not be.
     """
-    del patch_size
     if not 0.0 <= overlap < 1.0:
         raise ConfigError(f"overlap must be in [0, 1), got {overlap}; 0.25 is a good default.")
     return max(1, int(window * (1.0 - overlap)))
@@ -97,8 +95,9 @@ def pad_to_window(image: np.ndarray, window: int) -> np.ndarray:
     pad_h, pad_w = max(0, window - height), max(0, window - width)
     if not pad_h and not pad_w:
         return image
-    mode = "reflect" if pad_h < height and pad_w < width else "edge"
-    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode=mode)
+    if pad_h < height and pad_w < width:
+        return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="reflect")
+    return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
 
 def _as_float_image(image: np.ndarray) -> np.ndarray:

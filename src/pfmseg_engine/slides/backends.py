@@ -184,8 +184,12 @@ def _tiffslide_tiles(handle: Any, count: int) -> dict[str, tuple[int, int]]:
     group = handle.zarr_group
     composition = group.attrs.get("tiffslide.series-composition")
     series = [f"{name}/" for name in composition["located_series"]] if composition else [""]
-    return {f"{prefix}{level}": tuple(int(n) for n in group[f"{prefix}{level}"].chunks[:2])
-            for prefix in series for level in range(count)}
+    tiles = {}
+    for prefix in series:
+        for level in range(count):
+            height, width = group[f"{prefix}{level}"].chunks[:2]
+            tiles[f"{prefix}{level}"] = (int(height), int(width))
+    return tiles
 
 
 def _property_tiles(props: dict[str, Any], prefix: str, count: int) -> dict[str, tuple[int, int]]:

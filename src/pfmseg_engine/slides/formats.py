@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dask.array as da
 import numpy as np
@@ -24,6 +24,7 @@ from dask.base import tokenize
 
 from ..colors import composite_on_white
 from ..errors import PfmsegError, SlideError, SlidePixelLimitError
+from ..labelstore.detect import is_zarr
 from ..limits import check_pixels, image_header_size
 from ..paths import check_input_path
 from .backends import (
@@ -43,7 +44,7 @@ from .slide import Slide, lazy_level
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MPP_RANGE", "READERS", "SUFFIXES", "UNIT_TO_UM", "open_slide", "slide_kind", "slide_name"]
+__all__ = ["MPP_RANGE", "READERS", "SUFFIXES", "UNIT_TO_UM", "can_open", "open_slide", "slide_kind", "slide_name"]
 
 _plausible = plausible_mpp
 
@@ -99,7 +100,7 @@ def _to_yxc(array: da.Array, axes: list[str]) -> da.Array:
         raise SlideError(f"zarr slide data must be uint8 RGB, got {array.dtype}; convert it to 8-bit first.")
     if array.shape[2] == 4:  # RGBA: composited on white, chunk by chunk
         array = array.rechunk({2: -1})
-        return array.map_blocks(composite_on_white, chunks=(*array.chunks[:2], (3,)), dtype=np.uint8)
+        return da.map_blocks(composite_on_white, array, chunks=(*array.chunks[:2], (3,)), dtype=np.uint8)
     return array[:, :, :3]
 
 
@@ -122,17 +123,18 @@ def _open_zarr(path: Path) -> dict[str, Any]:
         if not multiscales:
             if "0" not in root:
                 raise SlideError(f"'{path}' is a zarr group without OME multiscales metadata or a '0' array.")
-            arrays = [root["0"]]
+            arrays = [cast("zarr.Array", root["0"])]
             axes = _guess_axes(arrays[0].shape)
         else:
             meta = multiscales[0]
-            arrays = [root[d["path"]] for d in meta["datasets"]]
+            arrays = [cast("zarr.Array", root[d["path"]]) for d in meta["datasets"]]
             raw_axes = meta.get("axes") or ["t", "c", "z", "y", "x"][-arrays[0].ndim:]
             axes = [a["name"] if isinstance(a, dict) else a for a in raw_axes]
             scales = [_scale(d, len(axes)) for d in meta["datasets"]]
             ix = axes.index("x")
             downsamples = [s[ix] / scales[0][ix] for s in scales]
-            unit = raw_axes[ix].get("unit") if isinstance(raw_axes[ix], dict) else None
+            x_meta = raw_axes[ix]
+            unit = x_meta.get("unit") if isinstance(x_meta, dict) else None
             if unit in UNIT_TO_UM:
                 mpp = _plausible(scales[0][ix] * UNIT_TO_UM[unit], f"'{path}' multiscales")
     y_axis, x_axis = axes.index("y"), axes.index("x")  # chunks are decoded whole: each must fit the pixel limit
@@ -164,7 +166,7 @@ def slide_kind(path: Path, reader: str = "auto") -> str:
     unknown suffix that a backend recognises by content, is "wsi". With an explicit ``reader`` any
     file that is not PNG/JPEG/zarr goes to that backend.
     """
-    if path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup", ".zarray")):
+    if is_zarr(path):
         return "zarr"
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None and (reader != "auto" or auto_backends(path)):
@@ -175,6 +177,23 @@ def slide_kind(path: Path, reader: str = "auto") -> str:
             f"reader: {', '.join(sorted(AUTO_ORDER))} and DICOM folders.\n{describe_readers()}"
         )
     return kind
+
+
+def can_open(path: str | Path, reader: str = "auto") -> bool:
+    """Whether :func:`open_slide` takes ``path``: a zarr folder, a PNG/JPEG, a whole-slide file by suffix
+    or content, or a DICOM series folder (its files named anything). Reads at most a few header bytes.
+
+    The question readers such as napari's ask of every path before they claim it; asking it here keeps
+    them in agreement with what the engine opens (an opened file can still fail later, with a message).
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    try:
+        slide_kind(path, reader)
+    except (PfmsegError, OSError):
+        return False
+    return True
 
 
 def slide_name(path: Path) -> str:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ def to_rgb(array: np.ndarray) -> np.ndarray:
 class ThreadLocalHandles:
     """One opened handle per (process, thread); all closed together by :meth:`close`."""
 
-    def __init__(self, opener):
+    def __init__(self, opener: Callable[[], Any]):
         self._opener = opener
         self._local = threading.local()
         self._all: list[Any] = []
@@ -168,8 +169,76 @@ def _tiff_composite_region(group: Any, composition: dict[str, Any], level: int,
     return data
 
 
+def tiff_level_page(handle: Any, level: int) -> Any | None:
+    """The one tifffile page holding level ``level`` of a tiffslide handle, when its tiles can be read directly.
+
+    ``None`` for what only tiffslide's zarr store assembles: levels composed of several series (Leica
+    SCN), multi-page or contiguous series, series with a pixel transform, planar or volumetric pages.
+    """
+    if handle.properties.get("tiffslide.series-composition"):
+        return None
+    try:
+        tiff = handle.ts_tifffile
+        series = tiff.series[int(handle.properties.get("tiffslide.series-index") or 0)].levels[level]
+    except Exception:  # a kerchunk-backed handle, or a layout tiffslide maps differently
+        return None
+    page = series.keyframe
+    if (len(series) != 1 or series.dataoffset is not None or series.transform is not None
+            or getattr(page, "decode", None) is None or page.dtype is None):
+        return None
+    shape = tuple(int(n) for n in page.shape)
+    if (len(shape) not in (2, 3) or tuple(series.get_shape(None)) != shape or page.shaped[:2] != (1, 1)
+            or len(page.chunks) != len(shape) or (len(shape) == 3 and page.chunked[2] != 1)):
+        return None
+    return page
+
+
+def read_tiff_tiles(page: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Pixels (y0:y1, x0:x1) of a tifffile ``page``, decoding each tile (or strip) it covers in this thread.
+
+    The same reads and decoder calls as tifffile's zarr store (so the same bytes), without its event loop:
+    each reader thread decodes its own tiles while others decode theirs (imagecodecs releases the GIL).
+    ``page`` must belong to a file handle of the calling thread. Absent tiles hold the page's nodata value,
+    as zarr's fill value.
+    """
+    chunks = tuple(int(n) for n in page.chunks)
+    tile_h, tile_w = chunks[:2]
+    across = int(page.chunked[1])
+    out = np.empty((y1 - y0, x1 - x0, *page.shape[2:]), page.dtype)
+    if out.size == 0:
+        return out
+    decode_args: dict[str, Any] = {"_fullsize": True}
+    if page.jpegtables is not None:
+        decode_args["jpegtables"] = page.jpegtables
+    if page.jpegheader is not None:
+        decode_args["jpegheader"] = page.jpegheader
+    offsets, counts = page.dataoffsets, page.databytecounts
+    handle = page.parent.filehandle
+    for ty in range(y0 // tile_h, (y1 - 1) // tile_h + 1):
+        for tx in range(x0 // tile_w, (x1 - 1) // tile_w + 1):
+            index = ty * across + tx
+            ty0, tx0 = ty * tile_h, tx * tile_w
+            sy0, sy1, sx0, sx1 = max(y0, ty0), min(y1, ty0 + tile_h), max(x0, tx0), min(x1, tx0 + tile_w)
+            target = out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]
+            if index >= len(offsets) or not offsets[index] or not counts[index]:
+                target[...] = page.nodata
+                continue
+            with handle.lock:
+                handle.seek(offsets[index])
+                data = handle.read(counts[index])
+            tile = page.decode(data, index, **decode_args)[0]
+            if tile is None or tile.size != np.prod(chunks):
+                raise ValueError(f"tile {index} decoded to {None if tile is None else tile.shape}, not {chunks}")
+            target[...] = tile.reshape(chunks)[sy0 - ty0:sy1 - ty0, sx0 - tx0:sx1 - tx0]
+    return out
+
+
 class TiffLevelReader(LevelReader):
-    """One pyramid level of a TIFF-family slide read through tiffslide's tile-granular zarr store."""
+    """One pyramid level of a TIFF-family slide: tiles read and decoded by tifffile in the reading thread.
+
+    Levels that only tiffslide's zarr store assembles (composed series, see :func:`tiff_level_page`) are read
+    through that store, whose decoding runs in one event-loop thread for all callers.
+    """
 
     backend = "tiffslide"
 
@@ -179,11 +248,14 @@ class TiffLevelReader(LevelReader):
         return tiffslide.TiffSlide(self.path)
 
     def _read(self, handle: Any, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        page = tiff_level_page(handle, self.level)
+        if page is not None:
+            return read_tiff_tiles(page, y0, y1, x0, x1)
         group = handle.zarr_group
         composition = group.attrs.get("tiffslide.series-composition")
         if composition:
             return _tiff_composite_region(group, composition, self.level, y0, y1, x0, x1)
-        return group[str(self.level)][y0:y1, x0:x1]
+        return np.asarray(group[str(self.level)][y0:y1, x0:x1])
 
 
 #: One OpenSlide tile cache per process, shared by every handle (OpenSlide >= 4, openslide-python >= 1.3);
@@ -300,6 +372,9 @@ class PILReader:
     dtype = np.dtype(np.uint8)
 
     def __init__(self, path: Path, shape: tuple[int, int]):
+        self._setup(path, shape)
+
+    def _setup(self, path: Path, shape: tuple[int, ...]) -> None:
         self.path = Path(path)
         self.shape = (int(shape[0]), int(shape[1]), 3)
         self._cache: tuple[int, np.ndarray] | None = None
@@ -309,7 +384,7 @@ class PILReader:
         return {"path": self.path, "shape": self.shape}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["shape"][:2])
+        self._setup(state["path"], state["shape"])
 
     def _pixels(self) -> np.ndarray:
         with self._lock:

@@ -58,7 +58,7 @@ def plan_resolution(slide: Slide, target_mpp: float | None = None,
     target = float(target_mpp) if target_mpp else mpp0
     if not (math.isfinite(target) and target > 0):
         raise SlideError(f"Target resolution must be a positive number of um per pixel, got {target_mpp}.")
-    mpps = [float(m) for m in slide.level_mpps]
+    mpps = [float(m) for m in slide.require_level_mpps()]
     near = [(abs(m / target - 1.0), i) for i, m in enumerate(mpps) if abs(m / target - 1.0) <= tolerance]
     if near:
         level, factor = min(near)[1], 1.0

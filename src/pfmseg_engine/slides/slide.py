@@ -18,6 +18,7 @@ import numpy as np
 from dask.base import tokenize
 
 from ..errors import SlideError
+from ..labelstore.detect import ZARR_METADATA
 from .readers import ArrayReader
 
 #: Dask chunks hold about this many pixels per side (a few native tiles), not one chunk per tile.
@@ -85,6 +86,11 @@ class Slide:
     def level_mpps(self) -> list[float | None]:
         return [self.mpp * d if self.mpp else None for d in self.downsamples]
 
+    def require_level_mpps(self) -> list[float]:
+        """Microns per pixel of every level, or the error of :meth:`require_mpp`."""
+        mpp = self.require_mpp()
+        return [mpp * d for d in self.downsamples]
+
     def require_mpp(self) -> float:
         """Level-0 microns per pixel, or a clear error saying how to supply it."""
         if self.mpp is None:
@@ -111,7 +117,7 @@ class Slide:
             with open(path, "rb") as handle:
                 digest.update(handle.read(header_bytes))
         elif path is not None and path.is_dir():
-            metas = sorted(p for p in path.rglob("*") if p.name in (".zattrs", ".zarray", ".zgroup", "zarr.json"))
+            metas = sorted(p for p in path.rglob("*") if p.name in ZARR_METADATA)
             if not metas:  # a folder of slide files (a DICOM WSI series): their names and headers
                 metas = sorted(p for p in path.iterdir() if p.is_file())
             for meta in metas:

@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PixelLimitError, SlidePixelLimitError
-from ..limits import SCAN_FACTOR, check_pixels, max_pixels, open_image
+from ..errors import SlidePixelLimitError
+from ..limits import SCAN_FACTOR, check_pixels, max_pixels
 from .slide import Slide
 
 #: Detection resolution (um/px): coarse enough to be cheap, fine enough for small biopsies.
@@ -172,7 +172,7 @@ def thumbnail_source(slide: Slide, mpp: float = TISSUE_MPP) -> tuple[int, int]:
     cap = min(THUMBNAIL_MAX_PIXELS, max_pixels())
     width0, height0 = slide.dimensions
     mpp = max(mpp, slide_mpp * math.sqrt(width0 * height0 / cap))
-    mpps = slide.level_mpps
+    mpps = slide.require_level_mpps()
     candidates = [i for i, m in enumerate(mpps) if m <= mpp * 1.05] or [0]
     level = max(candidates, key=lambda i: mpps[i])
     height, width = slide.readers[level].shape[:2]
@@ -313,6 +313,8 @@ def detect_tissue(slide: Slide, *, halo_um: float = 0.0, mpp: float = TISSUE_MPP
     tissue, threshold, ink = _detect(thumb, thumb_mpp, texture)
     source = "detected"
     if roi is not None:
+        from ..annotations.roi import roi_mask  # GeoJSON, label stores, rasterisers: only when an ROI is given
+
         region, source = roi_mask(slide, roi, thumb.shape[:2], downsample, frame=roi_frame)
         source = roi_name or source
         tissue = region if roi_mode == "replace" else tissue & region
@@ -320,83 +322,6 @@ def detect_tissue(slide: Slide, *, halo_um: float = 0.0, mpp: float = TISSUE_MPP
     mask = dilate(tissue, math.ceil(halo_um / thumb_mpp) if halo_um > 0 else 0)
     return TissueMask(mask=mask, tissue=tissue, thumbnail=thumb, mpp=thumb_mpp, downsample=downsample,
                       threshold=threshold, ink=ink, source=source)
-
-
-def roi_mask(slide: Slide, roi: Any, shape: tuple[int, int], downsample: float, frame: str = "qupath"
-             ) -> tuple[np.ndarray, str]:
-    """(boolean mask on the ``shape`` grid of ``downsample`` level-0 px per pixel, description) of an ROI."""
-    from ..errors import DataError
-    from ..paths import check_input_path
-
-    if isinstance(roi, (str, Path)):
-        path = Path(roi).expanduser()
-        name = f"roi: {path.name}"
-        check_input_path(path, "Tissue ROI", folders=True, error=DataError,  # a pipe would block its reader
-                         hint="give a QuPath GeoJSON, a label store or a mask image")
-        if path.is_dir():
-            from ..annotations.rasterize import StoreLabels
-
-            labels = StoreLabels(path, shape, downsample)
-            return np.asarray(labels) > 0, name
-        if path.suffix.lower() in (".geojson", ".json"):
-            from ..annotations.geojson import read_geojson
-
-            found = read_geojson(path, frame=frame, bounds_offset=slide.bounds_offset, keep_unclassified=True)
-            if not found.features:
-                raise DataError(f"Tissue ROI '{path}' holds no areas (Polygon/MultiPolygon); draw the tissue regions "
-                                "in QuPath and export them with File > Export objects as GeoJSON.")
-            _check_roi_on_slide([f.geometry for f in found.features if not f.ignored], slide, f"'{path}'")
-            return _polygon_mask([f.geometry for f in found.features], [not f.ignored for f in found.features],
-                                 shape, downsample), name
-        try:
-            with open_image(path, f"Tissue ROI '{path}'") as img:  # decoded whole: within the pixel limit
-                image = np.asarray(img.convert("L")) > 0
-        except PixelLimitError:
-            raise
-        except Exception as exc:
-            raise DataError(f"Tissue ROI '{path}' is not GeoJSON, a label store or an image ({exc}).") from exc
-        return _resize_mask(image, slide, shape, downsample), name
-    if hasattr(roi, "geom_type"):
-        _check_roi_on_slide([roi], slide, "geometry")
-        return _polygon_mask([roi], [True], shape, downsample), "roi: geometry"
-    array = np.asarray(roi)
-    if array.ndim != 2:
-        raise DataError(f"A tissue ROI array must be 2-D (H, W), got shape {array.shape}.")
-    return _resize_mask(array != 0, slide, shape, downsample), "roi: mask"
-
-
-def _check_roi_on_slide(geometries: list[Any], slide: Slide, what: str) -> None:
-    """Refuse an ROI whose areas all lie off the slide: it would select no tissue, so a run would plan
-    0 windows and end "successfully" with an empty prediction."""
-    import shapely
-
-    from ..errors import DataError
-
-    geometries = [g for g in geometries if not g.is_empty]
-    if not geometries:
-        return
-    x0, y0, x1, y1 = shapely.total_bounds(geometries)
-    width, height = slide.dimensions
-    if x1 > 0 and y1 > 0 and x0 < width and y0 < height:
-        return
-    raise DataError(f"Tissue ROI {what} lies at x {x0:.0f}..{x1:.0f}, y {y0:.0f}..{y1:.0f} but slide "
-                    f"'{slide.path or slide.name}' is {width} x {height} level-0 px: the ROI covers none of the "
-                    "slide. Fix: give the ROI drawn on this slide (level-0 pixel coordinates, as QuPath shows it).")
-
-
-def _polygon_mask(geometries: list[Any], inside: list[bool], shape: tuple[int, int], downsample: float) -> np.ndarray:
-    from ..annotations.rasterize import PolygonLabels
-
-    labels = PolygonLabels(geometries, [1 if keep else 0 for keep in inside], shape, downsample)
-    return np.asarray(labels) > 0
-
-
-def _resize_mask(mask: np.ndarray, slide: Slide, shape: tuple[int, int], downsample: float) -> np.ndarray:
-    """A whole-slide mask at any resolution, sampled (nearest, at pixel centres) onto the thumbnail grid."""
-    width0, height0 = slide.dimensions
-    rows = ((np.arange(shape[0]) + 0.5) * downsample * mask.shape[0] / height0).astype(np.int64)
-    cols = ((np.arange(shape[1]) + 0.5) * downsample * mask.shape[1] / width0).astype(np.int64)
-    return mask[np.ix_(np.clip(rows, 0, mask.shape[0] - 1), np.clip(cols, 0, mask.shape[1] - 1))]
 
 
 def tissue_qc_image(tissue: TissueMask) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Training and evaluation: seed-compatible config, losses, metrics, schedules and the trainer."""
 
+from ..metrics import ConfusionMeter, bootstrap_intervals, confusion_matrix, metrics_from_confusion
 from .callbacks import Callback, CancelToken, EpochInfo, FunctionCallback, StepInfo, TqdmProgress
 from .config import TrainConfig, config_from_dict, default_config_path, load_config
 from .losses import LOSSES, build_loss
-from .metrics import ConfusionMeter, bootstrap_intervals, confusion_matrix, metrics_from_confusion
 from .optim import OPTIMIZERS, build_optimizer
 from .protocols import PROTOCOLS
 from .runner import (

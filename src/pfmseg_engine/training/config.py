@@ -25,15 +25,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ..classes import default_class_names
 from ..errors import ConfigError, closest
 from ..paths import check_input_path
 from .protocols import PROTOCOLS, apply_protocol
 from .schema import from_dict, merge, set_dotted, to_dict
 from .seed_keys import ModelSection, field_type_and_default, model_fields, seed_key_names, seed_values
+
+if TYPE_CHECKING:  # generated from the seed key table at import: its fields exist at run time only
+    ModelSectionType = Any
+else:  # the real class, so that from_dict reads the section's fields from the annotation
+    ModelSectionType = ModelSection
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +192,7 @@ class TrainConfig:
     protocol: str | None = None
     dataset: DatasetSection = field(default_factory=DatasetSection)
     system: SystemSection = field(default_factory=SystemSection)
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelSectionType = field(default_factory=ModelSection)
     training: TrainingSection = field(default_factory=TrainingSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -234,7 +240,7 @@ class TrainConfig:
     @property
     def class_names(self) -> tuple[str, ...]:
         names = self.dataset.class_names
-        return tuple(names) if names else tuple(f"class_{i}" for i in range(self.num_classes))
+        return tuple(names) if names else default_class_names(self.num_classes)
 
     def embed_dim(self) -> int | None:
         """The backbone's token width (what the seed's ``emb_dim`` had to repeat by hand); None for ``unet``."""
@@ -332,9 +338,9 @@ def _choice(value: str | None, choices, key: str) -> None:
 def _check_names(cfg: TrainConfig) -> None:
     from ..data.augment import JointAugment
     from ..heads import HEADS
+    from ..metrics import MONITOR_METRICS
     from ..tuning import STRATEGIES
     from .losses import ABSENT_CLASSES, LOSSES, OVERLAP_POOLING
-    from .metrics import MONITOR_METRICS
     from .optim import OPTIMIZERS
     from .schedulers import SCHEDULERS, make_schedule
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from .. import csvsafe
+from ..classes import default_class_names
 from ..errors import DataError
-from .metrics import PER_CLASS, SUMMARY, ConfusionMeter, metrics_from_confusion
+from ..metrics import PER_CLASS, SUMMARY, ConfusionMeter, metrics_from_confusion
 from .statistics import hierarchical_intervals, resolve_groups
 from .validation import iterate_predictions
 
@@ -64,9 +65,9 @@ class EvaluationReport:
         csv_path.write_text(buffer.getvalue(), encoding="utf-8")
         if self.per_image:
             buffer = io.StringIO()
-            writer = csvsafe.DictWriter(buffer, fieldnames=list(self.per_image[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(self.per_image)
+            rows = csvsafe.DictWriter(buffer, fieldnames=list(self.per_image[0]), lineterminator="\n")
+            rows.writeheader()
+            rows.writerows(self.per_image)
             (directory / "per_image.csv").write_text(buffer.getvalue(), encoding="utf-8")
         return json_path, csv_path
 
@@ -105,6 +106,7 @@ def evaluate_model(model: Any, dataset: Any, *, split: str, window: int, mode: s
     per_image, names, explicit = [], [], []
     for index, image, mask, probs in iterate_predictions(model, dataset, window=window, mode=mode, overlap=overlap,
                                                          batch_size=batch_size, device=device, indices=with_mask):
+        assert mask is not None  # ``with_mask``: only images that have one
         prediction = probs.argmax(0)
         cm = meter.update(prediction, mask)
         scores = metrics_from_confusion(cm)
@@ -117,6 +119,6 @@ def evaluate_model(model: Any, dataset: Any, *, split: str, window: int, mode: s
     for record, unit in zip(per_image, grouping.ids, strict=True):
         record["group"] = grouping.labels[unit]
     intervals = hierarchical_intervals(np.asarray(meter.per_image)[None], grouping, n_bootstrap, seed=seed)
-    class_names = tuple(getattr(model, "class_names", ()) or (f"class_{i}" for i in range(dataset.num_classes)))
+    class_names = tuple(getattr(model, "class_names", ()) or default_class_names(dataset.num_classes))
     return EvaluationReport(split, class_names, meter.compute(), intervals, per_image, skipped, meter.total,
                             grouping.describe())

@@ -26,6 +26,8 @@ from ..errors import ConfigError
 class SegmentationLoss(nn.Module):
     """Base class: ignore handling and optional per-class weights."""
 
+    class_weights: torch.Tensor | None
+
     def __init__(self, ignore_index: int = 255, class_weights: Sequence[float] | None = None):
         super().__init__()
         self.ignore_index = int(ignore_index)

@@ -57,7 +57,7 @@ def build_augmentation(config: TrainConfig, crop: bool = True) -> JointAugment:
 def build_datasets(config: TrainConfig) -> tuple[SegmentationDataset, SegmentationDataset | None]:
     """Training and validation datasets from ``dataset.json_file``; every mask is checked up front."""
     seed_json = load_seed_json(config.dataset.json_file)
-    common = {"num_classes": config.num_classes, "ignore_index": config.dataset.ignore_index,
+    common: dict[str, Any] = {"num_classes": config.num_classes, "ignore_index": config.dataset.ignore_index,
               "class_colors": config.dataset.class_colors}
     train = SegmentationDataset(seed_json.split("train", require_masks=True), transform=build_augmentation(config),
                                 seed=config.system.seed, length=config.training.samples_per_epoch, **common)
@@ -164,6 +164,9 @@ def build_annotation_trainer(config: TrainConfig, images: Sequence[Any], labels:
     )
     val = None
     if val_images is not None and len(val_images):
+        if val_labels is None:
+            raise ConfigError("Validation images were given without their labels; give val_labels too, or neither "
+                              "(validation_share then holds out part of the annotations).")
         masks = [sparse_to_targets(lab, n, ignore) for lab in val_labels]
         val = ArrayImageSet(list(val_images), masks)
     return Trainer(config, model_or_new(config, model), train, val, device=device, callbacks=callbacks,

@@ -78,7 +78,7 @@ def _convert(value: Any, tp: Any, key: str, root: type | None = None) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"'{key}' must be {_type_name(tp)}, got {value!r}.")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if value is None:
             value = {}
         if not isinstance(value, dict):

@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ..data.seed_json import tcga_patient
-from .metrics import PER_CLASS, SUMMARY, compute_metrics
+from ..metrics import PER_CLASS, SUMMARY, compute_metrics
 
 #: Elements (replicates x seeds x groups) of one block of resampling weights, to bound memory.
 _BLOCK = 1 << 22
@@ -135,7 +135,7 @@ def group_sums(stack: np.ndarray, grouping: Grouping) -> np.ndarray:
     """(S, G, C, C): each seed's matrices summed over the images of each group."""
     stack = np.asarray(stack, dtype=np.float64)
     out = np.zeros((stack.shape[0], grouping.n_units, *stack.shape[2:]))
-    np.add.at(out, (slice(None), grouping.ids), stack)
+    np.add.at(out, (slice(None), grouping.ids), stack)  # type: ignore[arg-type]  # numpy takes tuple indices; its stubs do not
     return out
 
 
@@ -162,7 +162,7 @@ def _weights(n_seeds: int, n_units: int, n_bootstrap: int, seed: int, slots: int
 
 def replicate_metrics(stack: np.ndarray, grouping: Grouping | None = None, n_bootstrap: int = 1000, seed: int = 0,
                       slots: int | None = None) -> dict[str, np.ndarray]:
-    """Every metric of :func:`~pfmseg_engine.training.metrics.compute_metrics` on ``n_bootstrap`` replicates.
+    """Every metric of :func:`~pfmseg_engine.metrics.compute_metrics` on ``n_bootstrap`` replicates.
 
     ``stack`` is (S seeds, N images, C, C) (a single (N, C, C) stack is one seed). Returns arrays with a
     leading replicate axis (see the module docstring for the resampling).
@@ -194,7 +194,7 @@ def hierarchical_intervals(stack: np.ndarray, grouping: Grouping | None = None, 
                            confidence: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float]]:
     """Percentile intervals of every metric of the hierarchical bootstrap.
 
-    Keys match :func:`~pfmseg_engine.training.metrics.metrics_from_confusion`, so a report can put each
+    Keys match :func:`~pfmseg_engine.metrics.metrics_from_confusion`, so a report can put each
     value beside its interval.
     """
     arrays = replicate_metrics(stack, grouping, n_bootstrap, seed)

@@ -21,6 +21,11 @@ What it guarantees, and why:
   between batches: it stops the run, or holds it while paused. Closing the generator early also
   stops the run; either way ``last.pt`` keeps the last completed epoch.
 
+* **Loading hides behind compute.** Worker processes (``system.num_workers``, at most one per CPU core)
+  outlive the epoch, keeping their decoded images and open slides, and each keeps
+  :data:`PREFETCH_BATCHES` batches ready; every index they get carries its epoch, so a worker draws
+  the same crops as a fresh one would. They end with the run.
+
 * **A run never trains over another.** A folder holding checkpoints is refused unless the run
   resumes it or ``logging.overwrite`` clears it first; an unnamed run gets a new folder
   (:mod:`.outputs`).
@@ -36,15 +41,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..checkpoint import load_into, read_checkpoint, save_checkpoint
 from ..data.augment import CropShrink, JointAugment, crop_shrink
@@ -54,7 +60,7 @@ from ..data.sampler import EpochSampler
 from ..data.sparse import SparsePatchDataset
 from ..devices import resolve_device
 from ..errors import CheckpointError, PfmsegError
-from ..inference.scale import TrainingScale, attach_training_scale
+from ..training_scale import TrainingScale, attach_training_scale
 from .callbacks import Callback, CancelToken, EpochInfo, StepInfo
 from .config import TrainConfig
 from .history import History
@@ -164,6 +170,95 @@ def training_scale_for(config: TrainConfig, dataset: Any) -> TrainingScale | Non
                          shrink_range=(shrink.low, shrink.high), crop=shrink.crop)
 
 
+#: Batches each loader worker keeps ready (torch's default is 2): enough to ride out a slow crop.
+PREFETCH_BATCHES = 4
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+#: Most worker processes chosen automatically: enough to feed a GPU with 512 px crops and their augmentation.
+AUTO_WORKERS = 8
+
+
+def loader_workers(requested: int | None) -> int:
+    """Worker processes for ``system.num_workers``: 0 stays 0 (load in the training thread), never more than
+    the CPU cores (more only queue for the same cores and each holds its own copy of the data); ``None``
+    chooses one per core but the training thread's, at most :data:`AUTO_WORKERS`."""
+    cpus = available_cpus()
+    if requested is None:
+        return max(1, min(AUTO_WORKERS, cpus - 1))
+    return max(0, min(int(requested), cpus))
+
+
+class TrainingData(Protocol):
+    """What the trainer reads: a sized, indexable set of ``{"image", "label", ...}`` items."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Any: ...
+
+
+class EpochIndices(Sampler[tuple[int, int]]):
+    """``sampler``'s indices paired with its epoch: (epoch, index).
+
+    Worker processes that outlive an epoch never see the trainer's ``set_epoch`` on their copy of the
+    dataset; the epoch travels with each index instead (:class:`EpochItems`).
+    """
+
+    def __init__(self, sampler: EpochSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+
+class EpochItems(Dataset):
+    """``dataset`` indexed by (epoch, index): selects the epoch (``set_epoch``) before reading the item."""
+
+    def __init__(self, dataset: TrainingData):
+        self.dataset = dataset
+        self.epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if epoch != self.epoch and hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        self.epoch = epoch
+        return self.dataset[index]
+
+
+def build_loader(dataset: TrainingData, sampler: EpochSampler, batch_size: int, num_workers: int | None,
+                 pin_memory: bool) -> DataLoader:
+    """The training loader: persistent workers prefetching :data:`PREFETCH_BATCHES` batches each."""
+    workers = loader_workers(num_workers)
+    extra: dict[str, Any] = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES} if workers else {}
+    return DataLoader(EpochItems(dataset), batch_size=batch_size, sampler=EpochIndices(sampler),
+                      num_workers=workers, pin_memory=pin_memory, drop_last=False, **extra)
+
+
+def stop_workers(loader: DataLoader) -> None:
+    """End a loader's persistent worker processes now (they would otherwise live as long as the loader)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        loader._iterator = None  # torch's cache of the persistent iterator
+
+
 class Trainer:
     """Train ``model`` on ``train_dataset`` (items ``{"image", "label"}``) and validate on ``val_source``."""
 
@@ -171,7 +266,7 @@ class Trainer:
         self,
         config: TrainConfig,
         model: Any,
-        train_dataset: Dataset,
+        train_dataset: TrainingData,
         val_source: ImageSource | None = None,
         *,
         device: str | torch.device | None = None,
@@ -201,11 +296,8 @@ class Trainer:
         self.epochs = t.epochs
         self.criterion = build_loss(t.loss, config.dataset.ignore_index).to(self.device)
         self.sampler = EpochSampler(len(train_dataset), seed=config.system.seed)
-        workers = config.system.num_workers
-        self.loader = DataLoader(
-            train_dataset, batch_size=t.batch_size, sampler=self.sampler, num_workers=workers,
-            pin_memory=config.system.pin_memory and self.device.type == "cuda", drop_last=False,
-        )
+        self.loader = build_loader(train_dataset, self.sampler, t.batch_size, config.system.num_workers,
+                                   pin_memory=config.system.pin_memory and self.device.type == "cuda")
         self.batches_per_epoch = len(self.loader)
         self.accumulate = t.accumulate_grad_batches
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulate)
@@ -223,6 +315,9 @@ class Trainer:
         self._paused_seconds = 0.0  # of the epoch in progress
         self.colours = palette(config.num_classes, config.dataset.class_colors)
         self.training_scale = training_scale_for(config, train_dataset)
+        # what slide training (:mod:`.slides`) prepared: each slide's image/labels pair and the class table
+        self.slide_pairs: list[Any] = []
+        self.class_table: Any = None
         attach_training_scale(self.model, self.training_scale)
 
     # --- public ----------------------------------------------------------------------------------
@@ -238,8 +333,9 @@ class Trainer:
     def _continue_in_run_folder(self, resume: str | Path) -> None:
         """An unnamed run that resumes writes into the resumed run's folder, not the new one it was given."""
         folder = run_folder_of(resume)
-        with contextlib.suppress(OSError):
-            self._fresh_folder.rmdir()  # only ever empty: nothing has been written yet
+        if self._fresh_folder is not None:
+            with contextlib.suppress(OSError):
+                self._fresh_folder.rmdir()  # only ever empty: nothing has been written yet
         self._fresh_folder = None
         self.config = replace(self.config, logging=replace(self.config.logging, log_dir=str(folder.parent),
                                                            experiment_name=folder.name))
@@ -289,6 +385,7 @@ class Trainer:
                         self.epoch + 1, self.checkpoint_dir / "last.pt", self.epoch)
             raise
         finally:
+            stop_workers(self.loader)
             logging.getLogger("pfmseg_engine").removeHandler(handler)
             handler.close()
         result = TrainResult(status, self.epoch, self.output_dir, self.best_value, self.best_epoch,
@@ -366,14 +463,15 @@ class Trainer:
         train_loss = yield from self._train_one_epoch(epoch)
         if train_loss is None:
             return False
-        val_loss, metrics = None, {}
+        val_loss: float | None = None
+        metrics: dict[str, float] = {}
         v = self.config.validation
         if self.val_source is not None and ((epoch + 1) % v.eval_interval == 0 or epoch + 1 == self.epochs):
             val_loss, metrics = self._validate(epoch)
         self.epoch = epoch + 1
         value = metrics.get(v.monitor)
         is_best = value is not None and not math.isnan(value) and (self.best_value is None or value > self.best_value)
-        if is_best:
+        if value is not None and is_best:
             self.best_value, self.best_epoch = float(value), self.epoch
         seconds = time.perf_counter() - start - self._paused_seconds
         row = {"epoch": self.epoch, "train_loss": train_loss, "val_loss": val_loss, "lr": lr_at_start,
@@ -444,6 +542,9 @@ class Trainer:
 
     # --- validation ------------------------------------------------------------------------------
     def _validate(self, epoch: int) -> tuple[float, dict[str, float]]:
+        if self.val_source is None:
+            raise TrainingError("Validation was asked for but the trainer has no validation data.")
+        source = self.val_source
         cfg, vis = self.config, self.config.visualization
         save_vis = vis.save_predictions and vis.num_vis_samples > 0 and (epoch + 1) % vis.save_interval == 0
         vis_dir = self.output_dir / "visualizations"
@@ -454,7 +555,7 @@ class Trainer:
                            self.colours)
 
         result = validate(
-            self.model, self.val_source, num_classes=cfg.num_classes, ignore_index=cfg.dataset.ignore_index,
+            self.model, source, num_classes=cfg.num_classes, ignore_index=cfg.dataset.ignore_index,
             window=cfg.window_size, mode=cfg.validation.resize_or_windowslide, overlap=cfg.validation.overlap,
             batch_size=cfg.validation.batch_size, device=self.device, criterion=self.criterion, on_image=on_image,
         )

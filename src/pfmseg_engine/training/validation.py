@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from .metrics import ConfusionMeter
+from ..metrics import ConfusionMeter
 
 
 class ImageSource(Protocol):

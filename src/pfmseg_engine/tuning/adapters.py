@@ -117,8 +117,9 @@ class ResNetV2Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Skips ``[1/2, 1/4, 1/8]`` of normalised image ``x``."""
-        half = self.root.norm(self.root.conv(x))
-        quarter = self.block1(self.root.pool(self.root.pad(half)))
+        stem = self.root.get_submodule  # timm's stem: conv, norm, pad, pool
+        half = stem("norm")(stem("conv")(x))
+        quarter = self.block1(stem("pool")(stem("pad")(half)))
         eighth = self.block2(quarter)
         return [half, quarter, eighth]
 

@@ -22,7 +22,7 @@ def inject_lora(vit: nn.Module, cfg: TuningConfig, use_dora: bool) -> nn.Module:
 
     config = LoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; it only multiplies by it
         lora_dropout=cfg.dropout,
         target_modules=ATTENTION_MLP_TARGETS if cfg.lora_mlp else ATTENTION_TARGETS,
         use_dora=use_dora,

@@ -44,9 +44,9 @@ class SeedLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.rank = rank
         self.scale = alpha  # the seed's ``self.scale = lora_alpha``: no division by the rank
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_a = nn.Parameter(torch.zeros(base_layer.in_features, rank, **factory))
-        self.lora_b = nn.Parameter(torch.zeros(rank, base_layer.out_features, **factory))
+        device, dtype = base_layer.weight.device, base_layer.weight.dtype
+        self.lora_a = nn.Parameter(torch.zeros(base_layer.in_features, rank, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(rank, base_layer.out_features, device=device, dtype=dtype))
         self.reset_lora_parameters()
 
     @property
@@ -78,8 +78,9 @@ class SeedDoRALinear(SeedLoRALinear):
 
     def __init__(self, base_layer: nn.Linear, rank: int, alpha: float):
         super().__init__(base_layer, rank, alpha)
-        factory = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
-        self.lora_magnitude = nn.Parameter(torch.ones(1, **factory))  # the seed's scalar ``m``
+        weight = base_layer.weight
+        # the seed's scalar ``m``
+        self.lora_magnitude = nn.Parameter(torch.ones(1, device=weight.device, dtype=weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.base_layer.weight

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import DataError
+from .errors import DataError
 
 SUMMARY = ("mIoU", "Mean_Dice", "Pixel_Accuracy", "Mean_Accuracy", "Frequency_Weighted_IoU",
            "Mean_Precision", "Mean_Recall", "Mean_F1")

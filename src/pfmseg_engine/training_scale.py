@@ -21,9 +21,9 @@ import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
-from ..errors import TrainingScaleWarning
+from .errors import TrainingScaleWarning
 
 #: A prediction resolution within this relative factor of the training scale (either way) is fine:
 #: 0.25 means anything from 1/1.25 to 1.25 times the training µm/px.
@@ -152,7 +152,7 @@ def attach_training_scale(model: Any, scale: TrainingScale | None) -> None:
     model.training_scale = scale
 
 
-def _positive(value: Any) -> bool:
+def _positive(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 

@@ -22,14 +22,18 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from ..colors import ClassColors, class_palette, label_colors
 from ..errors import ConfigError
 from ..storage import writing
+from .geometry import placement
 from .pyramid import merge_boxes, pyramid_shapes, update_levels
+
+if TYPE_CHECKING:
+    import zarr
 
 #: Per NGFF version: the zarr format, extra array options, whether the attributes carry a "version" key
 #: at the top (0.4) or sit under "ome" (0.5), and whether arrays name their dimensions (zarr v3's
@@ -95,7 +99,8 @@ class LabelStore:
         if method not in ("mode", "nearest"):
             raise ConfigError(f"Label pyramids use 'mode' or 'nearest' downsampling, not '{method}'.")
         self.path = Path(path)
-        self.shape, self.chunk, self.num_classes = tuple(shape), int(chunk), int(num_classes)
+        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.chunk, self.num_classes = int(chunk), int(num_classes)
         self.ngff, self.method = ngff, method
         spec = _ngff(ngff)
         shapes = pyramid_shapes(self.shape, self.chunk)
@@ -113,9 +118,10 @@ class LabelStore:
                                            **_array_kwargs(ngff, CYX))
         self.root = zarr.open_group(str(self.path), mode="r+")
         # label chunks are only ever written with labels in them: skip zarr's all-fill-value check
-        self.levels = [_written_as_is(self.root[str(level)]) for level in range(len(shapes))]
+        self.levels = [_written_as_is(_array(self.root, str(level))) for level in range(len(shapes))]
         self.labels = self.levels[0]
-        self.prob_levels = [self.root[f"{PROBS}/{level}"] for level in range(len(shapes))] if probabilities else []
+        self.prob_levels = ([_array(self.root, f"{PROBS}/{level}") for level in range(len(shapes))]
+                            if probabilities else [])
         self.probabilities = self.prob_levels[0] if probabilities else None
         self.pyramid_interval = float(pyramid_interval)
         self._pending: list[tuple[tuple[int, int, int, int], bool]] = []
@@ -128,9 +134,10 @@ class LabelStore:
         y0, y1, x0, x1 = (int(v) for v in box)
         with writing(self.path, "the OME-Zarr output"):
             self.labels[y0:y1, x0:x1] = labels
-            with_probs = self.probabilities is not None and probs is not None
-            if with_probs:
+            with_probs = False
+            if self.probabilities is not None and probs is not None:
                 self.probabilities[:, y0:y1, x0:x1] = probs
+                with_probs = True
             self._pending.append(((y0, y1, x0, x1), with_probs))
             if time.monotonic() - self._last_update >= self.pyramid_interval:
                 self._update_pyramid()
@@ -142,8 +149,8 @@ class LabelStore:
 
     def is_complete(self, box: tuple[int, int, int, int]) -> bool:
         """Whether a box written with :meth:`write` has its coarser levels written too."""
-        box = tuple(int(v) for v in box)
-        return all(pending != box for pending, _ in self._pending)
+        y0, y1, x0, x1 = (int(v) for v in box)
+        return all(pending != (y0, y1, x0, x1) for pending, _ in self._pending)
 
     def flush_pyramid(self) -> None:
         """Bring the coarser levels up to date with everything written so far."""
@@ -175,7 +182,7 @@ class LabelStore:
         # pixel centres: level k pixel i covers slide level-0 pixels [i*d, (i+1)*d), d in level-0 px
         d0 = mpp / slide_mpp
         scales = [[mpp * 2**k] * 2 for k in levels]
-        shifts = [[round((float(o) + (d0 * 2**k - 1) / 2) * slide_mpp, 9) for o in offset] for k in levels]
+        shifts = [[round(t, 9) for t in placement(slide_mpp, d0 * 2**k, offset)["translate"]] for k in levels]
         image_label = {"colors": label_colors(class_names, class_colors=class_colors),
                        "properties": [{"label-value": 0, "class": "no prediction"}]
                        + [{"label-value": i + 1, "class": n} for i, n in enumerate(class_names)]}
@@ -199,7 +206,12 @@ class LabelStore:
             group.attrs.update(attrs)
 
 
-def _written_as_is(array: Any) -> Any:
+def _array(group: zarr.Group, path: str) -> zarr.Array:
+    """The array at ``path`` of a store this module wrote (every level is an array)."""
+    return cast("zarr.Array", group[path])
+
+
+def _written_as_is(array: zarr.Array) -> zarr.Array:
     """``array`` writing every chunk it is given, without first checking whether it holds only the fill value
     (zarr 3's default check costs as much as compressing the chunk)."""
     with_config = getattr(array, "with_config", None)
@@ -265,12 +277,12 @@ class LabelOutput:
         if not self.path.exists():
             raise ConfigError(f"Prediction '{self.path}' does not exist; run inference first.")
         self.root = zarr.open_group(str(self.path), mode="r")
-        attrs = dict(self.root.attrs)
+        attrs: dict[str, Any] = dict(self.root.attrs)
         self.pfmseg: dict[str, Any] = attrs.get("pfmseg", {})
         ome = attrs.get("ome", attrs)
         self.multiscales: dict[str, Any] = ome["multiscales"][0]
         self.image_label: dict[str, Any] = ome.get("image-label", {})
-        self.levels = [self.root[d["path"]] for d in self.multiscales["datasets"]]
+        self.levels = [_array(self.root, d["path"]) for d in self.multiscales["datasets"]]
 
     @property
     def class_names(self) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,12 @@ def merge_boxes(boxes: list[tuple[int, int, int, int]]) -> list[tuple[int, int, 
     return sorted((y0, y1, x0, x1) for (x0, x1), spans in columns.items() for y0, y1 in _merge_spans(spans))
 
 
-def update_levels(levels: list, box: tuple[int, int, int, int], method: str) -> None:
+def _index(lead: tuple[slice, ...], rows: slice, cols: slice) -> tuple[slice, ...]:
+    """The index of ``rows`` x ``cols`` under leading axes ``lead`` (channels) kept whole."""
+    return (*lead, rows, cols)
+
+
+def update_levels(levels: list[Any], box: tuple[int, int, int, int], method: str) -> None:
     """Recompute the coarser ``levels[1:]`` (zarr arrays, each half the one before) over level-0 ``box``.
 
     ``box`` is (y0, y1, x0, x1) of ``levels[0]`` just written; leading axes (channels) are kept.
@@ -98,11 +104,11 @@ def update_levels(levels: list, box: tuple[int, int, int, int], method: str) -> 
         th, tw = target.shape[-2:]
         y0, x0 = y0 // 2, x0 // 2
         y1, x1 = min(th, -(-y1 // 2)), min(tw, -(-x1 // 2))
-        block = np.asarray(source[(*lead, slice(2 * y0, min(2 * y1, sh)), slice(2 * x0, min(2 * x1, sw)))])
-        target[(*lead, slice(y0, y1), slice(x0, x1))] = reduce(block)[..., : y1 - y0, : x1 - x0]
+        block = np.asarray(source[_index(lead, slice(2 * y0, min(2 * y1, sh)), slice(2 * x0, min(2 * x1, sw)))])
+        target[_index(lead, slice(y0, y1), slice(x0, x1))] = reduce(block)[..., : y1 - y0, : x1 - x0]
 
 
-def downsample_level(source, target, method: str, nonempty: set[tuple[int, int]], chunk: int
+def downsample_level(source: Any, target: Any, method: str, nonempty: set[tuple[int, int]], chunk: int
                      ) -> set[tuple[int, int]]:
     """Fill zarr ``target`` (half the size of ``source``, same chunking) chunk by chunk.
 
@@ -117,9 +123,9 @@ def downsample_level(source, target, method: str, nonempty: set[tuple[int, int]]
     for ty, tx in wanted:
         y0, x0 = ty * chunk, tx * chunk
         y1, x1 = min(y0 + chunk, th), min(x0 + chunk, tw)
-        block = np.asarray(source[(*lead, slice(2 * y0, min(2 * y1, sh)), slice(2 * x0, min(2 * x1, sw)))])
+        block = np.asarray(source[_index(lead, slice(2 * y0, min(2 * y1, sh)), slice(2 * x0, min(2 * x1, sw)))])
         reduced = reduce(block)[..., : y1 - y0, : x1 - x0]
         if reduced.any():
-            target[(*lead, slice(y0, y1), slice(x0, x1))] = reduced
+            target[_index(lead, slice(y0, y1), slice(x0, x1))] = reduced
             written.add((ty, tx))
     return written
