@@ -193,28 +193,30 @@ def confusions(model: Any, images: list[Image], window: int, classes: int) -> np
     return matrices
 
 
-def suggest(model: Any, images: list[Image], pool: Pool, labelled: set[int], k: int, window: int, box: int,
-            patch: int) -> list[int]:
-    """The live suggestion rule on boxes: uncertainty x feature-space distance, k-center greedy."""
+def box_descriptors(images: list[Image], pool: Pool, box: int, patch: int) -> np.ndarray:
+    """Where each box lies in feature space: the unit-length mean of its tokens (fixed: the backbone is frozen)."""
     import torch
 
+    t = box // patch
+    out = np.zeros((len(pool.boxes), images[0].grids.shape[1]), np.float32)
+    for index, (i, j, y, x) in enumerate(pool.boxes):
+        tokens = images[i].grids[j, :, y // patch:y // patch + t, x // patch:x // patch + t].float().mean(dim=(-2, -1))
+        out[index] = torch.nn.functional.normalize(tokens, dim=0).numpy()
+    return out
+
+
+def suggest(model: Any, images: list[Image], pool: Pool, descriptors: np.ndarray, labelled: set[int], k: int,
+            window: int, box: int) -> list[int]:
+    """The live suggestion rule on boxes: mean uncertainty x feature-space distance, k-center greedy."""
     from pfmseg_engine.live.head import uncertainty_map
     from pfmseg_engine.live.suggest import k_center_greedy
 
-    uncertainty = np.zeros(len(pool.boxes))
-    descriptors = np.zeros((len(pool.boxes), images[0].grids.shape[1]), np.float32)
-    by_image: dict[int, list[int]] = {}
-    for index, (i, *_) in enumerate(pool.boxes):
-        by_image.setdefault(i, []).append(index)
-    t = box // patch
-    for i, indices in by_image.items():
+    cells = window // box
+    means = {}
+    for i in sorted({b[0] for b in pool.boxes}):
         maps = uncertainty_map(probabilities(model, images[i], window)).numpy()
-        grids = images[i].grids
-        for index in indices:
-            _, j, y, x = pool.boxes[index]
-            uncertainty[index] = maps[j, y:y + box, x:x + box].mean()
-            tokens = grids[j, :, y // patch:y // patch + t, x // patch:x // patch + t].float().mean(dim=(-2, -1))
-            descriptors[index] = torch.nn.functional.normalize(tokens, dim=0).numpy()
+        means[i] = maps.reshape(len(maps), cells, box, cells, box).mean(axis=(2, 4))
+    uncertainty = np.array([means[i][j, y // box, x // box] for i, j, y, x in pool.boxes])
     free = [i for i in range(len(pool.boxes)) if i not in labelled]
     reference = descriptors[sorted(labelled)] if labelled else None
     picks = k_center_greedy(uncertainty[free], descriptors[free], k, reference)
@@ -243,6 +245,7 @@ def run_dataset(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
                             args.window, work / name)
     fill_s = time.perf_counter() - began
     pool = box_pool(train_images, args.window, args.box)
+    descriptors = box_descriptors(train_images, pool, args.box, patch)
     print(f"{name}: {len(train_images)} training images, {len(held_out)} held out, {len(pool.boxes)} boxes of "
           f"{args.box} px; features stored in {fill_s:.0f} s", file=sys.stderr)
     curves: dict[str, dict[str, Any]] = {}
@@ -268,7 +271,7 @@ def run_dataset(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
                     elif strategy == "grid":
                         picks = [i for i in order if i not in labelled][:free_k]
                     else:
-                        picks = suggest(model, train_images, pool, labelled, free_k, args.window, args.box, patch)
+                        picks = suggest(model, train_images, pool, descriptors, labelled, free_k, args.window, args.box)
                     labelled.update(picks)
                 labels = window_labels(train_images, pool, labelled, args.window, args.box)
                 train(model, optimizer, train_images, labels, args.steps, args.batch, rng)
@@ -360,6 +363,8 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=FIGURE)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
+    if args.window % args.box:
+        parser.error(f"--box {args.box} must divide --window {args.window}.")
     args.scale = {"monuseg": args.monuseg_scale}
     import warnings
 

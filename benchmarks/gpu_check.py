@@ -39,7 +39,8 @@ for _path in (HERE, ROOT / "src"):
 
 #: What a run without a GPU prints (stderr) before exiting with status 2.
 NO_CUDA = ("gpu_check: no CUDA device is visible (torch.cuda.is_available() is False); run it on a machine with "
-           "an NVIDIA GPU and a CUDA build of torch (check: python -c 'import torch; print(torch.cuda.is_available())').")
+           "an NVIDIA GPU and a CUDA build of torch "
+           "(check: python -c 'import torch; print(torch.cuda.is_available())').")
 
 NO_CUDA_STATUS = 2
 
@@ -107,10 +108,10 @@ def quiet() -> None:
 
 def vit_large(tiny: bool, window: int, strategy: str = "frozen") -> Any:
     """ViT-L/16 (``uni_v1``'s architecture, random weights) with the ``fast`` head; tiny: its small variant."""
+    import torch
+
     from pfmseg_engine.model import ModelConfig, build_model
     from pfmseg_engine.tuning import TuningConfig
-
-    import torch
 
     torch.manual_seed(0)
     config = ModelConfig(backbone="uni_v1", tiny=tiny, num_classes=3, class_names=("a", "b", "c"), head="fast",
@@ -166,10 +167,10 @@ def feature_fill(args: argparse.Namespace, device: Any, workdir: Path) -> dict[s
     """Windows/s of the feature store filling a slide, against its own compute on resident windows."""
     import numpy as np
     import torch
+    from wsi_inference import WINDOW, he_tiff
 
     from pfmseg_engine.live import SlideFeatureStore, build_live_model, live_model_config
     from pfmseg_engine.slides import open_slide
-    from wsi_inference import WINDOW, he_tiff
 
     size = min(args.size, 8192)
     path = he_tiff(workdir / f"he_{size}.tif", size)
@@ -238,13 +239,13 @@ def labels_of(model: Any, slide_path: Path, device: str, out: Path, window: int,
 
 def identity(args: argparse.Namespace, device: Any, workdir: Path, model: Any) -> dict[str, Any]:
     import numpy as np
-
     from wsi_inference import WINDOW, StandIn, he_tiff
 
     path = he_tiff(workdir / "he_identity.tif", 1024)
     gpu = labels_of(StandIn(), path, str(device), workdir / "id-device", WINDOW, args.batch)
     cpu = labels_of(StandIn(), path, "cpu", workdir / "id-cpu", WINDOW, args.batch)
-    same = len(gpu) == len(cpu) and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(gpu, cpu))
+    same = len(gpu) == len(cpu) and all(a.shape == b.shape and np.array_equal(a, b)
+                                        for a, b in zip(gpu, cpu, strict=False))
     small = he_tiff(workdir / "he_identity_small.tif", 512)
     vit_device = labels_of(model, small, str(device), workdir / "vit-device", WINDOW, args.batch)[0]
     vit_cpu = labels_of(model, small, "cpu", workdir / "vit-cpu", WINDOW, args.batch)[0]

@@ -7,7 +7,9 @@ Two parts, both on random-weight backbones (no pathology weights are needed to t
    full resolution: the field's features are stored first (``feature_fill_windows_per_s``), then
    ``--strokes`` strokes are painted one after the other, each waiting for its refreshed prediction of
    the field; ``stroke_to_update_s`` is the median of ``LivePrediction.latency`` (seconds from
-   ``update_labels`` to the refreshed field: ``first_steps`` training steps plus predicting the field).
+   ``update_labels`` to the refreshed field: ``--first-steps`` training steps, or the loop's
+   ``first_seconds`` if sooner, plus predicting the field). Training stops at the refresh
+   (``max_steps = first_steps``), so every stroke is timed from an idle loop and nothing else competes.
 2. **GUI gaps.** A real napari viewer (Xvfb when there is no display) with a 20 ms ``QTimer`` on the
    GUI thread; the longest gap between two ticks while each action runs is how long the viewer froze:
    slide open, opening each pfmseg widget, creating the annotation layer, live mode (start, feature
@@ -142,11 +144,36 @@ class Meter:
         self.gaps: list[int] = []
         self.last = 0
         self.rows: list[dict[str, Any]] = []
+        self.wall = time.perf_counter()  # of the last tick, read by the watchdog thread
+        self.name = ""
+        self.stacks: list[tuple[str, str]] = []
 
     def _tick(self) -> None:
         now = self.clock.elapsed()
         self.gaps.append(now - self.last)
         self.last = now
+        self.wall = time.perf_counter()
+
+    def watch(self, threshold_ms: float) -> None:
+        """Record where the GUI thread is when a tick is ``threshold_ms`` late (once per gap), to name causes."""
+        import traceback
+
+        main = threading.main_thread().ident
+
+        def run() -> None:
+            seen = 0.0
+            while True:
+                time.sleep(0.01)
+                tick = self.wall
+                if time.perf_counter() - tick > threshold_ms / 1000 and tick != seen and self.timer.isActive():
+                    seen = tick
+                    frame = sys._current_frames().get(main)
+                    if frame is not None:
+                        frames = traceback.extract_stack(frame)[-8:]
+                        text = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames))
+                        self.stacks.append((self.name, text))
+
+        threading.Thread(target=run, daemon=True).start()
 
     def phase(self, name: str, action: Any, until: Any = None, timeout_s: float = 600.0, settle_ms: int = 300) -> Any:
         """Run ``action()`` from the event loop, keep the loop running until ``until()`` (then ``settle_ms``)."""
@@ -164,8 +191,10 @@ class Meter:
                 QTimer.singleShot(settle_ms, loop.quit)
 
         self.gaps = []
+        self.name = name
         self.clock.start()
         self.last = 0
+        self.wall = time.perf_counter()
         self.timer.start()
         poll = QTimer()
         poll.setInterval(50)
@@ -188,7 +217,9 @@ def gui_gaps(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
 
     viewer = napari.Viewer(show=True)
     meter = Meter(args.interval)
+    meter.watch(args.diagnose_ms)
     try:
+        meter.phase("idle (machine load only)", lambda: None, settle_ms=3000)
         [image] = meter.phase("slide open", lambda: viewer.open(str(args.slide), plugin="pfmseg"))
         viewer.reset_view()
         widgets: dict[str, Any] = {}
@@ -224,19 +255,34 @@ def gui_gaps(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         classes, _ = classes_of(layer)
         live.controller.model = build_live_model(live_model_config(args.gui_backbone, classes, window=args.window))
         controller = live.controller
-        meter.phase("live: start + fill the view", live.start,
-                    until=lambda: controller.loop is not None and not controller.loop.store.missing(
-                        controller.loop._view_windows(controller.loop._view)) and controller.loop._view is not None)
+        filled: list[Any] = []
+        controller.fill.connect(lambda event: filled.append(event) if event.done >= event.total else None)
+        meter.phase("live: start + fill the view", live.start, until=lambda: bool(filled))
         layer.brush_size = 8
 
-        def stroke(y: int, label: int) -> None:
-            for x in range(100, 400, 4):
+        from qtpy.QtCore import QTimer
+
+        brush = QTimer()
+        brush.setInterval(15)
+        points: list[tuple[int, int, int]] = []
+
+        def dab() -> None:  # one brush dab per timer event, as mouse moves arrive
+            if points:
+                y, x, label = points.pop(0)
                 layer.paint((y, x), label)
+            else:
+                brush.stop()
+
+        brush.timeout.connect(dab)
+
+        def stroke(y: int, label: int) -> None:
+            points.extend((y, x, label) for x in range(100, 400, 4))
+            brush.start()
 
         for i, (y, label) in enumerate(((200, 1), (420, 2), (600, 1))):
             seen = live.predictions
             meter.phase(f"live: stroke {i + 1} -> update", lambda y=y, label=label: stroke(y, label),
-                        until=lambda seen=seen: live.predictions > seen)
+                        until=lambda seen=seen: not points and live.predictions > seen)
         meter.phase("live: pan the view", lambda: setattr(live._camera(), "center",
                                                           tuple(c * 0.8 for c in live._camera().center)),
                     until=lambda: live.predictions > 3 or controller.loop is None, timeout_s=120)
@@ -245,6 +291,7 @@ def gui_gaps(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         meter.phase("GeoJSON export", lambda: annotate.export_geojson(path))
         meter.phase("GeoJSON import", lambda: annotate.import_geojson(path))
         controller.hand_off()
+        live.session.choose_output_folder(work / "outputs")  # never beside the slide (shared, read-only data)
         if hasattr(predict, "window_size"):
             predict.window_size.setValue(args.window)
         predict.set_mode("slide")
@@ -257,7 +304,12 @@ def gui_gaps(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
         meter.phase("prediction start", start_prediction,
                     until=lambda: bool(started) and time.perf_counter() - started[0] > args.predict_seconds)
         predict.controller.cancel()
-        meter.phase("prediction cancel", lambda: True, until=lambda: not predict.controller.running)
+        meter.phase("prediction cancel", lambda: True, until=lambda: not predict.controller.running, timeout_s=120)
+        if meter.stacks:
+            print("where the GUI thread was during gaps longer than "
+                  f"{args.diagnose_ms} ms (innermost first):", file=sys.stderr)
+            for name, text in meter.stacks:
+                print(f"  [{name}] {text}", file=sys.stderr)
         return meter.rows
     finally:
         viewer.close()
@@ -275,6 +327,8 @@ def main() -> None:
     parser.add_argument("--first-steps", type=int, default=8, help="training steps before the refreshed prediction")
     parser.add_argument("--interval", type=int, default=20, help="GUI timer, ms")
     parser.add_argument("--predict-seconds", type=float, default=4.0, help="how long the prediction start is watched")
+    parser.add_argument("--diagnose-ms", type=float, default=150.0,
+                        help="print where the GUI thread was during gaps longer than this")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--skip-gui", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
@@ -313,8 +367,9 @@ def main() -> None:
             finally:
                 if display is not None:
                     display.stop()
-            worst = max(rows, key=lambda r: r["max_gap_ms"])
+            worst = max(rows[1:], key=lambda r: r["max_gap_ms"])  # rows[0]: idle baseline
             summary.update(gui_max_gap_ms=worst["max_gap_ms"], gui_worst_phase=worst["phase"],
+                           gui_idle_gap_ms=rows[0]["max_gap_ms"],
                            gui_gaps_ms={r["phase"]: r["max_gap_ms"] for r in rows})
     print(json.dumps(summary))
 

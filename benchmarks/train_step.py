@@ -183,13 +183,27 @@ def loader_rate(trainer: Any) -> float:
     return rates[-1]
 
 
+def loader_cpu_per_sample(trainer: Any, count: int) -> float:
+    """Process CPU seconds per item of the trainer's dataset read in this process (after one untimed item)."""
+    dataset = trainer.train_dataset
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(0)
+    dataset[0]
+    count = max(1, min(count, len(dataset) - 1))
+    start = time.process_time()
+    for index in range(1, count + 1):
+        dataset[index]
+    return (time.process_time() - start) / count
+
+
 def model_step_rate(trainer: Any, steps: int, warmup: int) -> float:
     """Samples per second of the trainer's own step (forward, loss, backward, optimizer) on a resident batch."""
     batch = next(iter(trainer.loader))
     images = batch["image"].to(trainer.device)
     labels = batch["label"].to(trainer.device).long()
-    model, times = trainer.model.train(), []
+    model, times, cpu = trainer.model.train(), [], []
     for step in range(warmup + steps):
+        cpu_start = time.process_time()
         _sync(trainer.device)
         start = time.perf_counter()
         with trainer._autocast():
@@ -200,6 +214,8 @@ def model_step_rate(trainer: Any, steps: int, warmup: int) -> float:
         float(loss.detach())  # the trainer reads every step's loss back
         if step >= warmup:
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
+    trainer.step_cpu_per_sample = statistics.median(cpu) / len(images)
     return len(images) / statistics.median(times)
 
 
@@ -219,12 +235,16 @@ def measure_pipeline(build: Any, args: argparse.Namespace, root: Path, strategy:
     torch.manual_seed(0)
     trainer = build(args, root, strategy)
     step = model_step_rate(trainer, args.steps, args.warmup)
+    loader_cpu = loader_cpu_per_sample(trainer, 2 * args.batch_size)
     loader = loader_rate(trainer)
     steady, first = trainer_rate(trainer)
     return {"strategy": strategy, "num_workers": trainer.loader.num_workers,
             "loader_samples_per_s": loader, "model_step_samples_per_s": step,
             "trainer_samples_per_s": steady, "trainer_first_epoch_samples_per_s": first,
-            "model_step_over_trainer": step / steady}
+            "model_step_over_trainer": step / steady,
+            "loader_cpu_s_per_sample": loader_cpu, "step_cpu_s_per_sample": trainer.step_cpu_per_sample,
+            # what the trainer costs against the step where loading and the step share the same cores (CPU)
+            "cpu_bound_ratio": 1.0 + loader_cpu / trainer.step_cpu_per_sample}
 
 
 PIPELINES = {"images": image_trainer, "slides": slide_trainer}
@@ -276,11 +296,11 @@ def main() -> None:
         print(f"{name}, head {args.head}, {args.batch_size}x{args.input_size}px, {device}"
               f"{', amp' if args.amp else ''}, {args.samples} samples per epoch; samples/s")
         print(f"{'pipeline':<8} {'strategy':<18} {'workers':>7} {'loader':>9} {'model step':>10} {'trainer':>9} "
-              f"{'step/trainer':>12} (goal <= 1.15)")
+              f"{'step/trainer':>12} {'CPU-bound':>9}  (goal <= 1.15; CPU-bound: 1 + loader/step CPU seconds)")
         for r in rows:
             print(f"{r['pipeline']:<8} {r['strategy']:<18} {r['num_workers']:>7} {r['loader_samples_per_s']:>9.1f} "
                   f"{r['model_step_samples_per_s']:>10.1f} {r['trainer_samples_per_s']:>9.1f} "
-                  f"{r['model_step_over_trainer']:>12.2f}")
+                  f"{r['model_step_over_trainer']:>12.2f} {r['cpu_bound_ratio']:>9.3f}")
         return
     rows = [time_strategy(args, s, device) for s in args.strategies]
     base = next((r["seconds_per_step"] for r in rows if r["strategy"] == "frozen"), rows[0]["seconds_per_step"])

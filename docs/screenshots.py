@@ -146,6 +146,8 @@ def main() -> None:
     compare.budget.setValue(1.0)
     compare.compare()
     wait(lambda: not compare.controller.running)
+    compare.split.setSizes([110, 430, 90])  # the leaderboard's share of the dock, as a user would drag it
+    wait(lambda: True)
     viewer.screenshot(str(args.out / "compare.png"), canvas_only=False)
     viewer.close()
     print("\n".join(str(p) for p in sorted(args.out.glob("*.png"))))

@@ -98,7 +98,7 @@ def test_unknown_geometry_names_file_feature_and_fix_in_strict_mode(tmp_path):
     path = tmp_path / "points.geojson"
     path.write_text(json.dumps([feature(polygon(rect(0, 0, 9, 9)), "Tumor"),
                                 feature({"type": "Point", "coordinates": [3, 4]}, "Tumor")]))
-    with pytest.raises(DataError, match=r"points\.geojson, feature 1 has a Point geometry.*QuPath.*--strict"):
+    with pytest.raises(DataError, match=r"points\.geojson, feature 1 has a Point geometry.*QuPath.*strict=False"):
         read_geojson(path, options={"strict": True})
     skipped = read_geojson(path)  # the default: left out, counted
     assert len(skipped.features) == 1 and skipped.skipped == [(1, "Point geometry")]
@@ -133,7 +133,7 @@ def test_class_tables_across_files():
     assert qupath.names == ("Tumor", "Stroma", "Necrosis", "Ignore*") and qupath.label_of("Ignore*") == 4
     typo = ("c.geojson", {"Tumour": None}, {"Tumour": "c.geojson, feature 7"})
     with pytest.raises(DataError, match=r"c\.geojson, feature 7 has class 'Tumour', found only in this file.*"
-                                        r"'Tumor'.*--class_map 'Tumour=Tumor'"):
+                                        r"'Tumor'.*class_map=\{'Tumour': 'Tumor'\}"):
         class_table([a, b, typo])
     with pytest.raises(DataError, match=r"a\.geojson, feature 0 has class 'Tumor'.*not one of the model's classes"):
         class_table([a], class_names=["Stroma", "Fat"])

@@ -133,3 +133,31 @@ def test_ctrl_c_tells_how_to_resume(config_file, tmp_path, capsys, monkeypatch):
     assert main(["train", "--config", str(config_file), "--no-progress", "--resume", str(last)]) == 130
     err = capsys.readouterr().err
     assert f"--resume {last}" in err
+
+
+def test_train_over_seeds_runs_through_the_fine_tune_job(config_file, tmp_path, capsys, monkeypatch):
+    from pfmseg_engine.jobs import FineTune
+    from pfmseg_engine.jobs.finetune import Epoch
+    from pfmseg_engine.training import SeedsResult
+
+    seen: list[object] = []
+    outcomes = []
+    run = FineTune.run
+
+    def spied(self, callback=None):
+        outcome = run(self, seen.append)
+        outcomes.append(outcome)
+        return outcome
+
+    monkeypatch.setattr(FineTune, "run", spied)
+    assert main(["train", "--config", str(config_file), "--no-progress", "--options", "system.seeds=[0,1]"]) == 0
+    out = capsys.readouterr().out
+    experiment = tmp_path / "logs" / "cli"
+    assert "seed 0: completed, 1 epochs" in out and "seed 1: completed, 1 epochs" in out
+    assert f"summary: {experiment / 'seeds_summary.csv'}" in out
+    [outcome] = outcomes
+    assert isinstance(outcome.result, SeedsResult) and list(outcome.result.runs) == [0, 1]
+    assert outcome.status == "completed" and outcome.model is None  # one model per seed, none left behind
+    epochs = [event for event in seen if isinstance(event, Epoch)]
+    assert len(epochs) == 2  # one epoch of each seed's run, in turn
+    assert all((experiment / f"seed_{s}" / "checkpoints" / "last.pt").is_file() for s in (0, 1))

@@ -374,3 +374,38 @@ def test_budget_covers_cache_fill_training_and_scoring(slide_tile_dataset, tmp_p
     assert not result.failed and result.status == "completed"
     # nothing started after the budget: the clock passed it by at most the last run's first epoch and scoring
     assert clock.now < 2 * budget
+
+
+def test_zero_score_reason_names_the_classes():
+    import numpy as np
+
+    from pfmseg_engine.compare import zero_score_reason
+
+    names = ("Tumour", "Stroma", "Necrosis")
+    only_stroma = np.array([[0, 30, 0], [0, 0, 0], [0, 12, 0]])  # truth: Tumour, Necrosis; predicted: Stroma
+    assert zero_score_reason(only_stroma, names, "held-out annotations") == (
+        "predicted only 'Stroma'; held-out annotations contain no 'Stroma' (they hold 'Tumour', 'Necrosis')")
+    assert zero_score_reason(np.array([[5, 1, 0], [0, 0, 0], [0, 0, 0]]), names, "x") == ""  # some pixels right
+    assert zero_score_reason(np.zeros((3, 3)), names, "the test images") == "predicted nothing on the test images"
+
+
+def test_rows_of_earlier_calls_join_the_ranking(slide_tile_dataset, tmp_path):
+    """A second comparison into the same folder with another backbone ranks the first one's rows too (those
+    whose results match the settings they would be trained with), without training them again."""
+    from pfmseg_engine.compare import CompareSpec, Comparison
+    from pfmseg_engine.training import load_config
+
+    config = load_config(write_config(tmp_path, slide_tile_dataset))
+    first = Comparison(config, CompareSpec(pfms=("unet",), seeds=(0,), tiny=True, n_bootstrap=20, throughput_steps=0),
+                       tmp_path / "cmp").run()
+    assert first.trained == 1
+    second = Comparison(config, CompareSpec(pfms=("kaiko-vits16",), strategies=("frozen",), seeds=(0,), tiny=True,
+                                            n_bootstrap=20, throughput_steps=0), tmp_path / "cmp").run()
+    assert second.trained == 1
+    assert {(r.pfm, r.strategy) for r in second.leaderboard.rows if r.ok} == {("unet", "full"),
+                                                                            ("kaiko-vits16", "frozen")}
+    # other settings (here: two epochs) make the earlier row a different experiment: it is left out
+    other = load_config(write_config(tmp_path, slide_tile_dataset, training={"epochs": 2}))
+    third = Comparison(other, CompareSpec(pfms=("kaiko-vits16",), strategies=("frozen",), seeds=(0,), tiny=True,
+                                          n_bootstrap=20, throughput_steps=0), tmp_path / "cmp").run()
+    assert [r.pfm for r in third.leaderboard.rows] == ["kaiko-vits16"]

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("napari")
 
-from test_napari_workflow import own_output_folder  # noqa: E402, F401  (autouse: outputs per test)
+from test_napari_workflow import own_output_folder  # noqa: F401  (autouse: outputs per test)
 
 pytestmark = pytest.mark.gui
 

@@ -97,7 +97,8 @@ def test_composed_levels_keep_the_zarr_store(tmp_path):
     """A level tiffslide composes from several series (Leica SCN) is not read directly."""
 
     class Handle:
-        properties = {"tiffslide.series-composition": {"located_series": {}}}
+        def __init__(self) -> None:
+            self.properties = {"tiffslide.series-composition": {"located_series": {}}}
 
     assert tiff_level_page(Handle(), 0) is None
 
@@ -156,7 +157,7 @@ def test_reader_threads_decode_at_the_same_time(tmp_path, monkeypatch):
         try:
             y0, y1, x0, x1 = box
             results[name] = cache[y0:y1, x0:x1]
-        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=read, args=("a", (0, 128, 0, 256))),

@@ -398,7 +398,7 @@ def test_busy_message_names_pid_host_and_time(tmp_path):
         run = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120)
         assert run.returncode != 0 and "OutputBusyError" in run.stderr
         message = other.busy_message()
-        assert f"PID {os.getpid()} on " in message and "--wait" in message
+        assert f"PID {os.getpid()} on " in message and "wait=SECONDS" in message
     with OutputLock(target, wait=0):  # released: free again
         pass
     assert issubclass(OutputBusyError, StorageError)

@@ -104,6 +104,20 @@ def test_each_front_end_reuses_the_others_output(slide_png, tmp_path):
     assert tree(first.path) == before
 
 
+def test_an_int_from_python_and_a_float_from_the_cli_write_byte_identical_stores(slide_png, tmp_path):
+    model = PixelModel()
+    python = predict_slide(model, slide_png, tmp_path / "python", mpp=1, tissue=False, target_mpp=2, overlap=0)
+    cohort = run_cli_cohort(model, slide_png, tmp_path / "cli", "--no-tissue", "--mpp", "1.0", "--target_mpp", "2.0",
+                            "--overlap", "0.0")
+    [record] = cohort.records
+    assert record.status == "done" and record.result is not None
+    assert python.mpp == record.result.mpp == 2.0
+    assert tree(python.path) == tree(record.result.path)  # the settings are recorded as 2.0 and 0.0 by both
+    assert PredictionSettings(target_mpp=2, overlap=0).to_dict() == PredictionSettings(target_mpp=2.0,
+                                                                                       overlap=0.0).to_dict()
+    assert isinstance(PredictionSettings(target_mpp=2).target_mpp, float)
+
+
 def run_cli_cohort(model, slide, out, *flags):
     from pfmseg_engine.distributed import run_cohort
 

@@ -61,7 +61,9 @@ def test_strokes_train_warm_and_refresh_the_view(tmp_path):
     events = loop.iter_run()
     first = run_until(events, "prediction")
     assert first.step == SETTINGS.first_steps and first.latency is not None and first.latency > 0
-    assert first.labels.shape == first.uncertainty.shape == (256, 256) and first.offset == (320.0, 0.0)
+    # previewed at the fast head's own 1/4 resolution: a pixel covers 4 x 4 model (= level-0) pixels
+    assert first.labels.shape == first.uncertainty.shape == (64, 64) and first.scale == 4.0
+    assert first.box == (0, 256, 320, 576) and first.offset == (320.0, 0.0)
     assert set(np.unique(first.labels)) <= {1, 2, 3} and 0 <= first.uncertainty.min() <= first.uncertainty.max() <= 1
     assert sum(first.areas_mm2.values()) == pytest.approx(256 * 256 / 1e6)
     optimizer = loop.optimizer
@@ -127,6 +129,23 @@ def test_live_prediction_equals_the_model_on_its_windows(tmp_path):
     np.testing.assert_allclose(uncertainty, entropy.numpy(), atol=1e-4)
 
 
+def test_preview_at_the_heads_resolution_matches_the_full_prediction(tmp_path):
+    full = make_loop(tmp_path, LiveSettings(**{**SETTINGS.__dict__, "full_resolution": True}))
+    quick = LiveLoop(full.model, half_tissue_slide(), LiveSettings(**{**SETTINGS.__dict__, "store_root": str(tmp_path)}))
+    view = (320, 0, 192, 192)
+    full.store.fill(windows=full._view_windows(view))
+    a, b = full._predict(view, 0, 0, latency=False), quick._predict(view, 0, 0, latency=False)
+    assert a is not None and b is not None and (a.box, a.offset, a.scale, b.scale) == (b.box, b.offset, 1.0, 4.0)
+    assert a.labels.shape == (192, 192) and b.labels.shape == (48, 48)
+    # nearest-neighbour enlargement of the preview = the model's labels except near class edges
+    enlarged = b.labels.repeat(4, 0).repeat(4, 1)
+    assert (enlarged == a.labels).mean() > 0.9 and len(np.unique(a.labels)) > 1
+    np.testing.assert_allclose(b.uncertainty.repeat(4, 0).repeat(4, 1).mean(), a.uncertainty.mean(), atol=0.02)
+    assert sum(b.areas_mm2.values()) == pytest.approx(sum(a.areas_mm2.values()))
+    for name in a.areas_mm2:
+        assert b.areas_mm2[name] == pytest.approx(a.areas_mm2[name], abs=0.1 * 192 * 192 / 1e6)
+
+
 def test_live_head_is_a_checkpoint_infer_accepts(tmp_path):
     from pfmseg_engine import load_checkpoint
     from pfmseg_engine.inference import predict_slide
@@ -184,3 +203,31 @@ def test_reduced_width_live_head_saves_as_the_full_model(tmp_path):
         torch.testing.assert_close(model(x.float()), expected, rtol=0, atol=2e-3)  # float16 store
     labels, _ = loop.predict_windows(windows)
     assert labels.shape == (2, WINDOW, WINDOW) and prediction.labels.max() >= 1
+    # stopping already left the trained head in loop.model: a new loop on it starts from exactly that head
+    again = LiveLoop(loop.model, half_tissue_slide(),
+                     LiveSettings(**{**SETTINGS.__dict__, "store_root": str(tmp_path), "width": 16}))
+    with torch.no_grad():
+        torch.testing.assert_close(again.head.eval()(again.features(windows), [], out_size=(WINDOW, WINDOW)),
+                                   expected, rtol=0, atol=1e-4)
+
+
+def test_rare_classes_weigh_as_much_as_broad_strokes(tmp_path):
+    loop = make_loop(tmp_path)
+    labels = np.ones((40, 50), np.uint8)
+    labels[:, :5] = 2  # a tenth of the pixels
+    loop.update_labels(labels, offset=(320, 0))
+    weights = loop._class_weights()
+    assert weights is not None and weights.tolist() == pytest.approx([1 / 1.8, 5.0, 0.0])
+    unweighted = LiveLoop(tiny_live_model(), half_tissue_slide(),
+                          LiveSettings(**{**SETTINGS.__dict__, "store_root": str(tmp_path), "balance": False}))
+    assert unweighted._class_weights() is None
+
+
+def test_idle_work_gives_way_to_strokes_views_and_requests(tmp_path):
+    loop = make_loop(tmp_path)
+    for ask in (lambda: loop.update_labels(np.ones((8, 8), np.uint8), offset=(320, 0)),
+                lambda: loop.set_view((0, 0, 64, 64)), lambda: loop.request_suggestions(2), loop.cancel):
+        asked = loop._idle_interrupted(loop.labels.version, loop._view_version)
+        assert not asked()
+        ask()
+        assert asked()

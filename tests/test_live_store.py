@@ -181,3 +181,18 @@ def test_reduced_width_stores_principal_components_that_fold_into_the_head(tmp_p
     assert other.basis() is not None and other.basis().digest() == basis.digest()
     with pytest.raises(ConfigError, match="1x1 projection"):
         SlideFeatureStore(tiny_live_model("cup", (1, 3)), slide, root=tmp_path, width=16)
+
+
+def test_an_abandoned_fill_stops_inside_the_backbone_and_stores_nothing_of_the_batch(tmp_path):
+    store = SlideFeatureStore(tiny_live_model(), half_tissue_slide(), root=tmp_path, tissue=False)
+    assert len(store.backbone.vit.blocks) >= 2
+    asked = []
+
+    def abandon() -> bool:  # asked before the batch, then before each block: give up at the second block
+        asked.append(True)
+        return len(asked) == 3
+
+    assert list(store.iter_fill(windows=[(0, 0), (0, 1)], batch_size=2, abandon=abandon)) == []
+    assert len(asked) == 3 and not store.done().any()
+    assert all(not block._forward_pre_hooks for block in store.backbone.vit.blocks)  # hooks removed
+    assert store.fill(windows=[(0, 0), (0, 1)], batch_size=2) == 2  # the next fill computes them

@@ -13,10 +13,9 @@ import pytest
 
 pytest.importorskip("napari")
 
-from test_napari_workflow import (  # noqa: E402
+from test_napari_workflow import (
     TIMEOUT_MS,
     App,
-    notes,  # noqa: F401  (fixture)
     own_output_folder,  # noqa: F401  (autouse fixture)
     wait_for,
 )
@@ -81,12 +80,13 @@ def test_train_dock_error_state_and_reset(app, qtbot):
     assert app.session.job == "" and dock.train_button.isEnabled()
 
 
-def test_output_folder_is_chosen_once_shown_in_every_dock_and_opened(app, qtbot, tmp_path, monkeypatch,
-                                                                     own_output_folder):
+def test_output_folder_is_chosen_once_shown_in_every_dock_and_opened(app, qtbot, tmp_path, monkeypatch):
     from napari_pfmseg import _output_folder, _preferences
 
+    first = _preferences.output_folder()  # chosen by the own_output_folder fixture
+
     for dock in (app.predict, app.train):
-        assert dock.output.path.text() == str(own_output_folder)
+        assert dock.output.path.text() == str(first)
     chosen = tmp_path / "chosen"
     monkeypatch.setattr(_output_folder, "open_folder", lambda parent, title: str(chosen))
     app.predict.output.change_button.click()
@@ -134,7 +134,22 @@ def test_save_measurements_and_the_cohort_table(app, qtbot, tmp_path):
     assert len(rows) == 3 and rows[0].startswith("slide,")  # a header and one row per prediction
 
 
-def test_slide_without_mpp_is_calibrated_in_one_place_and_remembered(make_napari_viewer, tmp_path, notes):
+@pytest.fixture
+def notifications():
+    """Every napari notification shown during the test (messages)."""
+    from napari.utils.notifications import notification_manager
+
+    seen: list[str] = []
+
+    def record(notification):
+        seen.append(str(notification.message))
+
+    notification_manager.notification_ready.connect(record)
+    yield seen
+    notification_manager.notification_ready.disconnect(record)
+
+
+def test_slide_without_mpp_is_calibrated_in_one_place_and_remembered(make_napari_viewer, tmp_path, notifications):
     import tifffile
 
     from napari_pfmseg._annotate_widget import AnnotateWidget
@@ -149,7 +164,7 @@ def test_slide_without_mpp_is_calibrated_in_one_place_and_remembered(make_napari
     viewer.window.add_dock_widget(annotate)
     [layer] = viewer.open(str(path), plugin="pfmseg")
     assert str(layer.units[-1]) == "pixel" and layer.metadata["pfmseg"]["mpp"] is None
-    assert any("Annotate dock's 'slide µm/px' field" in note for note in notes)
+    assert any("Annotate dock's 'slide µm/px' field" in note for note in notifications)
 
     annotate.image.set_layer(layer)
     assert annotate.slide_mpp.isEnabled()

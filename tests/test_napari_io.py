@@ -8,7 +8,8 @@ import pytest
 
 pytest.importorskip("napari")
 
-from test_napari_workflow import own_output_folder  # noqa: E402, F401  (autouse: outputs per test)
+from test_napari_workflow import own_output_folder  # noqa: F401  (autouse: outputs per test)
+
 pytest.importorskip("npe2")
 
 from napari_pfmseg._reader import napari_get_reader

@@ -101,6 +101,11 @@ def test_strokes_refresh_the_prediction(live, qtbot):
     assert widget.prediction_layer is prediction  # updated in place, not a new layer per refresh
     assert np.array_equal(prediction.data, widget.last_prediction.labels)
     assert widget.last_prediction.step > first.step  # warm: the step count goes on
+    uncertainty = widget.uncertainty_layer
+    assert not uncertainty.visible  # hidden until asked for; shown, it holds the latest map
+    uncertainty.visible = True
+    assert uncertainty.data is widget.last_prediction.uncertainty
+    assert 0.0 <= float(uncertainty.data.min()) <= float(uncertainty.data.max()) <= 1.0
 
 
 def test_stopping_keeps_the_head(live, qtbot, tmp_path):

@@ -9,9 +9,9 @@ import pytest
 
 pytest.importorskip("napari")
 
-from test_napari_workflow import own_output_folder  # noqa: E402, F401  (autouse: outputs per test)
-
 import torch
+
+from test_napari_workflow import own_output_folder  # noqa: F401  (autouse: outputs per test)
 
 pytestmark = pytest.mark.gui
 

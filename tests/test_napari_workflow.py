@@ -72,7 +72,7 @@ class App:
         self.train, self.predict = TrainWidget(viewer), PredictWidget(viewer)
         for widget in (self.model, self.annotate, self.train, self.predict):
             viewer.window.add_dock_widget(widget, tabify=True)
-        viewer.window._qt_window.resize(1400, 900)
+        viewer.window.resize(1400, 900)
         self.session = session_for(viewer)
         self.set_recipe(**TINY)
 
@@ -123,8 +123,8 @@ def wait_for(qtbot, controller) -> None:
 
 def direct_prediction(model, slide_or_path, out: Path, name: str, **config):
     """The engine's own whole-slide prediction, for comparison with what the layer shows."""
-    from pfmseg_engine.labelstore.omezarr import LabelOutput
     from pfmseg_engine.inference.slide import SlideInferenceConfig, predict_slide
+    from pfmseg_engine.labelstore.omezarr import LabelOutput
 
     region = config.pop("region", None)
     result = predict_slide(model, slide_or_path, out, SlideInferenceConfig(**config), name=name, region=region)

@@ -64,7 +64,7 @@ def test_points_and_lines_are_left_out_with_one_warning(slide, caplog):
         labels, _ = labels_of(slide, FEATURES)
     [warning] = warnings_of(caplog)
     assert FEATURES.name in warning and "left out 5 point/line geometries" in warning
-    assert "2 Point" in warning and "2 LineString" in warning and "1 MultiPoint" in warning and "--strict" in warning
+    assert "2 Point" in warning and "2 LineString" in warning and "1 MultiPoint" in warning and "strict=True" in warning
     found = read_geojson(FEATURES)
     assert found.unsupported == {"MultiPoint": 1, "Point": 2, "LineString": 2}  # one collection held a point + line
     assert [i for i, _ in found.skipped] == [6, 7, 8, 9]

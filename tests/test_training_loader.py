@@ -89,9 +89,8 @@ def test_worker_count_is_capped_by_the_cores(monkeypatch):
 def test_a_run_with_workers_equals_one_without_and_leaves_no_workers(tmp_path):
     """Two epochs with a persistent worker give the losses of loading in the training thread, bit for bit
     (augmentations depend on (seed, epoch, index) only), and the worker is gone when the run ends."""
-    from test_training_trainer import tiny_config
-
     from pfmseg_engine.training.runner import train_from_config
+    from test_training_trainer import tiny_config
 
     before = set(multiprocessing.active_children())
     runs = {}

@@ -6,10 +6,11 @@ weights are at hand, the strategies and a time budget for everything the compari
 (runs, each run's phase: caching features, training, scoring; the ranking so far) arrive here as signals.
 Comparisons on the same slide and annotation layer share one folder, so their rows accumulate in one
 ranking under the engine's resume rules. While the budget lasts, the worker then predicts the visible
-area with every finished model, shown side by side in the dock. "Use the winner" loads the best model into the session (the
-Train and Predict widgets then use it); "Feature view" adds the first three principal components of a
-backbone's token features over the visible area as an RGB layer. Cancel stops after the current batch
-and keeps (and ranks) the runs that finished. No modelling happens here: only engine calls.
+area with every finished model, shown side by side in the dock. "Use the winner" loads the best model
+into the session (the Train and Predict widgets then use it); "Feature view" adds the first three
+principal components of a backbone's token features over the visible area as an RGB layer. Cancel stops
+after the current batch and keeps (and ranks) the runs that finished. No modelling happens here: only
+engine calls.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from qtpy.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QProgressBar,
+    QScrollArea,
     QSizePolicy,
     QSplitter,
     QTableWidget,
@@ -378,7 +380,7 @@ class CompareController(WorkerController):
         return worker
 
 
-def _pixmap(rgb: np.ndarray, side: int = 160) -> QPixmap:
+def _pixmap(rgb: np.ndarray, side: int = 120) -> QPixmap:
     rgb = np.ascontiguousarray(rgb[..., :3])
     height, width = rgb.shape[:2]
     qimage = QImage(rgb.tobytes(), width, height, 3 * width, QImage.Format.Format_RGB888).copy()
@@ -515,13 +517,18 @@ class CompareWidget(QWidget):
         results_layout.addWidget(row(self.phase_label, self.phase_progress))
         results_layout.addWidget(self.table, 1)
         results_layout.addWidget(row(self.use_button, self.feature_button))
-        results_layout.addWidget(self.preview_holder)
-        # the model lists and the leaderboard share the dock's height, and the user can move the split
+        previews = QScrollArea()
+        previews.setWidgetResizable(True)
+        previews.setWidget(self.preview_holder)
+        previews.setMinimumHeight(60)
+        # the model lists, the leaderboard and the previews share the dock's height (the user moves the splits)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(group("Models", models))
         split.addWidget(results)
-        split.setStretchFactor(0, 1)
-        split.setStretchFactor(1, 2)
+        split.addWidget(previews)
+        split.setStretchFactor(0, 2)
+        split.setStretchFactor(1, 3)
+        split.setStretchFactor(2, 1)
         split.setChildrenCollapsible(False)
         self.split = split
         layout = QVBoxLayout(self)
@@ -710,7 +717,7 @@ class CompareWidget(QWidget):
             picture.setToolTip(caption)
             text = QLabel(caption)
             text.setWordWrap(True)
-            column, line = i % 2, 2 * (i // 2)
+            column, line = i % 3, 2 * (i // 3)
             self.preview_grid.addWidget(picture, line, column)
             self.preview_grid.addWidget(text, line + 1, column)
             self.preview_labels += [picture, text]

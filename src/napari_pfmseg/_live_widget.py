@@ -65,6 +65,7 @@ class LiveWidget(QWidget):
         self.current = -1
         self.predictions = 0
         self.last_prediction: Any = None
+        self._uncertainty: tuple[Any, dict[str, Any]] | None = None  # latest map, shown when its layer is
         self._watched: Any = None
         self._view_timer = QTimer(self)
         self._view_timer.setSingleShot(True)
@@ -250,31 +251,47 @@ class LiveWidget(QWidget):
         origin = np.asarray(image.translate[-2:], float)
         place["translate"] = tuple(np.asarray(place["translate"]) + origin)
         units = tuple(image.units[-2:])
+        added = False
+        if self.uncertainty_layer is None or self.uncertainty_layer not in self.viewer.layers:
+            self.uncertainty_layer = self.viewer.add_image(
+                event.uncertainty, name=f"{image.name} live uncertainty", colormap="magma", contrast_limits=(0, 1),
+                opacity=0.4, blending="additive", units=units, visible=False, **place)
+            self.uncertainty_layer.events.visible.connect(self._show_uncertainty)
+            added = True
         if self.prediction_layer is None or self.prediction_layer not in self.viewer.layers:
             from ._layers import default_colours
 
             colours = colours or default_colours(len(names))
             meta = prediction_metadata(None, names, {i + 1: c for i, c in enumerate(colours)}, event.scale,
                                        (event.offset[1], event.offset[0]), live=True)
-            self.uncertainty_layer = self.viewer.add_image(
-                event.uncertainty, name=f"{image.name} live uncertainty", colormap="magma", contrast_limits=(0, 1),
-                opacity=0.4, blending="additive", units=units, visible=False, **place)
             self.prediction_layer = self.viewer.add_labels(
                 event.labels, name=f"{image.name} live prediction", opacity=0.5, units=units,
                 colormap=label_colormap({i + 1: c for i, c in enumerate(colours)}),
                 features=class_features(names, "no prediction"), metadata={META: meta}, **place)
-            self._keep_annotations_on_top(annotations)
+            added = True
         else:
-            for layer, data in ((self.prediction_layer, event.labels), (self.uncertainty_layer, event.uncertainty)):
-                if layer is None or layer not in self.viewer.layers:
-                    continue
-                layer.scale, layer.translate = place["scale"], place["translate"]
-                layer.data = data
+            self.prediction_layer.scale, self.prediction_layer.translate = place["scale"], place["translate"]
+            self.prediction_layer.data = event.labels
+        if added:
+            self._keep_annotations_on_top(annotations)
+        self._uncertainty = (event.uncertainty, place)
+        self._show_uncertainty()
         self.predictions += 1
         self.last_prediction = event
         self.areas.setText(" · ".join(f"{name} {area:.4g} mm²" for name, area in event.areas_mm2.items()))
         latency = f", {event.latency:.2f} s after the stroke" if event.latency is not None else ""
         self.run_state.say(f"step {event.step}: prediction refreshed{latency}")
+
+    def _show_uncertainty(self, *_: Any) -> None:
+        """Put the latest uncertainty into its layer when the layer is shown (a hidden one is not redrawn)."""
+        layer = self.uncertainty_layer
+        if self._uncertainty is None or layer is None or layer not in self.viewer.layers or not layer.visible:
+            return
+        data, place = self._uncertainty
+        self._uncertainty = None
+        if layer.data is not data:
+            layer.scale, layer.translate = place["scale"], place["translate"]
+            layer.data = data
 
     def _keep_annotations_on_top(self, annotations: Any) -> None:
         """New layers go on top and become selected; painting must go on in the annotation layer."""

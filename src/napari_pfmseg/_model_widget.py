@@ -23,22 +23,10 @@ WEIGHTS_FILTER = "Weights (*.safetensors *.bin *.pth *.pt);;All files (*)"
 
 
 def weights_status(spec: Any, weights: str) -> str:
-    """Whether weights are at hand: a local file, the local hub cache (no network), or neither."""
-    if spec.from_scratch:
-        return "none needed (trained from scratch)"
-    if weights and not weights.startswith("hf-hub:"):
-        return "weights file found" if Path(weights).expanduser().is_file() else "weights file NOT found"
-    repo = weights[len("hf-hub:"):] if weights.startswith("hf-hub:") else ""
-    repo = repo or spec.hf_hub_id
-    if not repo:
-        return "no public weights: give a local file"
-    try:
-        from huggingface_hub import try_to_load_from_cache
+    """Whether weights are at hand (a local file, the local hub cache, or neither), in the engine's words."""
+    from pfmseg_engine.backbones.availability import weights_status as engine_weights_status
 
-        cached = any(isinstance(try_to_load_from_cache(repo, name), str) for name in spec.hf_filenames)
-    except Exception:  # huggingface_hub missing or cache unreadable: say what we know
-        cached = False
-    return f"hf-hub:{repo} {'(in local cache)' if cached else '(download needs access)'}"
+    return engine_weights_status(spec, weights).describe()
 
 
 def describe_spec(spec: Any, weights: str) -> str:

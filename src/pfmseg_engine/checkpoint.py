@@ -190,12 +190,12 @@ def read_training_scale(path: str | Path) -> TrainingScale | None:
 def upgrade_checkpoint(payload: dict[str, Any], path: str | Path = "checkpoint") -> dict[str, Any]:
     """Map a checkpoint written by an earlier format onto today's names (as timm's checkpoint filters do).
 
-    Version 1 called the small three-stage adapter ``cnn_adapter``; that name now means the seed
-    framework's ResNetV2 branch, so such checkpoints load as ``cnn_adapter_small``, which computes
-    exactly what they were trained with. A version-1 Transformer adapter saw patch tokens only; the
-    adapter now sees the whole sequence, so its weights would compute something else: refused.
+    Version 1 called the small three-stage adapter ``cnn_adapter``; from version 2 that name means the
+    seed framework's ResNetV2 branch, so such checkpoints load as ``cnn_adapter_small``, which computes
+    exactly what they were trained with. A version-1 Transformer adapter saw patch tokens only; from
+    version 2 the adapter sees the whole sequence, so its weights would compute something else: refused.
     Versions 1-2 resampled the position tables of transformers-published backbones (Phikon, Phikon-v2,
-    Midnight, Hibou) with timm's kernel; they now follow the vendor's, which changes their features
+    Midnight, Hibou) with timm's kernel; version 3 follows the vendor's, which changes their features
     slightly at input sizes other than the weights' own: loaded, with a :class:`PositionKernelWarning`.
     """
     version = payload.get("format_version", 0)
@@ -218,7 +218,7 @@ def _warn_about_position_kernel(config: dict[str, Any], path: str | Path) -> Non
         return
     message = (
         f"Checkpoint '{path}' was trained with an earlier pfmseg that resampled {spec.name}'s position table "
-        "with timm's kernel; it now uses the vendor's (transformers), as the published model computes. At "
+        "with timm's kernel; this one uses the vendor's (transformers), as the published model computes. At "
         "input sizes other than the backbone weights' own, features differ slightly from those it was trained "
         "on, so outputs can shift a little. Retrain (the same config) for an exact match."
     )
@@ -234,7 +234,7 @@ def _upgrade_adapters_from_format_1(payload: dict[str, Any], path: str | Path) -
     elif strategy == "transformer_adapter":
         raise CheckpointError(
             f"Checkpoint '{path}' holds a Transformer adapter of pfmseg format 1, which saw patch tokens only; "
-            "the adapter now follows the seed framework and sees the whole token sequence, so those weights "
+            "this pfmseg's adapter follows the seed framework and sees the whole token sequence, so those weights "
             "do not apply. Retrain it (python -m pfmseg_engine train ... with the same config)."
         )
     payload["config"]["tuning"] = tuning
@@ -288,7 +288,8 @@ def load_checkpoint(
     elif config.weights and not config.weights.startswith("hf-hub:") and not Path(config.weights).exists():
         raise CheckpointError(
             f"Checkpoint '{path}' was trained on backbone weights '{config.weights}', which do not exist "
-            f"here. Pass the {config.backbone} weights file (CLI: --weights PATH)."
+            f"here. Give the {config.backbone} weights file (weights=PATH).",
+            fix_with=("weights",),
         )
     model = build_model(config)
     load_into(model, payload, source=f"Checkpoint '{path}'")
@@ -297,9 +298,10 @@ def load_checkpoint(
         actual = backbone_fingerprint(model)
         if abs(actual - expected) > 1e-6 * max(1.0, abs(expected)):
             raise CheckpointError(
-                f"The {config.backbone} backbone weights loaded now differ from those checkpoint '{path}' "
+                f"The {config.backbone} backbone weights loaded differ from those checkpoint '{path}' "
                 "was trained on; the trained head would give meaningless output. Pass the same backbone "
-                "weights file used for training (--weights)."
+                "weights file used for training (weights=PATH).",
+                fix_with=("weights",),
             )
     attach_training_scale(model, checkpoint_training_scale(payload))
     model.eval()

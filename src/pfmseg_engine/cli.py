@@ -3,7 +3,8 @@
 Subcommands live in :mod:`pfmseg_engine.commands`, one module each, listed in :data:`COMMANDS`. Each
 module's ``register(subparsers)`` adds its parser; errors the engine raises on purpose, and every
 file-system fault (``OSError``: disk full, permissions, a vanished file), are printed as one clear
-message (no traceback; ``--debug`` adds it) with exit code 2.
+message (no traceback; ``--debug`` adds it) with exit code 2. Engine errors and warnings word their fix
+for every caller; the CLI adds its own flag for it (:mod:`pfmseg_engine.commands.hints`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import traceback
 from collections.abc import Sequence
 
 from . import __version__
+from .commands.hints import FlagHints, flag_hint
 from .errors import PfmsegError
 from .storage import describe_os_error
 
@@ -55,9 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    dests = vars(args)
+    handler = logging.StreamHandler()
+    handler.addFilter(FlagHints(dests))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
+        handlers=[handler],
     )
     if not getattr(args, "func", None):
         parser.print_help()
@@ -65,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PfmsegError as exc:
-        return _fail(str(exc), args.debug)
+        return _fail(f"{exc}{flag_hint(exc, dests)}", args.debug)
     except OSError as exc:  # a fault no engine code wrapped: still one sentence, never a traceback
         return _fail(describe_os_error(exc, action="accessing"), args.debug)
     except KeyboardInterrupt:

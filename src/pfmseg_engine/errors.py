@@ -13,7 +13,18 @@ from typing import Any
 
 
 class PfmsegError(Exception):
-    """Base class of every error the engine raises on purpose."""
+    """Base class of every error the engine raises on purpose.
+
+    The message words its fix for every caller (Python keywords, config keys, plain words), never in one
+    front end's spelling. ``fix_with`` names the settings that fix it, each a setting's Python name,
+    with the value that fixes it where the name alone does not say ("mpp", "tissue=False"), so a front
+    end that spells settings its own way (the CLI's flags) can add its spelling to the message. The
+    names travel with the exception when it is pickled (a cluster task's error).
+    """
+
+    def __init__(self, *args: object, fix_with: Iterable[str] = ()):
+        super().__init__(*args)
+        self.fix_with: tuple[str, ...] = tuple(fix_with)
 
 
 class ConfigError(PfmsegError, ValueError):

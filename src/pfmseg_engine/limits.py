@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,11 +57,12 @@ def max_pixels() -> int:
 
 
 def check_pixels(height: int, width: int, source: str, *, error: type[PixelLimitError] = ImagePixelLimitError,
-                 remedy: str = "", scale: int = 1) -> None:
+                 remedy: str = "", fix_with: Sequence[str] = (), scale: int = 1) -> None:
     """Raise ``error`` when ``height x width`` exceeds ``scale`` times the pixel limit.
 
     ``source`` starts the message ("Image 'a.png'"); ``remedy`` (a sentence) says what to do besides
-    raising the limit. The message names the size, the limit and the setting that raises it.
+    raising the limit, ``fix_with`` the settings it names (:attr:`~pfmseg_engine.errors.PfmsegError.fix_with`).
+    The message names the size, the limit and the setting that raises it.
     """
     pixels = int(height) * int(width)
     budget = max_pixels()
@@ -74,7 +75,8 @@ def check_pixels(height: int, width: int, source: str, *, error: type[PixelLimit
         f"{source} is {int(width):,} x {int(height):,} px ({pixels:,} pixels), more than the {allowed} pfmseg "
         f"reads whole; refused before decoding anything (a header claiming this much is usually a corrupt "
         f"file or a decompression bomb). {remedy + ' ' if remedy else ''}If the size is genuine, set the "
-        f"environment variable {MAX_PIXELS_ENV}={-(-pixels // scale)} (or more) and retry."
+        f"environment variable {MAX_PIXELS_ENV}={-(-pixels // scale)} (or more) and retry.",
+        fix_with=fix_with,
     )
 
 

@@ -212,9 +212,12 @@ class OutputLock:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "an unknown time"
         return f"PID {owner.get('pid', '?')} on {owner.get('host', '?')} since {when}"
 
+    #: The settings that fix a busy output (:attr:`~pfmseg_engine.errors.PfmsegError.fix_with`).
+    busy_fix: tuple[str, ...] = ("wait",)
+
     def busy_message(self) -> str:
         return (f"'{self.output}' is being written by {self.holder()}. Wait for that run to finish (it is reused "
-                "then), stop it, or choose another output folder; --wait SECONDS waits for it.")
+                "then), stop it, or choose another output folder; a run given wait=SECONDS waits for it.")
 
     def acquire(self) -> OutputLock:
         from filelock import FileLock, Timeout
@@ -225,7 +228,7 @@ class OutputLock:
             try:
                 lock.acquire(poll_interval=0.2)
             except Timeout:
-                raise OutputBusyError(self.busy_message()) from None
+                raise OutputBusyError(self.busy_message(), fix_with=self.busy_fix) from None
             self._lock = lock
             note = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
             tmp = self.owner_path.with_name(f"{self.owner_path.name}.{os.getpid()}.tmp")

@@ -231,7 +231,8 @@ def from_scratch_settings(config: ModelConfig) -> dict[str, Any]:
     if config.weights:
         raise ConfigError(
             f"'{name}' is trained from scratch and has no backbone weights; remove weights / "
-            f"'pfm_weights_path' / --weights (got '{config.weights}')."
+            f"'pfm_weights_path' (got '{config.weights}').",
+            fix_with=("weights=None",),
         )
     if config.feature_indices is not None:
         raise ConfigError(
@@ -245,7 +246,8 @@ def from_scratch_settings(config: ModelConfig) -> dict[str, Any]:
     if tuning.strategy != "full":
         raise ConfigError(
             f"'{name}' trains every weight from scratch, so its tuning strategy is 'full' (got "
-            f"'{tuning.strategy}'); remove the strategy (finetune_mode.type / --strategy) or set it to 'full'."
+            f"'{tuning.strategy}'); remove the strategy (finetune_mode.type) or set it to 'full'.",
+            fix_with=("strategy='full'",),
         )
     return {"head": DEFAULT_HEAD, "tuning": tuning}
 

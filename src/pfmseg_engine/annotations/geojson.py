@@ -197,7 +197,7 @@ class AnnotationFile:
             return None
         counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.unsupported.items(), key=lambda kv: -kv[1]))
         return (f"{self.source}: left out {sum(self.unsupported.values())} point/line geometries ({counts}); only "
-                "areas (Polygon, MultiPolygon) become labels. Refuse them instead with strict mode (CLI --strict).")
+                "areas (Polygon, MultiPolygon) become labels. Refuse them instead with strict mode (strict=True).")
 
 
 # --- reading ------------------------------------------------------------------------------------------
@@ -398,8 +398,8 @@ def _refusal(where: str, kinds: Sequence[str], collection: bool) -> DataError:
         f"a GeometryCollection holding a {kind}" if collection else f"a {kind} geometry")
     return DataError(f"{where} has {what}; only areas (Polygon, MultiPolygon) can become labels. Fix: in QuPath "
                      "convert points/lines to areas (e.g. Objects > Annotations > Expand annotations) or delete them "
-                     "before exporting, or read without strict mode (CLI: leave out --strict) to leave them out "
-                     "with a warning.")
+                     "before exporting, or read without strict mode (strict=False) to leave them out with a "
+                     "warning.", fix_with=("strict=False",))
 
 
 def _repaired(geom: Any, where: str) -> Any:
@@ -482,7 +482,7 @@ def read_geojson(source: str | Path | Mapping[str, Any] | list[Any], *, frame: s
                                        locked=bool(properties.get("isLocked", False))))
     result.unsupported = dict(unsupported)
     if unsupported:
-        log.warning("%s", result.unsupported_summary())
+        log.warning("%s", result.unsupported_summary(), extra={"fix_with": ("strict=True",)})
     if bare_cells:
         log.warning("%s: %d cell(s) have no nucleusGeometry (first: feature %d); their cell boundary is used.", label,
                     len(bare_cells), bare_cells[0])
@@ -538,8 +538,9 @@ def check_within(annotations: AnnotationFile, width: float, height: float, *, sl
         raise DataError(
             f"{_where(annotations.source, feature.index)} lies at {extent} but {slide} is {width:.0f} x {height:.0f} "
             "level-0 px. Fix: pair each GeoJSON with the slide it was drawn on; if the file is in the scanner's "
-            "full frame (OpenSlide without cropping, QuPath --no-crop) read it with frame='file' (CLI "
-            "--annotation_frame file); or clip features to the slide (clip=True, CLI --clip_annotations)."
+            "full frame (OpenSlide without cropping, QuPath --no-crop) read it with frame='file'; or clip "
+            "features to the slide (clip=True).",
+            fix_with=("frame='file'", "clip=True"),
         )
     annotations.features = kept
     return annotations
@@ -638,8 +639,9 @@ def class_table(sources: Iterable[tuple[str, Mapping[str, Colour | None], Mappin
                 guess = f" (did you mean '{hint[0]}'?)" if hint else ""
                 raise DataError(
                     f"{first[(source, name)]} has class '{name}'{guess}, which is not one of the "
-                    f"model's classes {allowed}. Fix: rename it in QuPath, map it (class_map={{'{name}': ...}}, CLI "
-                    f"--class_map '{name}=NEW'), or add it to dataset.class_names and train a new model."
+                    f"model's classes {allowed}. Fix: rename it in QuPath, map it (class_map={{'{name}': ...}}), "
+                    "or add it to dataset.class_names and train a new model.",
+                    fix_with=("class_map",),
                 )
         names = allowed
     else:
@@ -654,7 +656,8 @@ def class_table(sources: Iterable[tuple[str, Mapping[str, Colour | None], Mappin
                     raise DataError(
                         f"{first[(source, name)]} has class '{name}', found only in this file, while "
                         f"the other files use '{twins[0]}'. Fix: rename it in QuPath so the class names agree, or map "
-                        f"it (class_map={{'{name}': '{twins[0]}'}}, CLI --class_map '{name}={twins[0]}')."
+                        f"it (class_map={{'{name}': '{twins[0]}'}}).",
+                        fix_with=("class_map",),
                     )
         names = list(seen)
     if not names:

@@ -4,9 +4,39 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
 from . import add_command
 from .train import add_import_flags
+
+if TYPE_CHECKING:
+    from ..compare import Phase
+
+
+class CacheBar:
+    """A tqdm bar over the feature-cache fill (the ``cache`` phase events; training has its own bars)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def show(self, phase: Phase) -> None:
+        if not self.enabled or phase.name != "cache":
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or self.bar.total != phase.total:  # a new fill (another backbone's cache)
+            self.close()
+            self.bar = tqdm(total=phase.total, desc="caching backbone features", unit="window", leave=False,
+                            file=sys.stderr)
+        self.bar.update(phase.done - self.bar.n)
+        if phase.done >= phase.total:
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,12 +57,13 @@ def run(args: argparse.Namespace) -> int:
     spec = CompareSpec(
         pfms=args.pfms, strategies=args.strategies or (), seeds=args.seeds or (), weights=args.weights or {},
         tiny=args.tiny, feature_cache=args.feature_cache, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
-        crop_stride=args.crop_stride, time_budget_s=args.time_budget, n_bootstrap=args.n_bootstrap,
-        throughput_steps=args.throughput_steps, device=args.device,
+        crop_stride=args.crop_stride, time_budget_s=args.time_budget, budget_s=args.budget,
+        n_bootstrap=args.n_bootstrap, throughput_steps=args.throughput_steps, device=args.device,
     )
     callbacks = [] if args.no_progress else [TqdmProgress()]
     comparison = Comparison(config, spec, args.output_dir, data=data, callbacks=callbacks, config_path=args.config)
     events = comparison.iter_run()
+    bars = CacheBar(enabled=not args.no_progress)
     try:
         while True:
             kind, value = next(events)
@@ -41,12 +72,16 @@ def run(args: argparse.Namespace) -> int:
                       flush=True)
             elif kind == "result" and value.get("status") == "failed":
                 print(f"  failed: {value['error']}", file=sys.stderr, flush=True)
+            elif kind == "phase":
+                bars.show(value)
     except StopIteration as done:
         result = done.value
     except KeyboardInterrupt:
         print(f"interrupted: finished runs are kept and ranked in {comparison.output_dir}; run the same command "
               "again to do the rest.", file=sys.stderr)
         return 130
+    finally:
+        bars.close()
     board = result.leaderboard
     print(f"\nScored on {board.eval_split}; metrics pooled over images and seeds; 95 % CIs and Holm-adjusted "
           "p-values from a hierarchical bootstrap (seeds, then groups of images).")
@@ -118,6 +153,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="step of the fixed crop grid in pixels (default: half the crop)")
     parser.add_argument("--time_budget", type=float, default=None, metavar="SECONDS",
                         help="training time per run (combination x seed); stops at the epoch that would exceed it")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="wall time of the whole comparison (cache fill, training, scoring); runs that would "
+                             "start after it are not run and say so")
     parser.add_argument("--n_bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--throughput_steps", type=int, default=5,
                         help="batches timed for the inference windows/s column (0: skip)")

@@ -46,6 +46,7 @@ from ..jobs.prediction import EXPORTS, PredictionSettings
 from ..paths import check_input_path
 from ..slides import READER_HELP, READERS
 from . import add_command
+from .hints import flag_hint
 
 if TYPE_CHECKING:
     from ..distributed import CohortSummary, SlideJob, SlideRecord
@@ -167,7 +168,8 @@ def _report(record: SlideRecord, write: Callable[[str], object] = print) -> None
     result = record.result
     if result is None or record.outcome is None:
         error = record.error or ""
-        write(f"FAILED {record.name} ({record.slide}): {error[:200]}{'...' if len(error) > 200 else ''}")
+        write(f"FAILED {record.name} ({record.slide}): {error[:200]}{'...' if len(error) > 200 else ''}"
+              f"{flag_hint(record.exception)}")
         return
     tissue = f", tissue {result.tissue_fraction:.0%}" if result.tissue_fraction is not None else ""
     state = "reused" if record.status == "reused" else f"{result.chunks_run}/{result.chunks_total} chunks run"
@@ -212,12 +214,11 @@ def collect(args: argparse.Namespace) -> list[SlideJob]:
 
 
 def geojson_options(args: argparse.Namespace, progress: bool = True) -> dict[str, Any]:
-    """The ``--geojson_*`` flags given, as :func:`~pfmseg_engine.inference.export_geojson` options (the others
-    keep its defaults; ``progress``: a bar over the chunks traced)."""
-    given = {"per_region": args.geojson_per_region, "object_type": args.geojson_object_type,
-             "min_area_um2": args.geojson_min_area_um2, "frame": args.geojson_frame,
-             "level": args.geojson_level, "mpp": args.geojson_mpp}
-    return {**{k: v for k, v in given.items() if v is not None}, "progress": progress}
+    """The ``--geojson_*`` flags as :func:`~pfmseg_engine.inference.export_geojson` options (``progress``: a
+    bar over the chunks traced)."""
+    return {"per_region": args.geojson_per_region, "object_type": args.geojson_object_type,
+            "min_area_um2": args.geojson_min_area_um2, "frame": args.geojson_frame,
+            "level": args.geojson_level, "mpp": args.geojson_mpp, "progress": progress}
 
 
 def plan_only(args: argparse.Namespace, settings: PredictionSettings, jobs: list[SlideJob]) -> int:
@@ -250,7 +251,7 @@ def plan_only(args: argparse.Namespace, settings: PredictionSettings, jobs: list
             if len(jobs) == 1:
                 raise
             failed += 1
-            print(f"FAILED {job.label} ({job.path}): {exc}")
+            print(f"FAILED {job.label} ({job.path}): {exc}{flag_hint(exc)}")
         finally:
             prediction.close()
     if failed:
@@ -258,25 +259,15 @@ def plan_only(args: argparse.Namespace, settings: PredictionSettings, jobs: list
     return 1 if failed else 0
 
 
-def cli_hint(exc: BaseException | None) -> str:
-    """The flag that fixes an engine error, in the CLI's words ("" when none does)."""
-    from ..inference.slide import OutputMismatchError
-
-    return " Pass --overwrite to recompute it." if isinstance(exc, OutputMismatchError) else ""
-
-
 def finish(cohort: CohortSummary) -> int:
     """Print the run's outcome; exit code 1 when any slide failed. A run of one slide that failed stops
     with that slide's error (one message, exit code 2)."""
     if len(cohort.records) == 1 and cohort.failed and isinstance(cohort.failed[0].exception, PfmsegError | OSError):
         exc = cohort.failed[0].exception
-        hint = cli_hint(exc)
-        if hint:
-            raise ConfigError(f"{exc}{hint}") from exc
-        raise exc
+        raise exc  # the CLI's error line adds the flag that fixes it
     print(cohort.line() + f"; summary: {Path(cohort.output_dir) / 'summary.md'}")
     for record in cohort.failed:
-        print(f"  failed: {record.name} ({record.slide}): {record.error}{cli_hint(record.exception)}")
+        print(f"  failed: {record.name} ({record.slide}): {record.error}{flag_hint(record.exception)}")
     if cohort.failed:
         print("Run the same command again to retry the failed slides (finished ones are reused).")
     print("Open in napari: napari --plugin pfmseg <slide> (or drag the .ome.zarr onto the viewer).")
@@ -401,13 +392,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slides.add_argument("--tissue_roi", metavar="PATH",
                         help="your own tissue mask or region of interest (QuPath GeoJSON, label store or mask "
                              "image) instead of tissue detection; per slide: a manifest's tissue_roi column")
-    slides.add_argument("--geojson_per_region", action="store_true", default=None,
+    slides.add_argument("--geojson_per_region", action="store_true",
                         help="GeoJSON export: one object per connected region (default: one per class)")
-    slides.add_argument("--geojson_object_type", choices=("annotation", "detection"),
+    slides.add_argument("--geojson_object_type", choices=("annotation", "detection"), default="annotation",
                         help="GeoJSON export: QuPath object type (default annotation)")
-    slides.add_argument("--geojson_min_area_um2", type=float, metavar="UM2",
+    slides.add_argument("--geojson_min_area_um2", type=float, default=0.0, metavar="UM2",
                         help="GeoJSON export: drop regions smaller than this many µm² (default 0)")
-    slides.add_argument("--geojson_frame", choices=("qupath", "file"),
+    slides.add_argument("--geojson_frame", choices=("qupath", "file"), default="qupath",
                         help="GeoJSON export coordinates: QuPath's (cropped to the scanned bounds, default) or "
                              "the file's full level-0 frame")
     resolution = slides.add_mutually_exclusive_group()

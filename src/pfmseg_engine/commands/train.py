@@ -61,15 +61,12 @@ def import_options(args: argparse.Namespace) -> ImportOptions:
 def _train(args: argparse.Namespace, config, callbacks):
     from ..errors import ConfigError
     from ..jobs.finetune import FineTune
-    from ..training import train_from_config
 
     slide_flags = [args.annotations, args.train_mpp, args.mpp, args.class_map]
     if not args.slides:
         if any(flag is not None for flag in slide_flags):
             raise ConfigError("--annotations, --train_mpp, --mpp and --class_map train from whole slides; name the "
                               "slides with --slides (one per annotation file).")
-        if config.system.seeds:
-            return train_from_config(config, resume=args.resume, device=args.device, callbacks=callbacks)
         return FineTune.from_config(config, resume=args.resume, device=args.device, callbacks=callbacks).run().result
 
     if not args.annotations:

@@ -119,7 +119,7 @@ def load_seed_json(path: str | Path, check_files: bool = True) -> SeedDataset:
     """
     path = Path(path).expanduser().resolve()
     if not path.is_file():
-        raise DataError(f"Dataset JSON '{path}' does not exist (dataset.json_file / --input_json).")
+        raise DataError(f"Dataset JSON '{path}' does not exist (dataset.json_file).", fix_with=("dataset.json_file",))
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

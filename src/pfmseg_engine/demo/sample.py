@@ -16,19 +16,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..paths import cache_dir
+
 DEMO_MPP = 0.5
 DEMO_NAME = "pfmseg-demo-ihc"
 DEMO_CLASS_NAMES = ("background", "DAB-negative tissue", "DAB-positive tissue")
 DEMO_VERSION = 1
 TILE = 128
-
-
-def cache_dir() -> Path:
-    """``$PFMSEG_CACHE_DIR``, else ``$XDG_CACHE_HOME/pfmseg``, else ``~/.cache/pfmseg``."""
-    if os.environ.get("PFMSEG_CACHE_DIR"):
-        return Path(os.environ["PFMSEG_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "pfmseg"
 
 
 def demo_image() -> np.ndarray:

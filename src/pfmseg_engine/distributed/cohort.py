@@ -87,8 +87,9 @@ def run_cohort(
 
     ``settings`` is a :class:`~pfmseg_engine.jobs.CohortSettings` (or the prediction settings of every
     slide: a :class:`~pfmseg_engine.jobs.PredictionSettings`, ``SlideInferenceConfig`` or its dict);
-    ``overrides`` are fields of either, by name (``retries=0``, ``exports=("geojson",)``...). Each slide is
-    one :class:`~pfmseg_engine.jobs.SlidePrediction`.
+    ``overrides`` are fields of either, by name (``retries=0``, ``exports=("geojson",)``...; None keeps the
+    setting, except ``wait=None``: wait for another writer as long as it takes). Each slide is one
+    :class:`~pfmseg_engine.jobs.SlidePrediction`.
 
     Without ``client`` the slides run here, one after the other, with ``model`` (else the checkpoint,
     or ``model_loader(checkpoint, weights, device)``, loaded once); with a dask.distributed ``client``
@@ -100,7 +101,10 @@ def run_cohort(
     would fail every slide): see the returned :class:`CohortSummary`, which is also written to
     ``output_dir`` unless ``summary=False``.
     """
+    forever = "wait" in overrides and overrides["wait"] is None  # None means "as long as it takes" here
     settings = CohortSettings.of(settings, **overrides)
+    if forever:
+        settings = dataclasses.replace(settings, prediction=dataclasses.replace(settings.prediction, wait=None))
     if int(settings.retries) < 0:
         raise ConfigError(f"retries must be 0 or more, got {settings.retries}.")
     if client is not None and model is not None:

@@ -36,13 +36,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, SlideError
+from ..labelstore.detect import is_zarr
 from ..paths import check_input_path
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("slide_path", "mpp", "name", "region", "target_mpp", "tissue_roi")
 GLOB_CHARS = re.compile(r"[*?\[]")
-ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray")
 
 Region = tuple[float, float, float, float]
 
@@ -167,7 +167,7 @@ def read_manifest(path: str | Path) -> list[SlideJob]:
 
 def is_slide_folder(path: Path) -> bool:
     """A folder that is one slide: a zarr store, or a DICOM series (holds .dcm files)."""
-    if path.suffix.lower() == ".zarr" or any((path / marker).exists() for marker in ZARR_MARKERS):
+    if path.suffix.lower() == ".zarr" or is_zarr(path):
         return True
     try:
         return any(child.suffix.lower() == ".dcm" for child in path.iterdir())

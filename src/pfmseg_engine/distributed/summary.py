@@ -162,7 +162,7 @@ class CohortSummary:
         if self.failed:
             lines += ["", "## Failed", ""]
             lines += [f"- **{_md(r.name)}** (`{r.slide}`): {_md(r.error or '')}" for r in self.failed]
-            lines += ["", "Run the same command again to retry them; finished slides are reused."]
+            lines += ["", "Run the same cohort again to retry them; finished slides are reused."]
         return "\n".join(lines) + "\n"
 
     def write(self) -> dict[str, Path]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import warnings
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -41,6 +42,8 @@ WORK = ".pfmseg_work"
 FORMAT_VERSION = 3  # 3: the slide is identified by content, not by path
 #: Settings that change how fast a run goes, never what it writes: left out of the fingerprint.
 RUNTIME_ONLY = ("batch_size", "prefetch", "read_workers")
+#: Settings that are real numbers, stored as floats whatever number type they were given as.
+FLOAT_FIELDS = ("target_mpp", "overlap", "tissue_halo_um", "mpp_tolerance")
 #: Labels are uint8 with 0 = no prediction.
 MAX_CLASSES = 254
 #: Level readers that hold their pixels in memory: nothing to gain from caching decoded tiles.
@@ -82,6 +85,14 @@ class SlideInferenceConfig:
     mpp_tolerance: float = DEFAULT_TOLERANCE
     prefetch: int | None = None
     read_workers: int | None = None
+
+    def __post_init__(self) -> None:
+        # 4 from Python and 4.0 from a command line are one setting: recorded alike, the outputs are
+        # byte-identical whichever front end wrote them
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, bool | float):
+                object.__setattr__(self, name, float(value))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -140,8 +140,7 @@ def available_cpus() -> int:
 
 
 class OutputMismatchError(ConfigError):
-    """A complete output at the planned path was made by another model or with other settings (front ends
-    name their own way to recompute it)."""
+    """A complete output at the planned path was made by another model or with other settings."""
 
 
 # ---- the output's bookkeeping ------------------------------------------------------------------
@@ -166,7 +165,8 @@ class _Output:
                 differ.append(key)
         what = "model weights" if differ == ["model"] else f"{', '.join(differ)}"
         raise OutputMismatchError(f"'{self.final}' was made with a different {what}; recompute it over the old "
-                                  "one (overwrite), or choose another name or output folder.")
+                                  "one (overwrite), or choose another name or output folder.",
+                                  fix_with=("overwrite=True",))
 
     def prepare_store(self) -> tuple[LabelStore, dict[tuple[int, int], bool], set[tuple[int, int]], bool]:
         """Open the partial store to resume it, or start a fresh one; returns (store, done, computed, resumed)."""
@@ -277,7 +277,7 @@ class _Executor:
             where = self.plan.slide.path or self.plan.slide.name
             raise SlideError(
                 f"Reading slide '{where}' failed mid-run: {describe_os_error(exc, where, 'reading')} "
-                f"The finished part of '{self.plan.partial}' is kept; run the same command again to resume."
+                f"The finished part of '{self.plan.partial}' is kept; run the same prediction again to resume."
             ) from exc
         ay0, _, ax0, _ = grid.accumulator_box(chunk)
         windows = np.empty((len(chunk.windows), window, window, 3), np.uint8)

@@ -4,6 +4,8 @@
   :class:`CohortSettings` for many slides (:func:`pfmseg_engine.distributed.run_cohort`).
 * :class:`FineTune` (:class:`FineTuneSettings`): train a model on sparse annotations.
 * :class:`Comparison`: train and rank backbones x strategies (:mod:`pfmseg_engine.compare`).
+* :class:`LiveLoop` (:class:`LiveSettings`): retrain a head on stored slide features while the user paints
+  (:mod:`pfmseg_engine.live`).
 
 Each job has ``iter_run()`` (typed events; the generator returns the outcome), ``run()``, ``cancel()``
 and a typed outcome. Front ends (the CLI, the cluster task, the napari widgets) build settings with
@@ -22,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Epoch", "FineTune", "FineTuneEvent", "FineTuneOutcome", "FineTuneSettings", "ModelReady",
                      "Status", "Step"), "finetune"),
     **dict.fromkeys(("CompareResult", "CompareSpec", "Comparison", "RunStart"), "comparison"),
+    **dict.fromkeys(("LiveEvent", "LiveLoop", "LivePrediction", "LiveSettings", "LiveStep", "LiveStopped",
+                     "LiveSuggestions"), "live_loop"),
 }
 
 __all__ = sorted(_EXPORTS)

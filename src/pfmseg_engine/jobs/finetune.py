@@ -15,14 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .settings import overlay
 
 if TYPE_CHECKING:
     from ..training.callbacks import Callback, EpochInfo, StepInfo
     from ..training.config import TrainConfig
-    from ..training.trainer import Trainer, TrainResult
+    from ..training.trainer import TrainEvent, TrainResult
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,17 @@ class FineTuneOutcome:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-TrainerFactory = Callable[[Any, Any], "Trainer"]  # (model or None, cancel token) -> Trainer
+class TrainingRun(Protocol):
+    """What a job drives: a :class:`~pfmseg_engine.training.Trainer`, or the runs of ``system.seeds``
+    (:class:`~pfmseg_engine.training.runner.SeedSeries`, whose ``model`` is None: one model per seed)."""
+
+    model: Any
+    val_source: Any
+
+    def iter_fit(self, resume: str | Path | None = None) -> Generator[TrainEvent, None, TrainResult]: ...
+
+
+TrainerFactory = Callable[[Any, Any], TrainingRun]  # (model or None, cancel token) -> the run
 
 
 class FineTune:
@@ -148,7 +158,7 @@ class FineTune:
             def build() -> Any:
                 return build_model(model_config)
 
-        def trainer(model: Any, cancel: Any) -> Trainer:
+        def trainer(model: Any, cancel: Any) -> TrainingRun:
             from ..training import TrainConfig, build_annotation_trainer
 
             device = str(resolve_device(settings.device))
@@ -164,10 +174,22 @@ class FineTune:
                     device: str | None = None, callbacks: Iterable[Callback] = ()) -> FineTune:
         """Train on the seed JSON dataset of ``config`` (outputs in ``log_dir/experiment_name``);
         ``model`` continues an existing model instead of building the one ``config`` describes. The model
-        keeps the weights of the last epoch (the checkpoints hold the best)."""
+        keeps the weights of the last epoch (the checkpoints hold the best). With ``system.seeds`` the job
+        trains a new model per seed and its outcome's ``result`` is the series'
+        :class:`~pfmseg_engine.training.SeedsResult`."""
         callbacks = list(callbacks)
+        if config.system.seeds:
+            from ..training.runner import SeedSeries
 
-        def trainer(model: Any, cancel: Any) -> Trainer:
+            series = SeedSeries(config, model=model, device=device, callbacks=callbacks)  # refuses a model
+
+            def seeds(model: Any, cancel: Any) -> TrainingRun:
+                series.cancel = cancel
+                return series
+
+            return cls(seeds, resume=resume, restore=False, preparing=f"preparing {len(config.system.seeds)} runs")
+
+        def trainer(model: Any, cancel: Any) -> TrainingRun:
             from ..training.runner import build_datasets, model_or_new
             from ..training.trainer import Trainer
 
@@ -183,7 +205,7 @@ class FineTune:
         """Train on whole slides and their annotations (options: those of
         :func:`~pfmseg_engine.training.slides.build_slide_trainer`)."""
 
-        def trainer(model: Any, cancel: Any) -> Trainer:
+        def trainer(model: Any, cancel: Any) -> TrainingRun:
             from ..training.slides import build_slide_trainer
 
             return build_slide_trainer(config, slides, annotations, model=model, cancel=cancel, **options)
@@ -231,13 +253,14 @@ class FineTune:
         yield Status(self.preparing)
         start_state = model.trainable_state_dict() if self.restore and model is not None else None
         trainer = self._factory(model, self.token)
-        if model is None:  # built by the trainer from its config
+        if model is None:  # built by the trainer from its config (a series of seeds builds one per seed)
             model = trainer.model
         self.model = model
-        yield ModelReady(model)
+        if model is not None:
+            yield ModelReady(model)
         source = trainer.val_source
         held = source.num_images() if source is not None else 0
-        yield Status(f"training ({held} validation region{'s' * (held != 1)})")
+        yield Status(f"training ({held} validation region{'s' * (held != 1)})" if model is not None else "training")
         events = trainer.iter_fit(self.resume_from) if self.resume_from else trainer.iter_fit()
         try:
             while True:

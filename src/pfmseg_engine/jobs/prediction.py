@@ -62,6 +62,7 @@ class PredictionSettings(SlideInferenceConfig):
     measure: bool = True
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         object.__setattr__(self, "exports", tuple(self.exports or ()))
         unknown = [kind for kind in self.exports if kind not in EXPORT_FILES]
         if unknown:

@@ -56,6 +56,36 @@ def head_logits(model: SegmentationModel, grids: Sequence[torch.Tensor], size: t
     return model.head(list(grids), [], out_size=size)
 
 
+class _Classified(Exception):  # noqa: N818 - a signal carrying the logits, not an error
+    def __init__(self, logits: torch.Tensor):
+        super().__init__("classifier output")
+        self.logits = logits
+
+
+def native_logits(head: torch.nn.Module, grids: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """``head``'s logits for windows of ``size`` at the resolution its classifier works at.
+
+    The ``fast`` head classifies at 1/4 of the window and ``light`` at its last upsampling step; both then
+    only resize the logits bilinearly to ``size``. For a live preview that resize (and the per-pixel
+    summaries at full resolution after it) costs more than it shows, so the forward stops at the
+    classifier (``head.classify``; its output is the logits). Heads without one (``cup``) run whole.
+    """
+    classify = getattr(head, "classify", None)
+    if not isinstance(classify, torch.nn.Module):
+        return head(list(grids), [], out_size=size)
+
+    def stop(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        raise _Classified(output)
+
+    handle = classify.register_forward_hook(stop)
+    try:
+        return head(list(grids), [], out_size=size)
+    except _Classified as classified:
+        return classified.logits
+    finally:
+        handle.remove()
+
+
 def uncertainty_map(probabilities: torch.Tensor, kind: str = "entropy") -> torch.Tensor:
     """Per-pixel uncertainty in [0, 1] of (N, C, H, W) probabilities: normalised entropy, or 1 - margin
     (the gap between the two most likely classes)."""
@@ -80,7 +110,7 @@ def labels_and_uncertainty(logits: torch.Tensor, kind: str = "entropy") -> tuple
     """
     if kind not in UNCERTAINTIES:
         raise ConfigError(f"Uncertainty '{kind}' is not one of {', '.join(UNCERTAINTIES)}.")
-    planes = [p.float() for p in logits.unbind(1)]
+    planes = [p.float().contiguous() for p in logits.unbind(1)]  # a channels-last plane is strided
     top = planes[0].clone()
     labels = torch.ones_like(top, dtype=torch.uint8)
     for k, plane in enumerate(planes[1:], start=2):
@@ -114,4 +144,4 @@ def descriptor(grids: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 __all__ = ["UNCERTAINTIES", "build_live_model", "descriptor", "head_logits", "labels_and_uncertainty",
-           "live_model_config", "uncertainty_map"]
+           "live_model_config", "native_logits", "uncertainty_map"]

@@ -58,6 +58,8 @@ if TYPE_CHECKING:
 
 STORE_FORMAT = 1
 DTYPES = ("float16", "float32")
+#: Windows in the first batch of a reduced-width store, whose tokens the basis is fitted on.
+BASIS_WINDOWS = 8
 #: (row, column) of a window in the store's grid.
 Window = tuple[int, int]
 
@@ -257,6 +259,10 @@ class FillProgress:
     kind: str = "fill"
 
 
+class _Abandoned(Exception):  # noqa: N818 - a signal from inside the backbone, not an error
+    """Raised before a backbone block when a fill's ``abandon()`` turned true."""
+
+
 def _save_flags(path: Path, flags: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as handle:
@@ -449,15 +455,35 @@ class SlideFeatureStore:
         """The pixels the backbone sees for ``window`` (see :meth:`SlideWindows.image`)."""
         return self.windows.image(window)
 
-    def compute(self, images: np.ndarray, device: Any = "cpu") -> list[torch.Tensor]:
+    def compute(self, images: np.ndarray, device: Any = "cpu", abandon: Callable[[], bool] | None = None
+                ) -> list[torch.Tensor]:
         """The stored representation of (N, H, W, 3) uint8 windows computed now: one (N, C, t, t) float32
         tensor per consumed block, after the final norm where the head expects it (and projected on the
-        basis at a reduced width; the first call fits it)."""
-        grids = self.backbone_features(images, device)
+        basis at a reduced width; the first call fits it). ``abandon`` as in :meth:`backbone_features`."""
+        grids = self.backbone_features(images, device, abandon)
         return grids if self.width is None else self._basis_for(grids).project(grids)
 
-    def backbone_features(self, images: np.ndarray, device: Any = "cpu") -> list[torch.Tensor]:
-        """The consumed blocks' grids of (N, H, W, 3) uint8 windows as the head reads them at full width."""
+    def backbone_features(self, images: np.ndarray, device: Any = "cpu", abandon: Callable[[], bool] | None = None
+                          ) -> list[torch.Tensor]:
+        """The consumed blocks' grids of (N, H, W, 3) uint8 windows as the head reads them at full width.
+
+        ``abandon()`` is asked before every transformer block; when it answers True the computation
+        stops there (:class:`_Abandoned`): a live loop's stroke then waits for one block, not for a
+        whole batch of windows (seconds on a CPU)."""
+        handles = []
+        if abandon is not None:
+            def check(_module: torch.nn.Module, _inputs: Any) -> None:
+                if abandon():
+                    raise _Abandoned
+
+            handles = [block.register_forward_pre_hook(check) for block in self.backbone.vit.blocks]
+        try:
+            return self._backbone_features(images, device)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _backbone_features(self, images: np.ndarray, device: Any) -> list[torch.Tensor]:
         model, backbone = self.model, self.backbone
         device = torch.device(device)
         x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255.0
@@ -486,13 +512,15 @@ class SlideFeatureStore:
 
     def iter_fill(self, box: Sequence[float] | None = None, *, windows: Sequence[Window] | None = None,
                   device: Any = "cpu", batch_size: int = 4, wait: float | None = 0.0,
-                  should_stop: Callable[[], bool] | None = None) -> Generator[FillProgress, None, int]:
+                  should_stop: Callable[[], bool] | None = None, abandon: Callable[[], bool] | None = None
+                  ) -> Generator[FillProgress, None, int]:
         """Compute and store missing windows, yielding a :class:`FillProgress` per batch; returns how many.
 
         ``windows`` (default: every tissue window) are computed with those touching ``box`` (level-0
         x, y, width, height: the visible field) first, then nearest first. ``wait``: seconds to wait
         for another process filling the same store (None: as long as it takes; 0: stop at once with
-        who holds it). ``should_stop()`` ends early; what is stored stays valid.
+        who holds it). ``should_stop()`` ends early (asked between batches); ``abandon()`` too, asked
+        inside the backbone as well, dropping the batch being computed. What is stored stays valid.
         """
         from ..storage import OutputLock, writing
 
@@ -514,12 +542,19 @@ class SlideFeatureStore:
             was_training = self.model.training
             self.model.eval()
             try:
-                for start in range(0, total, max(1, int(batch_size))):
-                    if should_stop is not None and should_stop():
+                step = max(1, int(batch_size))
+                # the basis is fitted on the first batch: give it enough tokens to stand for the slide
+                first = max(step, BASIS_WINDOWS) if self.width is not None and self.basis() is None else step
+                starts = [0, *range(first, total, step)] if total else []
+                for start in starts:
+                    if (should_stop is not None and should_stop()) or (abandon is not None and abandon()):
                         break
                     began = time.perf_counter()
-                    part = todo[start:start + batch_size]
-                    grids = self.compute(np.stack([self.window_image(w) for w in part]), device)
+                    part = todo[start:start + (first if start == 0 else step)]
+                    try:
+                        grids = self.compute(np.stack([self.window_image(w) for w in part]), device, abandon)
+                    except _Abandoned:
+                        break
                     if self.width is not None and not recorded:  # what the stored windows were projected with
                         basis = self.basis()
                         assert basis is not None

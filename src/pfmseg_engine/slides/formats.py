@@ -225,7 +225,7 @@ def open_slide(path: str | Path, mpp: float | None = None, *, require_mpp: bool 
         parts = {**OPENERS[kind](path), "backend": kind}
     if mpp is not None:
         if not (math.isfinite(float(mpp)) and float(mpp) > 0):
-            raise SlideError(f"--mpp must be a positive number of microns per pixel, got {mpp}.")
+            raise SlideError(f"mpp must be a positive number of microns per pixel, got {mpp}.", fix_with=("mpp",))
         if parts["mpp"] and abs(parts["mpp"] - float(mpp)) > 0.01 * parts["mpp"]:
             log.warning("Overriding '%s' metadata mpp %.4g with %.4g.", path.name, parts["mpp"], float(mpp))
         parts["mpp"] = float(mpp)

@@ -68,7 +68,8 @@ def plan_resolution(slide: Slide, target_mpp: float | None = None,
             raise SlideError(
                 f"Target resolution {target:.4g} um/px is finer than slide '{slide.name}' level 0 "
                 f"({mpp0:.4g} um/px) and pixels are never upsampled; use a target of at least {mpp0:.4g} "
-                "(CLI: --target_mpp), or correct the slide's mpp (--mpp) if its metadata is wrong."
+                "(target_mpp), or correct the slide's mpp (mpp) if its metadata is wrong.",
+                fix_with=("target_mpp", "mpp"),
             )
         level = max(finer, key=lambda i: mpps[i])
         factor = target / mpps[level]

@@ -96,7 +96,8 @@ class Slide:
         if self.mpp is None:
             raise SlideError(
                 f"Slide '{self.path or self.name}' has no microns-per-pixel in its metadata; give it "
-                "explicitly (CLI: --mpp 0.5, Python: open_slide(path, mpp=0.5))."
+                "explicitly (mpp=0.5 for 0.5 um per pixel, e.g. open_slide(path, mpp=0.5)).",
+                fix_with=("mpp",),
             )
         return self.mpp
 

@@ -65,8 +65,8 @@ BLACK_INK_GREY = 60.0
 #: 5,800 x 5,800 px, a 46 x 46 mm section at 8 um/px; larger slides are detected at a coarser resolution.
 THUMBNAIL_MAX_PIXELS = 1 << 25
 #: What to do with a slide whose thumbnail would need a level too large to scan.
-SCAN_REMEDY = ("Turn tissue detection off (CLI: --no-tissue; Python: SlideInferenceConfig(tissue=False)) or give the "
-               "slide a pyramid (e.g. vips tiffsave in.tif out.tif --tile --pyramid).")
+SCAN_REMEDY = ("Turn tissue detection off (tissue=False) or give the slide a pyramid (e.g. vips tiffsave in.tif "
+               "out.tif --tile --pyramid).")
 #: ROI modes of :func:`detect_tissue`.
 ROI_MODES = ("replace", "intersect")
 
@@ -178,7 +178,7 @@ def thumbnail_source(slide: Slide, mpp: float = TISSUE_MPP) -> tuple[int, int]:
     height, width = slide.readers[level].shape[:2]
     check_pixels(height, width, f"Level {level} of '{slide.path or slide.name}', which tissue detection would scan "
                  f"whole (the slide has no level near {mpp:.3g} um/px),", error=SlidePixelLimitError,
-                 remedy=SCAN_REMEDY, scale=SCAN_FACTOR)
+                 remedy=SCAN_REMEDY, fix_with=("tissue=False",), scale=SCAN_FACTOR)
     factor = max(1, round(mpp / mpps[level]), math.isqrt(height * width // cap))
     while -(-height // factor) * -(-width // factor) > cap:  # rounding (or cropped bounds) left it over the cap
         factor += 1

@@ -118,9 +118,10 @@ def check_run_dir(folder: Path, *, resume: bool, overwrite: bool) -> None:
     found = checkpoints_in(folder)
     if found and not overwrite:
         raise ConfigError(
-            f"{folder} already holds a training run ({found[0].relative_to(folder)}). Continue it with --resume "
-            f"{folder}, train into another folder (logging.experiment_name; unset, every run gets a new one), or "
-            "replace it with --overwrite (logging.overwrite: true), which deletes its checkpoints and evaluations."
+            f"{folder} already holds a training run ({found[0].relative_to(folder)}). Continue it (resume="
+            f"'{folder}'), train into another folder (logging.experiment_name; unset, every run gets a new one), or "
+            "replace it (logging.overwrite: true), which deletes its checkpoints and evaluations.",
+            fix_with=("resume", "overwrite=True"),
         )
     if overwrite and found:  # nothing is removed from a folder that holds no run
         clear_run(folder)
@@ -174,6 +175,8 @@ class RunLock(OutputLock):
 
     def __init__(self, folder: str | Path):
         super().__init__(Path(folder) / "checkpoints", wait=0.0)
+
+    busy_fix = ()  # a training run never waits for another one
 
     def busy_message(self) -> str:
         return (f"Another training run ({self.holder()}) is writing into {self.output.parent}. Wait for it to "

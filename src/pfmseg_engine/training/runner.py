@@ -19,10 +19,10 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import csvsafe
 from ..data.augment import JointAugment
@@ -38,9 +38,11 @@ from .evaluation import EvaluationReport, evaluate_model
 from .history import atomic_write_text
 from .outputs import claim_output_dir
 from .state import seed_everything
-from .trainer import Trainer, TrainResult
+from .trainer import Trainer, TrainEvent, TrainResult
 
 log = logging.getLogger("pfmseg_engine.training")
+
+Result = TypeVar("Result", bound=TrainResult)
 
 
 def build_augmentation(config: TrainConfig, crop: bool = True) -> JointAugment:
@@ -112,16 +114,31 @@ def train_from_config(config: TrainConfig, *, model: Any | None = None, resume: 
     With ``system.seeds`` this is :func:`train_seeds` (``resume`` then continues every seed's run).
     The run's folder is claimed first (:func:`~.outputs.claim_output_dir`: a new one for an unnamed run).
     """
-    config = claim_output_dir(config, resume)
+    return _drain(iter_train_from_config(config, model=model, resume=resume, device=device, callbacks=callbacks,
+                                         cancel=cancel))
+
+
+def iter_train_from_config(config: TrainConfig, *, model: Any | None = None, resume: str | Path | None = None,
+                           device: str | None = None, callbacks: Iterable[Callback] = (),
+                           cancel: CancelToken | None = None) -> Generator[TrainEvent, None, TrainResult]:
+    """:func:`train_from_config` as a generator of the trainer's events (every seed's, with ``system.seeds``)."""
     if config.system.seeds:
-        if model is not None:
-            raise ConfigError("system.seeds trains a new model per seed; it cannot continue a given model= "
-                              "(remove system.seeds, or model=).")
-        return train_seeds(config, resume=bool(resume), device=device, callbacks=callbacks, cancel=cancel)
+        series = SeedSeries(config, model=model, device=device, callbacks=callbacks, cancel=cancel)
+        return (yield from series.iter_fit(resume))
+    config = claim_output_dir(config, resume)
     train, val = build_datasets(config)
     trainer = Trainer(config, model_or_new(config, model), train, val, device=device, callbacks=callbacks,
                       cancel=cancel)
-    return trainer.fit(resume=resume)
+    return (yield from trainer.iter_fit(resume))
+
+
+def _drain(events: Generator[TrainEvent, None, Result]) -> Result:
+    while True:
+        try:
+            next(events)
+        except StopIteration as done:
+            result: Result = done.value
+            return result
 
 
 def build_annotation_trainer(config: TrainConfig, images: Sequence[Any], labels: Sequence[Any], *,
@@ -285,6 +302,35 @@ def train_seeds(config: TrainConfig, *, resume: bool = False, device: str | None
     ``resume`` continues each seed's run from its ``last.pt`` where there is one (finished runs are
     only re-read and re-scored). A cancelled run stops the series unscored.
     """
+    return _drain(iter_train_seeds(config, resume=resume, device=device, callbacks=callbacks, cancel=cancel))
+
+
+class SeedSeries:
+    """The runs of ``system.seeds`` driven like one :class:`~.trainer.Trainer`: :meth:`iter_fit` yields
+    every seed's events in turn and returns the :class:`SeedsResult`, so a job runs a series and a
+    single run the same way. It trains a new model per seed (``model`` is None: there is no one model)."""
+
+    model = None
+    val_source = None
+
+    def __init__(self, config: TrainConfig, *, model: Any | None = None, device: str | None = None,
+                 callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None):
+        if model is not None:
+            raise ConfigError("system.seeds trains a new model per seed; it cannot continue a given model= "
+                              "(remove system.seeds, or model=).")
+        self.config, self.device, self.callbacks, self.cancel = config, device, list(callbacks), cancel
+
+    def iter_fit(self, resume: str | Path | None = None) -> Generator[TrainEvent, None, TrainResult]:
+        """Claim the experiment folder, then train every seed (``resume``: continue each seed's run)."""
+        config = claim_output_dir(self.config, resume)
+        return (yield from iter_train_seeds(config, resume=bool(resume), device=self.device,
+                                            callbacks=self.callbacks, cancel=self.cancel))
+
+
+def iter_train_seeds(config: TrainConfig, *, resume: bool = False, device: str | None = None,
+                     callbacks: Iterable[Callback] = (), cancel: CancelToken | None = None,
+                     ) -> Generator[TrainEvent, None, SeedsResult]:
+    """:func:`train_seeds` as a generator of every seed's trainer events; returns the :class:`SeedsResult`."""
     if not config.system.seeds:
         raise ConfigError("system.seeds is not set; list the seeds to train with, e.g. system.seeds: [0, 1, 2].")
     parent = config.output_dir
@@ -298,8 +344,8 @@ def train_seeds(config: TrainConfig, *, resume: bool = False, device: str | None
     for seed, seed_config in seed_configs(config).items():
         last = seed_config.output_dir / "checkpoints" / "last.pt"
         log.info("Seed %d of %s -> %s", seed, list(config.system.seeds), seed_config.output_dir)
-        run = train_from_config(seed_config, resume=last if resume and last.is_file() else None, device=device,
-                                callbacks=callbacks, cancel=cancel)
+        run = yield from iter_train_from_config(seed_config, resume=last if resume and last.is_file() else None,
+                                                device=device, callbacks=callbacks, cancel=cancel)
         result.runs[seed] = run
         if run.status != "completed":
             result.status = run.status

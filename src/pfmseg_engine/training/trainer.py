@@ -43,7 +43,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -217,7 +217,7 @@ class EpochIndices(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.sampler.epoch
         return ((epoch, index) for index in self.sampler)
 
