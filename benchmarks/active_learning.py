@@ -22,10 +22,11 @@ annotator's final mIoU, over the random annotator's final labelled pixels (goal 
 suggestions never reach it).
 
 No pathology foundation-model weights exist on this machine: the backbone is a **random-weight** ViT
-(``kaiko-vits16`` architecture by default), so absolute mIoU values say nothing about a real PFM; the
-comparison between annotators on identical features is what is measured::
+(``kaiko-vits16`` architecture; ``--tiny`` its small test variant), so absolute mIoU values say nothing
+about a real PFM; the comparison between annotators on identical features is what is measured::
 
-    nice python benchmarks/active_learning.py                # about 20 minutes on 2 cores
+    nice python benchmarks/active_learning.py --tiny --threads 1   # the figure's run: 28 min on 2 busy cores
+    python benchmarks/active_learning.py --backbone uni_v1 --weights /models/uni.bin   # a real PFM (far slower)
     python benchmarks/active_learning.py --datasets monuseg --rounds 3 --seeds 1 --tiny   # a smoke run
 """
 
@@ -237,7 +238,8 @@ def run_dataset(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     scale = args.scale.get(name, 1.0)
     began = time.perf_counter()
     torch.manual_seed(0)
-    model = build_live_model(live_model_config(args.backbone, class_names, tiny=args.tiny, window=args.window))
+    model = build_live_model(live_model_config(args.backbone, class_names, weights=args.weights, tiny=args.tiny,
+                                               window=args.window))
     initial_head = {k: v.clone() for k, v in model.head.state_dict().items()}
     patch = int(model.patch_size)
     train_images = store_images(model, load_split(root, "train", scale, args.limit), args.window, work / name)
@@ -348,6 +350,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["monuseg", "wsss4luad"])
     parser.add_argument("--backbone", default="kaiko-vits16")
+    parser.add_argument("--weights", default=None, help="backbone weights (file or hf-hub:...); default random")
     parser.add_argument("--tiny", action="store_true", help="the backbone's tiny test variant (much faster)")
     parser.add_argument("--window", type=int, default=256, help="model window, px")
     parser.add_argument("--box", type=int, default=64, help="side of a labelled box, model px")
@@ -373,8 +376,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*randomly initialised.*")
     if args.threads:
         torch.set_num_threads(args.threads)
-    note = (f"{args.backbone}{' (tiny)' if args.tiny else ''} with RANDOM weights (no pathology weights on this "
-            f"machine); {args.k} boxes of {args.box} px per round, {args.steps} steps/round, {args.seeds} seeds, "
+    weights = f"weights {args.weights}" if args.weights else "RANDOM weights (no pathology weights given)"
+    note = (f"{args.backbone}{' (tiny)' if args.tiny else ''} with {weights}; "
+            f"{args.k} boxes of {args.box} px per round, {args.steps} steps/round, {args.seeds} seeds, "
             "95% hierarchical bootstrap CIs")
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pfmseg-active-learning-") as tmp:
@@ -384,7 +388,7 @@ def main() -> None:
         print(f"{result['dataset']}: random reaches mIoU {result['random_final_mIoU']:.3f} with "
               f"{result['random_final_px']:,.0f} px; suggestions need {result['label_ratio_to_match_random']} of "
               f"that, the grid {result['grid_ratio_to_match_random']}", file=sys.stderr)
-    summary = {"benchmark": "active_learning", "weights": "random (no pathology weights on this machine)",
+    summary = {"benchmark": "active_learning", "weights": args.weights or "random (no pathology weights given)",
                "backbone": args.backbone + (" tiny" if args.tiny else ""), "figure": str(args.figure),
                "seconds": round(time.perf_counter() - began, 1),
                "settings": {k: v for k, v in vars(args).items() if k not in ("figure", "scale")},

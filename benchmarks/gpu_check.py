@@ -14,6 +14,7 @@ Measured on the first CUDA device, random weights, no network (about 3-6 minutes
   with exact arithmetic, so any difference is the pipeline's: staging, device stitching, spills), and the
   share of equal labels for the ViT-L in bfloat16 against float32 on the CPU (informative).
 
+A part that fails is named with its error under ``errors`` (the others still run) and the status is 1.
 Without a CUDA device it exits with status 2 and one line on stderr saying so. ``--tiny`` (hidden, with
 ``--device cpu``) runs the same code with small backbones and sizes on the CPU: the tests use it.
 """
@@ -267,27 +268,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         + (" [tiny variant]" if args.tiny else ""), "dtype": "bfloat16" if device.type == "cuda" else "float32",
     }
     peaks: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+
+    def part(name: str, measure: Any, *extra: Any) -> Any:
+        """One part's figures; a part that fails is recorded under ``errors`` and the others still run."""
+        with peak_memory(device, peaks, name):
+            try:
+                return measure(args, device, workdir, *extra)
+            except Exception as exc:  # reported in the JSON line, status 1
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                return None
+
     with tempfile.TemporaryDirectory(dir=args.workdir) as folder:
         workdir = Path(folder)
         from wsi_inference import WINDOW
 
         model = vit_large(args.tiny, WINDOW)
-        with peak_memory(device, peaks, "slide"):
-            result["slide"] = slide_inference(args, device, workdir, model)
+        result["slide"] = part("slide", slide_inference, model)
         reason = live_available()
-        if reason is None:
-            with peak_memory(device, peaks, "feature_fill"):
-                fill = feature_fill(args, device, workdir)
-            result["feature_fill"] = fill
-            result["feature_fill_windows_per_s"] = fill["as_stored"]["fill_windows_per_s"]
-        else:
-            result["feature_fill"] = None
-            result["feature_fill_windows_per_s"] = None
-            result["feature_fill_reason"] = reason
-        with peak_memory(device, peaks, "training"):
-            result["training"] = training(args, device, workdir)
-        with peak_memory(device, peaks, "identity"):
-            result["identity"] = identity(args, device, workdir, model)
+        fill = part("feature_fill", feature_fill) if reason is None else None
+        result["feature_fill"] = fill
+        result["feature_fill_windows_per_s"] = fill["as_stored"]["fill_windows_per_s"] if fill else None
+        if reason is not None or fill is None:
+            result["feature_fill_reason"] = reason or errors.get("feature_fill")
+        result["training"] = part("training", training)
+        result["identity"] = part("identity", identity, model)
+    result["errors"] = errors
     known = [v for v in peaks.values() if v is not None]
     result["peak_gpu_memory_gib"] = max(known) if known else None
     result["peak_gpu_memory_gib_by_part"] = peaks
@@ -303,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return NO_CUDA_STATUS
     print(json.dumps(result))
-    return 0
+    return 1 if result["errors"] else 0
 
 
 if __name__ == "__main__":

@@ -44,6 +44,22 @@ def test_the_script_refuses_without_cuda(tmp_path):
     assert "no CUDA device" in done.stderr and done.stderr.count("\n") == 1
 
 
+def test_a_failing_part_is_reported_and_the_others_still_run(tmp_path, capsys, monkeypatch):
+    gpu_check = load_gpu_check()
+
+    def broken(*args):
+        raise RuntimeError("no such kernel")
+
+    for name in ("slide_inference", "feature_fill", "training", "identity"):
+        monkeypatch.setattr(gpu_check, name, broken)
+    monkeypatch.setattr(gpu_check, "vit_large", lambda tiny, window: None)
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--workdir", str(tmp_path)]) == 1
+    result = json.loads(capsys.readouterr().out)
+    assert result["errors"]["slide"] == "RuntimeError: no such kernel"
+    assert set(result["errors"]) >= {"slide", "training", "identity"}
+    assert result["slide"] is None and result["feature_fill_windows_per_s"] is None and result["feature_fill_reason"]
+
+
 @pytest.mark.slow
 def test_tiny_run_on_the_cpu_prints_one_json_line(tmp_path, capsys):
     """Every part runs and reports its fields; the stand-in labels of the two paths are byte-identical."""
@@ -52,6 +68,7 @@ def test_tiny_run_on_the_cpu_prints_one_json_line(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
+    assert result["errors"] == {}
     slide = result["slide"]
     assert slide["windows"] > 0 and slide["end_to_end_windows_per_s"] > 0 and slide["model_only_windows_per_s"] > 0
     assert slide["ratio"] == pytest.approx(slide["end_to_end_windows_per_s"] / slide["model_only_windows_per_s"],

@@ -131,7 +131,8 @@ def test_live_prediction_equals_the_model_on_its_windows(tmp_path):
 
 def test_preview_at_the_heads_resolution_matches_the_full_prediction(tmp_path):
     full = make_loop(tmp_path, LiveSettings(**{**SETTINGS.__dict__, "full_resolution": True}))
-    quick = LiveLoop(full.model, half_tissue_slide(), LiveSettings(**{**SETTINGS.__dict__, "store_root": str(tmp_path)}))
+    quick = LiveLoop(full.model, half_tissue_slide(),
+                     LiveSettings(**{**SETTINGS.__dict__, "store_root": str(tmp_path)}))
     view = (320, 0, 192, 192)
     full.store.fill(windows=full._view_windows(view))
     a, b = full._predict(view, 0, 0, latency=False), quick._predict(view, 0, 0, latency=False)
@@ -231,3 +232,18 @@ def test_idle_work_gives_way_to_strokes_views_and_requests(tmp_path):
         assert not asked()
         ask()
         assert asked()
+        loop._suggest = None  # requests stay pending until answered: clear them for the next case
+        loop._cancel.clear()
+
+
+@pytest.mark.parametrize("head", ["light", "multilevel", "cup"])
+def test_every_head_previews_the_view_at_a_resolution_that_tiles_it(tmp_path, head):
+    loop = LiveLoop(tiny_live_model(head), half_tissue_slide(),
+                    LiveSettings(**{**SETTINGS.__dict__, "store_root": str(tmp_path)}))
+    view = (320, 0, 128, 128)
+    loop.store.fill(windows=loop._view_windows(view))
+    prediction = loop._predict(view, 0, 0, latency=False)
+    assert prediction is not None and prediction.box == (0, 128, 320, 448)
+    assert prediction.labels.shape[0] * prediction.scale == 128 and prediction.labels.min() >= 1
+    # light upsamples by the patch size, multilevel and cup decode every model pixel: nothing coarser to show
+    assert prediction.scale == 1.0

@@ -227,3 +227,16 @@ def test_the_predict_dock_plans_what_the_cli_plans(app, qtbot, tmp_path):
                      prediction_settings(args), output_dir=tmp_path / "cli")
     assert target.plan.identity() == cli.identity()
     assert target.plan.chunk == cli.chunk and settings.prediction.batch_size == prediction_settings(args).batch_size
+
+
+def test_the_plugin_is_called_by_one_name_wherever_a_user_meets_it():
+    """napari lists plugins by their manifest name; pip by the distribution; the entry point key ties them."""
+    from importlib.metadata import distribution, entry_points
+
+    import yaml
+
+    import napari_pfmseg
+
+    manifest = yaml.safe_load((Path(napari_pfmseg.__file__).parent / "napari.yaml").read_text())
+    keys = [e.name for e in entry_points(group="napari.manifest") if e.value.startswith("napari_pfmseg")]
+    assert keys == [manifest["name"]] == [manifest["display_name"]] == [distribution("pfmseg").metadata["Name"]]

@@ -137,8 +137,10 @@ def test_stopping_keeps_the_head(live, qtbot, tmp_path):
 
     start_live(widget, qtbot)  # live again: the same head goes on training
     assert controller.model is head
-    with qtbot.waitSignal(controller.ended, timeout=TIMEOUT_MS):
-        widget.stop()
+    again = tmp_path / "again.pt"
+    with qtbot.waitSignal(controller.model_saved, timeout=TIMEOUT_MS):
+        widget.save_head(again)  # while live: stops first, then saves the head as trained
+    assert not controller.running and again.is_file()
     controller.hand_off()  # "Fine-tune fully": the head becomes the session's model for the Train widget
     assert widget.session.model is head and widget.session.recipe.strategy == "frozen"
 

@@ -108,13 +108,34 @@ def test_tissue_skipping(tmp_path):
     # no read outside the tissue mask dilated by the halo plus one window
     for y0, y1, x0, x1 in spy.reads:
         assert y1 > 100 - 200 and y0 < 300 + 200 and x1 > 600 - 200 and x0 < 900 + 200
-    assert labels[700:, :300].max() == 0 and (labels[100:300, 600:900] > 0).all()
+    assert labels[700:, :300].max() == 0
+    on_blob = labels[100:300, 600:900] > 0
+    for rows, cols in ((slice(0, 6), slice(0, 6)), (slice(0, 6), slice(-6, None)), (slice(-6, None), slice(0, 6)),
+                       (slice(-6, None), slice(-6, None))):
+        on_blob[rows, cols] = True  # the 8-µm tissue mask rounds the blob's square corners
+    assert on_blob.all()
     full = labels_of(predict_slide(PixelModel(), blob_slide()[0], tmp_path / "full", window=64, overlap=0.5,
                                    chunk=128, tissue=False))
     inside = np.zeros(labels.shape, bool)
     inside[100:300, 600:900] = True
     inside &= decided(image)
     np.testing.assert_array_equal(labels[inside], full[inside])  # skipping changes nothing on tissue
+
+
+def test_glass_inside_windows_that_touch_tissue_stays_unlabelled(tmp_path):
+    """Windows touching tissue are predicted whole; only pixels within one tissue-mask pixel (8 µm) of tissue
+    keep their class, so no band of one class runs along the tissue's edge and measurements count tissue only."""
+    settings = dict(window=64, overlap=0.5, chunk=128, tissue=True)
+    clipped = labels_of(predict_slide(PixelModel(), blob_slide()[0], tmp_path / "clip", **settings))
+    whole = labels_of(predict_slide(PixelModel(), blob_slide()[0], tmp_path / "whole", clip_to_tissue=False,
+                                    **settings))
+    band = (slice(100, 300), slice(600 - 40, 600 - 12))  # glass left of the blob, inside windows on tissue
+    assert (whole[band] > 0).all() and clipped[band].max() == 0
+    margin = (slice(120, 280), slice(600 - 7, 600))  # glass within one mask pixel of the tissue edge
+    assert (clipped[margin] > 0).all()
+    blob = (slice(106, 294), slice(606, 894))
+    np.testing.assert_array_equal(clipped[blob], whole[blob])
+    assert (clipped > 0).sum() < (whole > 0).sum()
 
 
 def test_real_slide_writes_valid_ome_zarr(tmp_path):
@@ -279,3 +300,13 @@ def test_label_pyramid(tmp_path, method):
     np.testing.assert_array_equal(level1, DOWNSAMPLERS[method](level0))
     scale1 = output.multiscales["datasets"][1]["coordinateTransformations"]
     assert scale1[0]["scale"] == [1.0, 1.0] and scale1[1]["translation"] == [0.25, 0.25]
+
+
+def test_the_cli_switches_clipping_to_tissue_off():
+    from pfmseg_engine.cli import build_parser
+    from pfmseg_engine.commands.infer import prediction_settings
+
+    parser = build_parser()
+    base = ["infer", "--checkpoint", "m.pt", "--slide", "s.svs", "--output_dir", "o"]
+    assert prediction_settings(parser.parse_args(base)).clip_to_tissue is True
+    assert prediction_settings(parser.parse_args([*base, "--no-clip_to_tissue"])).clip_to_tissue is False

@@ -146,6 +146,7 @@ class LiveController:
         self._sender: ThreadPoolExecutor | None = None
         self.pending: list[Future] = []
         self._failure = ""
+        self._save_after: Path | None = None
 
     @property
     def running(self) -> bool:
@@ -280,9 +281,16 @@ class LiveController:
         return worker
 
     def save(self, path: str | Path) -> Any:
-        """Write the last head as an ordinary checkpoint (in a worker); ``model_saved`` says when."""
+        """Write the last head as an ordinary checkpoint (in a worker); ``model_saved`` says when.
+
+        While live mode runs it stops first: the head is read when the worker no longer trains it.
+        """
         from pfmseg_engine import ConfigError
 
+        if self.running:
+            self._save_after = Path(path)
+            self.stop()
+            return None
         if self.loop is None:
             notify_error(ConfigError("There is no live head to save yet: turn Live on and paint first."),
                          "Saving the live head")
@@ -330,6 +338,9 @@ class LiveController:
         if self._handoff and not failure:
             self._handoff = False
             self._give_model()
+        save, self._save_after = self._save_after, None
+        if save is not None and not failure:
+            self.save(save)
         self.status.emit(failure or f"stopped after {self.steps} steps; the head is kept")
         self.ended.emit(failure or "stopped")
 

@@ -83,7 +83,8 @@ class LiveWidget(QWidget):
         form.addRow("window (px)", self.window_px)
         form.addRow("µm/px", self.mpp)
         form.addRow("uncertainty", self.uncertainty)
-        head = row(button("Save head…", self._save_dialog, "write the live head as a checkpoint (frozen strategy)"),
+        head = row(button("Save head…", self._save_dialog,
+                          "write the live head as a checkpoint (frozen strategy); stops live mode first"),
                    button("Fine-tune fully", self.controller.hand_off,
                           "make the live head the current model and fine-tune it with the Train widget"))
         suggest = QFormLayout()

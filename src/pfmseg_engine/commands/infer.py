@@ -189,6 +189,7 @@ def prediction_settings(args: argparse.Namespace) -> PredictionSettings:
         target_mpp=getattr(args, "target_mpp", None), window=getattr(args, "window", None) or args.input_size,
         overlap=args.overlap, blend=args.blend, batch_size=args.batch_size,
         chunk=getattr(args, "chunk_size", None), tissue=getattr(args, "tissue", None),
+        clip_to_tissue=getattr(args, "clip_to_tissue", None),
         probabilities=getattr(args, "probabilities", None), ngff=getattr(args, "ngff", None),
         device=args.device, mpp=getattr(args, "mpp", None), reader=getattr(args, "reader", None),
         overwrite=getattr(args, "overwrite", None), wait=getattr(args, "wait", None),
@@ -383,6 +384,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     slides.add_argument("--window", type=int, help="window size (default: --input_size or the model's)")
     slides.add_argument("--tissue", action=argparse.BooleanOptionalAction,
                         help="skip background found by tissue detection (default on)")
+    slides.add_argument("--clip_to_tissue", action=argparse.BooleanOptionalAction,
+                        help="leave glass unlabelled inside windows that touch tissue (default on)")
     slides.add_argument("--chunk_size", type=int, help=f"output chunk side (default {DEFAULTS.chunk})")
     slides.add_argument("--probabilities", action="store_true", default=None, help="also store class probabilities")
     slides.add_argument("--ngff", choices=("0.4", "0.5"),

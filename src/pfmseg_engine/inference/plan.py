@@ -39,7 +39,7 @@ from .window import BLEND_MODES, check_window, stride_for
 DEFAULT_WINDOW = 512
 SUFFIX = ".ome.zarr"
 WORK = ".pfmseg_work"
-FORMAT_VERSION = 3  # 3: the slide is identified by content, not by path
+FORMAT_VERSION = 4  # 3: the slide is identified by content, not by path; 4: glass inside windows is unlabelled
 #: Settings that change how fast a run goes, never what it writes: left out of the fingerprint.
 RUNTIME_ONLY = ("batch_size", "prefetch", "read_workers")
 #: Settings that are real numbers, stored as floats whatever number type they were given as.
@@ -63,6 +63,8 @@ class SlideInferenceConfig:
     pixels). ``tissue_roi``: your own tissue mask or region of interest (a QuPath GeoJSON, a label
     store, a mask image: see :func:`~pfmseg_engine.slides.detect_tissue`), used instead of the
     detection (``tissue_roi_mode="replace"``) or to limit it (``"intersect"``); needs ``tissue``.
+    ``clip_to_tissue``: label only output pixels on tissue (0 on the glass inside windows that touch
+    tissue; see :meth:`SlidePlan.tissue_inside`); no effect without ``tissue``.
     ``pyramid``: label downsampling, "mode" (2x2 majority) or "nearest".
     Runtime only: ``batch_size`` (windows per model call; batches span chunks), ``prefetch`` (chunks
     read ahead; default: the read workers + 1, at least 2), ``read_workers`` (reader threads; default:
@@ -79,6 +81,7 @@ class SlideInferenceConfig:
     tissue_halo_um: float | None = None
     tissue_roi: str | None = None
     tissue_roi_mode: str = "replace"
+    clip_to_tissue: bool = True
     probabilities: bool = False
     ngff: str = "0.4"
     pyramid: str = "mode"
@@ -264,6 +267,37 @@ class SlidePlan:
         pixel_mm = d * slide_mpp / 1000.0
         return float(mask.sum()) * pixel_mm * pixel_mm
 
+    @cached_property
+    def _clip_mask(self) -> np.ndarray:
+        from scipy.ndimage import binary_dilation
+
+        assert self.tissue is not None
+        return binary_dilation(self.tissue.tissue, np.ones((3, 3), bool)).astype(np.float32)
+
+    def tissue_inside(self, box: tuple[int, int, int, int]) -> np.ndarray | None:
+        """Which output pixels of ``box`` (y0, y1, x0, x1) lie on tissue: those within one tissue-mask pixel
+        (8 µm) of detected tissue (before the halo), from a bilinear sample of that mask grown by one pixel,
+        kept where it is at least one half. None when every pixel is kept (``clip_to_tissue`` off, or no
+        tissue detection).
+
+        Windows that touch tissue are predicted whole, so without this the glass inside them gets a class,
+        guessed from the window's border: a band of one class along every tissue edge that the measurements
+        would count. The one-pixel margin keeps the tissue that the coarse mask's rounded corners and edges
+        cut off.
+        """
+        tissue = self.tissue
+        if tissue is None or not self.config.clip_to_tissue:
+            return None
+        y0, y1, x0, x1 = box
+        (oy, ox), ds, d = self.origin, self.downsample, tissue.downsample
+        rows = _bilinear_weights((oy + (np.arange(y0, y1) + 0.5) * ds) / d - 0.5, tissue.tissue.shape[0])
+        cols = _bilinear_weights((ox + (np.arange(x0, x1) + 0.5) * ds) / d - 0.5, tissue.tissue.shape[1])
+        (r_lo, r_hi, r_w), (c_lo, c_hi, c_w) = rows, cols
+        mask = self._clip_mask
+        by_row = mask[r_lo] * (1 - r_w)[:, None] + mask[r_hi] * r_w[:, None]
+        sampled = by_row[:, c_lo] * (1 - c_w)[None, :] + by_row[:, c_hi] * c_w[None, :]
+        return np.asarray(sampled >= 0.5)
+
     # ---- identity, metadata, summary ------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         """What makes two runs write the same output, model aside (the executor adds its fingerprint)."""
@@ -335,6 +369,15 @@ class SlidePlan:
 
 class MagnificationWarning(UserWarning):
     """A slide is predicted at a resolution nobody chose (the model records none, no target was given)."""
+
+
+def _bilinear_weights(coords: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Neighbour indices and weights for linear interpolation at ``coords`` (pixel-centre units), clamped
+    to the edge pixels."""
+    coords = np.clip(coords, 0.0, size - 1.0)
+    low = np.floor(coords).astype(np.intp)
+    high = np.minimum(low + 1, size - 1)
+    return low, high, (coords - low).astype(np.float32)
 
 
 def plan_slide(

@@ -392,6 +392,8 @@ class _Executor:
             self._finish_and_write(chunk, own)
 
     def _finish_and_write(self, chunk: ChunkPlan, own: tuple[Any, Any] | None) -> None:
+        import torch
+
         from .stitch import HostCopy
 
         total, acc = own if own is not None else (self.spills.get(chunk.index, SELF).clone(), None)
@@ -399,6 +401,12 @@ class _Executor:
             part = self.spills.get(chunk.index, direction)
             total[:, : part.shape[1], : part.shape[2]].add_(part)
         labels, probs = self.stitcher.finish(total, self.plan.config.probabilities)
+        on_tissue = self.plan.tissue_inside(chunk.box)
+        if on_tissue is not None:
+            keep = torch.from_numpy(on_tissue).to(labels.device)
+            labels = labels * keep.to(labels.dtype)
+            if probs is not None:
+                probs = probs * keep.to(probs.dtype)
         if acc is not None:
             self.stitcher.release(acc)
         if self.finish_in_writer:

@@ -5,8 +5,10 @@ right and lower neighbours; those pixels lie in slide tiles the neighbours read 
 chunks, 224 px windows and 512 px tiles, that is 9 tiles decoded per chunk instead of 4. The cache
 reads the level in aligned blocks of whole native tiles (the slide's dask chunk side) and keeps the
 most recently used ones, up to ``capacity`` bytes, so in raster order every tile is decoded about
-once. Memory stays bounded whatever the slide size. Reader threads share it; a block two threads
-want at once is decoded by one of them. Torch-free.
+once. Memory stays bounded whatever the slide size. Reader threads share it and each decodes the
+blocks it misses itself, so blocks decode in parallel (TIFF tiles:
+:func:`~pfmseg_engine.slides.readers.read_tiff_tiles`); a block two threads want at once is decoded by
+one of them. Torch-free.
 """
 
 from __future__ import annotations

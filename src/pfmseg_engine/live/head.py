@@ -56,7 +56,9 @@ def head_logits(model: SegmentationModel, grids: Sequence[torch.Tensor], size: t
     return model.head(list(grids), [], out_size=size)
 
 
-class _Classified(Exception):  # noqa: N818 - a signal carrying the logits, not an error
+class _Classified(Exception):
+    """Carries the classifier's output out of a head's forward (a signal, not an error)."""
+
     def __init__(self, logits: torch.Tensor):
         super().__init__("classifier output")
         self.logits = logits

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
     from .suggest import SuggestedRegion
 
 IGNORE = 255
+#: Windows whose labelled-pixel positions the trainer keeps (at most 1 MB each).
+LABELLED_CACHE = 32
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,11 @@ class LivePrediction:
     """The visible field predicted by the current head.
 
     ``labels`` (H, W) uint8: 0 = not predicted (background windows), k = class k-1; ``uncertainty``
-    (H, W) float32 in [0, 1]. Both cover model pixels ``box`` = (y0, y1, x0, x1); on the slide they start
-    at level-0 ``offset`` = (x, y) with ``scale`` level-0 pixels per pixel (napari: ``translate=(y, x)``,
-    ``scale=(scale, scale)``). ``areas_mm2`` per class name over the predicted pixels. ``latency`` is
-    seconds since the labels last changed (None when the view moved without new labels).
+    (H, W) float32 in [0, 1]. Both cover model pixels ``box`` = (y0, y1, x0, x1), one pixel per model
+    pixel or, by default, per pixel the head classifies at (see ``LiveSettings.full_resolution``); on the
+    slide they start at level-0 ``offset`` = (x, y) with ``scale`` level-0 pixels per pixel (napari:
+    ``translate=(y, x)``, ``scale=(scale, scale)``). ``areas_mm2`` per class name over the predicted
+    pixels. ``latency`` is seconds since the labels last changed (None when the view moved without new labels).
     """
 
     labels: np.ndarray
@@ -208,6 +211,7 @@ class LiveLoop:
         self._view_version = 0
         self._suggest: dict[str, Any] | None = None
         self._features: OrderedDict[Window, list[torch.Tensor]] = OrderedDict()
+        self._labelled: OrderedDict[Window, tuple[int, np.ndarray]] = OrderedDict()  # changed_at, flat indices
         self._changed_at = time.perf_counter()
         self._trained_version = -1
         self._steps_since_change = 0
@@ -375,27 +379,38 @@ class LiveLoop:
         """Stored grids of ``windows`` on the loop's device (one (N, C, t, t) tensor per block), cached.
 
         Channels-last, like the crops training reads (:func:`_channels_last`)."""
-        missing = [w for w in windows if w not in self._features]
+        grids = self._window_grids(windows)
+        return [_channels_last(torch.stack([g[b] for g in grids])) for b in range(len(self.store.blocks))]
+
+    def _window_grids(self, windows: Sequence[Window]) -> list[list[torch.Tensor]]:
+        """Per window, its (C, t, t) grid per block: read and converted to float32 once, then kept (LRU)."""
+        missing = [w for w in dict.fromkeys(windows) if w not in self._features]
         if missing:
             read = self.store.read(missing)
             for i, window in enumerate(missing):
                 self._features[window] = [grid[i].to(self.device) for grid in read]
         for window in windows:
             self._features.move_to_end(window)
+        found = [self._features[w] for w in windows]
         while len(self._features) > max(self.settings.feature_cache_windows, len(windows)):
             self._features.popitem(last=False)
-        return [_channels_last(torch.stack([self._features[w][b] for w in windows]))
-                for b in range(len(self.store.blocks))]
+        return found
 
     # --- training -----------------------------------------------------------------------------------
-    def _crop(self, window: Window, labels: np.ndarray) -> tuple[int, int]:
-        """Token offsets (ty, tx) of a training crop around a random labelled pixel of ``window``."""
+    def _crop(self, window: Window, labels: np.ndarray, changed: int) -> tuple[int, int]:
+        """Token offsets (ty, tx) of a training crop around a random labelled pixel of ``window``, whose
+        ``labels`` were read after its change counter said ``changed``."""
         g = self.geometry
         tokens = min(g.tokens, max(1, self.settings.crop // g.patch))
-        ys, xs = np.nonzero(labels)
-        pick = self._rng.randrange(len(ys))
-        ty = min(max(0, int(ys[pick]) // g.patch - tokens // 2), g.tokens - tokens)
-        tx = min(max(0, int(xs[pick]) // g.patch - tokens // 2), g.tokens - tokens)
+        cached = self._labelled.get(window)
+        if cached is None or cached[0] != changed:  # where a window's labels are: found once per change
+            cached = self._labelled[window] = (changed, np.flatnonzero(labels).astype(np.int32))
+        self._labelled.move_to_end(window)
+        while len(self._labelled) > LABELLED_CACHE:
+            self._labelled.popitem(last=False)
+        y, x = divmod(int(cached[1][self._rng.randrange(len(cached[1]))]), labels.shape[1])
+        ty = min(max(0, y // g.patch - tokens // 2), g.tokens - tokens)
+        tx = min(max(0, x // g.patch - tokens // 2), g.tokens - tokens)
         return ty, tx
 
     def _train_step(self, labelled: list[Window], version: int) -> LiveStep:
@@ -405,18 +420,19 @@ class LiveLoop:
         chosen = [self._rng.choice(newest) if i % 2 == 0 else self._rng.choice(labelled) for i in range(s.batch_size)]
         tokens = min(g.tokens, max(1, s.crop // g.patch))
         side = tokens * g.patch
-        grids = self.features(chosen)
-        crops: list[list[torch.Tensor]] = [[] for _ in grids]
+        grids = self._window_grids(chosen)  # crops are cut from each window's grids: no stacked copy
+        crops: list[list[torch.Tensor]] = [[] for _ in self.store.blocks]
         targets = []
         for i, window in enumerate(chosen):
+            changed = self.labels.changed_at(window)  # before reading: a change in between is seen next time
             labels = self.labels.get(window)
             if labels is None:  # erased meanwhile: train on an empty crop (all ignored)
                 labels = np.zeros((g.window, g.window), np.uint8)
                 ty = tx = 0
             else:
-                ty, tx = self._crop(window, labels)
-            for b, grid in enumerate(grids):
-                crops[b].append(grid[i, :, ty:ty + tokens, tx:tx + tokens])
+                ty, tx = self._crop(window, labels, changed)
+            for b, grid in enumerate(grids[i]):
+                crops[b].append(grid[:, ty:ty + tokens, tx:tx + tokens])
             part = labels[ty * g.patch:ty * g.patch + side, tx * g.patch:tx * g.patch + side].astype(np.int64) - 1
             part[part < 0] = IGNORE
             targets.append(torch.from_numpy(part))

@@ -259,7 +259,7 @@ class FillProgress:
     kind: str = "fill"
 
 
-class _Abandoned(Exception):  # noqa: N818 - a signal from inside the backbone, not an error
+class _Abandoned(Exception):
     """Raised before a backbone block when a fill's ``abandon()`` turned true."""
 
 

@@ -107,7 +107,8 @@ def score_windows(model: SegmentationModel, windows: SlideWindows, candidates: S
             for start in range(0, len(candidates), max(1, batch_size)):
                 part = list(candidates[start:start + batch_size])
                 if store is not None:
-                    grids = [t.to(device) for t in store.read(part)]
+                    # channels-last: the head's convolutions run about twice as fast on the CPU
+                    grids = [t.to(device).contiguous(memory_format=torch.channels_last) for t in store.read(part)]
                     logits = head(grids, [], out_size=(g.window, g.window))
                 else:
                     x = torch.from_numpy(np.stack([windows.image(w) for w in part])).to(device)
