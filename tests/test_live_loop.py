@@ -247,3 +247,32 @@ def test_every_head_previews_the_view_at_a_resolution_that_tiles_it(tmp_path, he
     assert prediction.labels.shape[0] * prediction.scale == 128 and prediction.labels.min() >= 1
     # light upsamples by the patch size, multilevel and cup decode every model pixel: nothing coarser to show
     assert prediction.scale == 1.0
+
+
+def test_two_heads_disagreement_as_uncertainty(tmp_path):
+    from pfmseg_engine.live.head import disagreement
+
+    same = torch.randn(1, 3, 4, 4)
+    assert torch.allclose(disagreement(same, same), torch.zeros(1, 4, 4))
+    sure = torch.full((1, 3, 1, 1), -30.0)
+    one, other = sure.clone(), sure.clone()
+    one[:, 0], other[:, 2] = 30.0, 30.0  # each head certain, of another class
+    assert torch.allclose(disagreement(one, other), torch.ones(1, 1, 1))
+
+    image = half_tissue_image()
+    loop = make_loop(tmp_path, LiveSettings(**{**SETTINGS.__dict__, "uncertainty": "disagreement"}))
+    loop.set_view((320, 0, 128, 128))
+    loop.update_labels(stroke(image, 0, 128, 320, 448), offset=(320, 0))
+    events = loop.iter_run()
+    first = run_until(events, "prediction")
+    loop.cancel()
+    assert list(events)[-1].kind == "stopped"
+    twin = loop.twin
+    assert twin is not loop.head and type(twin) is type(loop.head)
+    # the twin trained too (its optimizer took every step), from other weights than the head's
+    assert loop._twin_optimizer is not None
+    assert {int(s["step"]) for s in loop._twin_optimizer.state.values()} == {SETTINGS.first_steps}
+    head_state = loop.head.state_dict()
+    assert any(not torch.equal(v, head_state[k]) for k, v in twin.state_dict().items() if v.is_floating_point())
+    assert 0 <= first.uncertainty.min() and first.uncertainty.max() <= 1 and first.uncertainty.max() > 0
+    assert loop.suggest(2)  # suggestions rank by the head's entropy

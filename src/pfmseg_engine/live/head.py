@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from ..model import ModelConfig, SegmentationModel
 
 UNCERTAINTIES = ("entropy", "margin")
+#: What a live loop may show as uncertainty: a head's own (:data:`UNCERTAINTIES`), or two heads' disagreement.
+LIVE_UNCERTAINTIES = (*UNCERTAINTIES, "disagreement")
 
 
 def live_model_config(backbone: str, class_names: Sequence[str], *, weights: str | None = None,
@@ -139,11 +141,17 @@ def labels_and_uncertainty(logits: torch.Tensor, kind: str = "entropy") -> tuple
     return labels, (1.0 - (1.0 - second.exp()) / total).clamp_(0, 1)
 
 
+def disagreement(logits: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per-pixel disagreement in [0, 1] of two heads' (N, C, H, W) logits: the total variation distance
+    between their class probabilities (0: the same distribution; 1: no class both find possible)."""
+    return ((logits.float().softmax(1) - other.float().softmax(1)).abs().sum(1) / 2).clamp(0, 1)
+
+
 def descriptor(grids: Sequence[torch.Tensor]) -> torch.Tensor:
     """(N, C) unit-length mean of the last grid's tokens: where a window lies in feature space."""
     pooled = grids[-1].float().mean(dim=(-2, -1))
     return torch.nn.functional.normalize(pooled, dim=1)
 
 
-__all__ = ["UNCERTAINTIES", "build_live_model", "descriptor", "head_logits", "labels_and_uncertainty",
+__all__ = ["LIVE_UNCERTAINTIES", "UNCERTAINTIES", "build_live_model", "descriptor", "disagreement", "head_logits", "labels_and_uncertainty",
            "live_model_config", "native_logits", "uncertainty_map"]

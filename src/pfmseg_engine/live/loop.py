@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .head import UNCERTAINTIES, labels_and_uncertainty
+from .head import LIVE_UNCERTAINTIES, UNCERTAINTIES, labels_and_uncertainty
 from .labels import LabelBuffer
 from .store import DTYPES, FillProgress, SlideFeatureStore, Window
 
@@ -69,8 +69,10 @@ class LiveSettings:
     labelled pixel (half of them in the most recently painted windows); the first refreshed prediction
     after a change comes after ``first_steps`` steps or once ``first_seconds`` have passed since the change
     (at least one step), whichever is first, then one every ``predict_every`` steps; training rests
-    after ``max_steps`` steps without a change. Prediction: ``uncertainty`` ("entropy" or
-    "margin"), at most ``view_windows`` windows (nearest the view's centre), at the resolution the head
+    after ``max_steps`` steps without a change. Prediction: ``uncertainty`` ("entropy" or "margin" of
+    the head, or "disagreement": a second head, started from other random weights, trains on the same
+    crops and the map is where the two disagree; it doubles training and prediction time, and
+    suggestions then rank by entropy), at most ``view_windows`` windows (nearest the view's centre), at the resolution the head
     classifies at (the ``fast`` head's 1/4: a pixel then covers several model pixels, the event's
     ``scale`` says how many; the viewer enlarges it by nearest neighbour) unless ``full_resolution``
     (every model pixel, logits resized bilinearly as ``infer`` does: slower, and 16 times the pixels
@@ -105,8 +107,8 @@ class LiveSettings:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"Feature dtype '{self.dtype}' is not one of {', '.join(DTYPES)}.")
-        if self.uncertainty not in UNCERTAINTIES:
-            raise ConfigError(f"Uncertainty '{self.uncertainty}' is not one of {', '.join(UNCERTAINTIES)}.")
+        if self.uncertainty not in LIVE_UNCERTAINTIES:
+            raise ConfigError(f"Uncertainty '{self.uncertainty}' is not one of {', '.join(LIVE_UNCERTAINTIES)}.")
         for name in ("fill_batch", "batch_size", "crop", "first_steps", "predict_every", "max_steps", "view_windows"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"Live setting '{name}' must be at least 1, got {getattr(self, name)}.")
@@ -202,6 +204,8 @@ class LiveLoop:
         # (created when the basis exists, i.e. after the first windows are stored; folded back on save)
         self._head: torch.nn.Module | None = model.head if self.store.width is None else None
         self._optimizer: torch.optim.Optimizer | None = None
+        self._twin: torch.nn.Module | None = None
+        self._twin_optimizer: torch.optim.Optimizer | None = None
         self.steps = 0
         self._rng = random.Random(settings.seed)
         self._lock = threading.Lock()
@@ -231,6 +235,25 @@ class LiveLoop:
                 raise ConfigError("The reduced-width head needs the store's basis; store a window first.")
             self._head = reduced_head(self.model, basis)
         return self._head
+
+    @property
+    def twin(self) -> torch.nn.Module:
+        """The second head of ``uncertainty="disagreement"``: the head's architecture, other random weights
+        (a loaded head's twin starts afresh), its own optimizer; never saved."""
+        if self._twin is None:
+            import copy
+
+            twin = copy.deepcopy(self.head)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.settings.seed + 1)
+                for module in twin.modules():
+                    reset = getattr(module, "reset_parameters", None)
+                    if callable(reset):
+                        reset()
+            self._twin = twin
+            self._twin_optimizer = torch.optim.AdamW(twin.parameters(), lr=self.settings.lr,
+                                                     weight_decay=self.settings.weight_decay)
+        return self._twin
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -436,24 +459,34 @@ class LiveLoop:
             part = labels[ty * g.patch:ty * g.patch + side, tx * g.patch:tx * g.patch + side].astype(np.int64) - 1
             part[part < 0] = IGNORE
             targets.append(torch.from_numpy(part))
-        head = self.head
-        head.train()
-        logits = head([_channels_last(torch.stack(c)) for c in crops], [], out_size=(side, side))
+        inputs = [_channels_last(torch.stack(c)) for c in crops]
         target = torch.stack(targets).to(self.device)
-        if (target != IGNORE).any():
-            loss = torch.nn.functional.cross_entropy(logits.float(), target, weight=self._class_weights(),
-                                                     ignore_index=IGNORE)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            value = float(loss.detach())
-        else:
-            value = float("nan")
-        head.eval()
+        value = self._fit(self.head, self.optimizer, inputs, target)
+        if self.settings.uncertainty == "disagreement":
+            twin = self.twin
+            assert self._twin_optimizer is not None
+            self._fit(twin, self._twin_optimizer, inputs, target)
         self.steps += 1
         self._steps_since_change += 1
         return LiveStep(self.steps, value, int(self.labels.pixel_counts().sum()), version,
                         time.perf_counter() - began)
+
+    def _fit(self, head: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: list[torch.Tensor],
+             target: torch.Tensor) -> float:
+        """One optimizer step of ``head`` on crops ``inputs`` against ``target``; the loss (nan: no label)."""
+        head.train()
+        try:
+            if not (target != IGNORE).any():
+                return float("nan")
+            logits = head(inputs, [], out_size=tuple(target.shape[-2:]))
+            loss = torch.nn.functional.cross_entropy(logits.float(), target, weight=self._class_weights(),
+                                                     ignore_index=IGNORE)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return float(loss.detach())
+        finally:
+            head.eval()
 
     def _class_weights(self) -> torch.Tensor | None:
         """Inverse labelled-pixel frequency per class (mean 1 over the labelled classes), so a class painted
@@ -475,22 +508,31 @@ class LiveLoop:
         head classifies at (:func:`~pfmseg_engine.live.head.native_logits`), which divides the window
         when the loop's previews use it (else the loop predicts at full resolution).
         """
-        from .head import native_logits
+        from .head import disagreement, native_logits
 
         size = (self.geometry.window,) * 2
         if not windows:
             return np.zeros((0, *size), np.uint8), np.zeros((0, *size), np.float32)
         head = self.head
+        twin = self.twin if self.settings.uncertainty == "disagreement" else None
         was_training = head.training
         head.eval()
+
+        def run(module: torch.nn.Module, grids: list[torch.Tensor]) -> torch.Tensor:
+            return module(grids, [], out_size=size) if full_resolution else native_logits(module, grids, size)
+
         labels, uncertainty = [], []
         try:
             with torch.inference_mode():
                 for start in range(0, len(windows), 4):
                     part = list(windows[start:start + 4])
                     grids = self.features(part)
-                    logits = head(grids, [], out_size=size) if full_resolution else native_logits(head, grids, size)
-                    part_labels, part_uncertainty = labels_and_uncertainty(logits, self.settings.uncertainty)
+                    logits = run(head, grids)
+                    if twin is None:
+                        part_labels, part_uncertainty = labels_and_uncertainty(logits, self.settings.uncertainty)
+                    else:
+                        part_labels = labels_and_uncertainty(logits)[0]
+                        part_uncertainty = disagreement(logits, run(twin.eval(), grids))
                     labels.append(part_labels.cpu().numpy())
                     uncertainty.append(part_uncertainty.cpu().numpy())
         finally:
@@ -542,8 +584,9 @@ class LiveLoop:
 
         stored = self.store.done()
         candidates = [w for w in self.store.tissue_windows() if stored[w]]
+        kind = self.settings.uncertainty if self.settings.uncertainty in UNCERTAINTIES else "entropy"
         scores = score_windows(self.model, self.store.windows, candidates, store=self.store, box=box,
-                               kind=self.settings.uncertainty, device=self.device, head=self.head)
+                               kind=kind, device=self.device, head=self.head)
         return rank_regions(scores, self.store.windows, k, labelled=self.labels.windows())
 
     def sync_model(self) -> None:
