@@ -371,7 +371,12 @@ def main() -> None:
             summary.update(gui_max_gap_ms=worst["max_gap_ms"], gui_worst_phase=worst["phase"],
                            gui_idle_gap_ms=rows[0]["max_gap_ms"],
                            gui_gaps_ms={r["phase"]: r["max_gap_ms"] for r in rows})
-    print(json.dumps(summary))
+    print(json.dumps(summary), flush=True)
+    if not args.skip_gui:
+        # Qt's connection to the virtual display is gone once the display stops, and the interpreter's normal
+        # teardown of Qt objects can then block forever; everything is written, so leave at once.
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

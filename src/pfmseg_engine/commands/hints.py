@@ -30,6 +30,9 @@ FLAGS: dict[str, tuple[str, str]] = {
     "class_map": ("class_map", "--class_map OLD=NEW"),
     "dataset.json_file": ("input_json", "--input_json PATH"),
     "slides": ("slides", "--slides SLIDE ... --annotations FILE ..."),
+    "pfms": ("pfms", "--pfms NAME,NAME"),
+    "seeds": ("seeds", "--seeds N or --seeds S,S"),
+    "tiny": ("tiny", "--tiny"),
 }
 
 

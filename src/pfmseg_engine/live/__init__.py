@@ -18,7 +18,8 @@ from .._lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("DTYPES", "FillProgress", "SlideFeatureStore", "SlideWindows", "StoreGeometry",
                      "consumed_blocks", "default_store_root", "store_refusal"), "store"),
-    **dict.fromkeys(("build_live_model", "labels_and_uncertainty", "live_model_config", "uncertainty_map"), "head"),
+    **dict.fromkeys(("LIVE_UNCERTAINTIES", "build_live_model", "disagreement", "labels_and_uncertainty",
+                     "live_model_config", "native_logits", "uncertainty_map"), "head"),
     **dict.fromkeys(("FeatureBasis", "fold_head", "reduced_head"), "basis"),
     **dict.fromkeys(("LabelBuffer",), "labels"),
     **dict.fromkeys(("LiveEvent", "LiveLoop", "LivePrediction", "LiveSettings", "LiveStep", "LiveStopped",

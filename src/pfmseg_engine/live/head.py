@@ -153,5 +153,5 @@ def descriptor(grids: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled, dim=1)
 
 
-__all__ = ["LIVE_UNCERTAINTIES", "UNCERTAINTIES", "build_live_model", "descriptor", "disagreement", "head_logits", "labels_and_uncertainty",
-           "live_model_config", "native_logits", "uncertainty_map"]
+__all__ = ["LIVE_UNCERTAINTIES", "UNCERTAINTIES", "build_live_model", "descriptor", "disagreement", "head_logits",
+           "labels_and_uncertainty", "live_model_config", "native_logits", "uncertainty_map"]

@@ -72,9 +72,10 @@ class LiveSettings:
     after ``max_steps`` steps without a change. Prediction: ``uncertainty`` ("entropy" or "margin" of
     the head, or "disagreement": a second head, started from other random weights, trains on the same
     crops and the map is where the two disagree; it doubles training and prediction time, and
-    suggestions then rank by entropy), at most ``view_windows`` windows (nearest the view's centre), at the resolution the head
-    classifies at (the ``fast`` head's 1/4: a pixel then covers several model pixels, the event's
-    ``scale`` says how many; the viewer enlarges it by nearest neighbour) unless ``full_resolution``
+    suggestions then rank by entropy), at most ``view_windows`` windows (nearest the view's centre), at
+    the resolution the head classifies at (the ``fast`` head's 1/4: a pixel then covers several model
+    pixels, the event's ``scale`` says how many; the viewer enlarges it by nearest neighbour) unless
+    ``full_resolution``
     (every model pixel, logits resized bilinearly as ``infer`` does: slower, and 16 times the pixels
     to draw), ``device`` (auto: CUDA, then MPS, then the CPU), ``seed``;
     ``feature_cache_windows`` windows' features stay in memory (float32, converted once per window).
