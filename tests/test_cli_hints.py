@@ -19,9 +19,9 @@ from pfmseg_engine.slides import open_slide
 
 ENGINE = Path(__file__).resolve().parents[1] / "src" / "pfmseg_engine"
 #: The front end's own code, and packages whose messages are checked with their own tests.
-FRONT_END = ("commands", "cli.py", "compare", "live")
+FRONT_END = ("commands", "cli.py", "live")
 #: Messages not yet worded for every caller (they still name the CLI's flags).
-NOT_YET_WORDED = {"slides/backends.py", "training/slides.py"}
+NOT_YET_WORDED: set[str] = set()
 LOG_CALLS = {"debug", "info", "warning", "error", "exception", "critical", "warn"}
 
 
@@ -126,3 +126,32 @@ def test_the_cli_adds_its_flag_to_an_engine_warning():
     finally:
         logger.removeHandler(handler)
     assert printed == ["a.geojson left out 2 points; strict=True refuses them. CLI: --strict.", "no fix named"]
+
+
+def test_slide_training_and_comparison_settings_get_their_flag():
+    from pfmseg_engine.compare.spec import Combination, CompareSpec, parse_seeds, parse_weights, run_config
+    from pfmseg_engine.errors import WeightsError
+    from pfmseg_engine.training.slides import prepare_slides
+
+    with pytest.raises(ConfigError, match=r"give one annotation file per slide") as refused:
+        prepare_slides(["a.svs"], [], train_mpp=1.0)
+    assert flag_hint(refused.value) == " CLI: --slides SLIDE [SLIDE ...] --annotations FILE [FILE ...]."
+    for bad in (0, "a,b", [1, 1]):
+        with pytest.raises(ConfigError) as refused:
+            parse_seeds(bad)
+        assert "--" not in str(refused.value) and flag_hint(refused.value) == " CLI: --seeds N or --seeds S,S."
+    with pytest.raises(ConfigError, match="pfms") as refused:
+        CompareSpec(pfms="")
+    assert flag_hint(refused.value) == " CLI: --pfms NAME,NAME."
+    with pytest.raises(ConfigError, match="NAME=PATH") as refused:
+        parse_weights(["uni_v1"])
+    assert flag_hint(refused.value) == " CLI: --weights NAME=PATH."  # a comparison's weights name their backbone
+
+    class Base:  # run_config refuses a full-size backbone without weights before it reads the config
+        class model:
+            tiny = False
+
+    with pytest.raises(WeightsError, match=r"No weights for uni_v1: add uni_v1=/path/to/weights") as refused:
+        run_config(Base(), Combination("uni_v1", "frozen"), 0, Path("run"), weights=None, tiny=False)
+    assert "--" not in str(refused.value)
+    assert flag_hint(refused.value) == " CLI: --weights NAME=PATH or --tiny."

@@ -289,8 +289,9 @@ def test_reader_override_and_invalid_name():
     assert open_slide(CMU, reader=" TiffSlide ").backend == "tiffslide"
     assert open_slide(CMU, reader=None).backend == "tiffslide"
     with pytest.raises(ConfigError, match=r"Unknown slide reader 'opensilde'\. Did you mean 'openslide'\? "
-                                          r"Valid: auto, tiffslide, openslide, dicom"):
+                                          r"Valid: auto, tiffslide, openslide, dicom\.$") as refused:
         open_slide(CMU, reader="opensilde")
+    assert refused.value.fix_with == ("reader",)  # the CLI adds its --reader
     with pytest.raises(SlideError, match=r"tried dicom"):
         open_slide(CMU, reader="dicom")
 

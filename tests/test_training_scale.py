@@ -301,22 +301,30 @@ def test_napari_words_name_the_widget_setting_not_a_flag():
     assert "--" not in text and "target_mpp" not in text
 
 
-def test_napari_prediction_notifies_once_in_widget_words(monkeypatch):
-    from types import SimpleNamespace
-
+def test_napari_prediction_notifies_once_in_widget_words(monkeypatch, tmp_path):
     from psygnal import Signal
 
     import napari_pfmseg._prediction as prediction
+    from pfmseg_engine.jobs import PredictionSettings, SlidePrediction
 
     class Session:
         predict_requested = Signal(str)
 
+    info = ModelInfo(2, 16, CLASSES, 64, 2.0, TrainingScale(shrink=3.0, data_mpp=2.0, crop="area"))
+
+    def target(target_mpp: float) -> prediction.Target:
+        """A planned target as the controller makes it: the job, and its plan made with the engine's
+        Python-worded warning silenced (the controller words it for the widget)."""
+        job = SlidePrediction(info, CMU, tmp_path, PredictionSettings(target_mpp=target_mpp), new_name=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TrainingScaleWarning)
+            return prediction.Target(job, job.plan())
+
     shown: list[str] = []
     monkeypatch.setattr(prediction, "notify_warning", shown.append)
     controller = prediction.PredictionController(Session())
-    model = SimpleNamespace(training_scale=TrainingScale(shrink=3.0, data_mpp=2.0, crop="area"))
-    controller._warn_about_scale(model, [prediction.Target(SimpleNamespace(mpp=2.0))])
+    controller._warn_about_scale([target(2.0), target(2.0)])  # 3x finer than training: one notice per run
     assert shown == [controller.scale_warning] and f"'{prediction.RESOLUTION_LABEL}'" in shown[0]
     assert "to 6 to predict at the training scale" in shown[0]
-    controller._warn_about_scale(model, [prediction.Target(SimpleNamespace(mpp=6.5))])
+    controller._warn_about_scale([target(6.5)])
     assert controller.scale_warning is None and len(shown) == 1

@@ -27,6 +27,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from pfmseg_engine.classes import default_class_names
+
 from ._annotations import classes_of, is_annotation_layer, new_annotation_layer, pixel_counts, set_classes
 from ._layers import META, unit_label
 from ._notify import notify_error, notify_info
@@ -307,7 +309,9 @@ class AnnotateWidget(QWidget):
 
     def class_names(self) -> list[str]:
         items = [self.table.item(i, 1) for i in range(self.table.rowCount())]
-        return [(item.text().strip() if item is not None else "") or f"class_{i}" for i, item in enumerate(items)]
+        defaults = default_class_names(len(items))
+        return [(item.text().strip() if item is not None else "") or default
+                for item, default in zip(items, defaults, strict=True)]
 
     def _apply_classes(self, names: list[str], colours: list[list[int]]) -> None:
         layer = self.annotations.layer()
@@ -348,7 +352,7 @@ class AnnotateWidget(QWidget):
         from ._layers import default_colours
 
         names, colours = classes_of(layer)
-        names.append(name or f"class_{len(names)}")
+        names.append(name or default_class_names(len(names) + 1)[-1])
         colours.append(default_colours(len(names))[-1])
         self._apply_classes(names, colours)
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from pfmseg_engine.classes import default_class_names
+
 from ._layers import META, class_features, label_colormap, layer_name, placement
 
 KIND = "annotation"
@@ -110,7 +112,7 @@ def classes_of(layer: Any) -> tuple[list[str], list[list[int]]]:
     names = list(meta.get("class_names") or [])
     if not names:
         top = int(np.asarray(layer.data).max()) if np.asarray(layer.data).size else 0
-        names = [f"class_{i}" for i in range(max(1, top))]
+        names = list(default_class_names(max(1, top)))
     colours = [list(c) for c in meta.get("colours") or []]
     if len(colours) < len(names):
         colours += default_colours(len(names))[len(colours):]

@@ -18,6 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+# the engine's rules for what a store is and where its pixels lie, shared with every layer built here
+from pfmseg_engine.labelstore.detect import is_label_store, store_attributes
+from pfmseg_engine.labelstore.geometry import placement as placement
+
 #: Key of our entry in ``layer.metadata``.
 META = "pfmseg"
 MICRON = "µm"
@@ -44,18 +48,6 @@ def layer_name(stem: str, kind: str) -> str:
 def world_units(mpp: float | None) -> tuple[float, str]:
     """World units per level-0 pixel and their name: micrometres when known, else pixels."""
     return (float(mpp), MICRON) if mpp else (1.0, PIXEL)
-
-
-def placement(unit: float, downsample: float, offset_px: Sequence[float] = (0.0, 0.0)) -> dict[str, Any]:
-    """``scale``/``translate`` of a 2-D layer whose pixels are ``downsample`` level-0 pixels wide.
-
-    ``offset_px`` is the (y, x) level-0 pixel where the layer's pixel (0, 0) starts (regions).
-    """
-    half = (float(downsample) - 1.0) / 2.0
-    return {
-        "scale": (unit * downsample, unit * downsample),
-        "translate": tuple(unit * (float(o) + half) for o in offset_px),
-    }
 
 
 def slide_metadata(slide: Any) -> dict[str, Any]:
@@ -136,8 +128,7 @@ def prediction_layer(path: str | Path, name: str | None = None, world: tuple[flo
     output = LabelOutput(path)
     if tuple(offset_px) == (0.0, 0.0):  # a region prediction records where it lies on its slide
         offset_px = output.region_offset
-    slide_mpp = output.pfmseg.get("slide", {}).get("mpp") or output.mpp / output.downsample
-    unit, units = world or world_units(slide_mpp)
+    unit, units = world or world_units(output.slide_mpp)
     colours = output.colours() or {i + 1: c for i, c in enumerate(default_colours(len(output.class_names)))}
     levels = list(output.levels)
     meta = {
@@ -154,24 +145,6 @@ def prediction_layer(path: str | Path, name: str | None = None, world: tuple[flo
     return (levels if len(levels) > 1 else levels[0], meta, "labels")
 
 
-def store_attributes(path: Path) -> dict[str, Any] | None:
-    """Our ``pfmseg`` metadata block of a zarr folder (zarr v2 or v3), or None when it has none."""
-    import json
-
-    for name in (".zattrs", "zarr.json"):
-        file = path / name
-        if file.is_file():
-            try:
-                attrs = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return None
-            attrs = attrs.get("attributes", attrs)
-            ome = attrs.get("ome", attrs)
-            block = attrs.get(META) or ome.get(META)
-            return block if isinstance(block, dict) else None
-    return None
-
-
 def is_annotation_store(path: Path) -> bool:
     """Whether a zarr folder holds labels saved from napari (an annotation layer), not an engine prediction.
 
@@ -184,10 +157,6 @@ def is_annotation_store(path: Path) -> bool:
                                                   and "fingerprint" not in block))
 
 
-def is_prediction_store(path: Path) -> bool:
-    """Whether a zarr folder is a label store pfmseg wrote (a prediction, or labels saved by the plugin).
-
-    Only the ``pfmseg`` metadata block counts: other OME-Zarr images and label images belong to other
-    readers (napari-ome-zarr), which napari asks when this reader declines.
-    """
-    return "class_names" in (store_attributes(path) or {})
+#: Whether a zarr folder is a label store pfmseg wrote (a prediction, or labels saved by the plugin); other
+#: OME-Zarr images and label images belong to other readers (napari-ome-zarr), asked when this reader declines.
+is_prediction_store = is_label_store

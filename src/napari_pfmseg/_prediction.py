@@ -13,7 +13,7 @@ run completes, the layer switches to the engine's finished OME-Zarr output, whic
 the reader use. Cancelling stops after the current chunk and leaves the finished chunks shown and the
 engine's ``.partial`` output resumable. A run at a resolution more than 25 % away from the scale the model
 was trained at gets a warning notification naming the Predict widget's resolution value that matches
-training (the engine decides, :func:`~pfmseg_engine.inference.scale.check_training_scale`; the plugin words it).
+training (the engine decides, :func:`~pfmseg_engine.training_scale.check_training_scale`; the plugin words it).
 """
 
 from __future__ import annotations
@@ -382,7 +382,7 @@ class PredictionController:
 
 
 def scale_warning_text(mismatch: Any) -> str:
-    """A :class:`~pfmseg_engine.inference.scale.ScaleMismatch` in the plugin's words: the widget's setting
+    """A :class:`~pfmseg_engine.training_scale.ScaleMismatch` in the plugin's words: the widget's setting
     that fixes it, never a command-line flag (napari users may never have seen the CLI)."""
     return (f"{mismatch.summary()} Set '{RESOLUTION_LABEL}' in the Predict widget to {mismatch.suggested_mpp:g} "
             "to predict at the training scale.")

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pfmseg_engine.classes import default_class_names
+
 from ._layers import META, MICRON
 from ._torch_guard import guard_triton
 
@@ -29,7 +31,7 @@ def _classes(data: Any, meta: dict[str, Any]) -> tuple[list[str], dict[int, list
     names = list(ours.get("class_names") or [])
     if not names:
         coarsest = np.asarray(_levels(data)[-1])
-        names = [f"class_{i}" for i in range(max(1, int(coarsest.max()) if coarsest.size else 1))]
+        names = list(default_class_names(max(1, int(coarsest.max()) if coarsest.size else 1)))
     colours = ours.get("colours")
     if isinstance(colours, list):
         colours = {i + 1: c for i, c in enumerate(colours)}

@@ -55,10 +55,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.options)
     spec = CompareSpec(
-        pfms=args.pfms, strategies=args.strategies or (), seeds=args.seeds or (), weights=args.weights or {},
+        pfms=args.pfms or (), strategies=args.strategies or (), seeds=args.seeds or (), weights=args.weights or {},
         tiny=args.tiny, feature_cache=args.feature_cache, cache_dir=args.cache_dir, cache_dtype=args.cache_dtype,
         crop_stride=args.crop_stride, time_budget_s=args.time_budget, budget_s=args.budget,
         n_bootstrap=args.n_bootstrap, throughput_steps=args.throughput_steps, device=args.device,
+        checkpoints=tuple(args.checkpoints or ()),
     )
     callbacks = [] if args.no_progress else [TqdmProgress()]
     comparison = Comparison(config, spec, args.output_dir, data=data, callbacks=callbacks, config_path=args.config)
@@ -70,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
             if kind == "run":
                 print(f"[{value.index}/{value.total}] {value.combination} seed {value.seed}", file=sys.stderr,
                       flush=True)
+            elif kind == "result" and value.get("source"):
+                print(f"checkpoint {value['source']}: " + ("scored" if value.get("status") == "ok" else "failed"),
+                      file=sys.stderr, flush=True)
+                if value.get("status") == "failed":
+                    print(f"  failed: {value['error']}", file=sys.stderr, flush=True)
             elif kind == "result" and value.get("status") == "failed":
                 print(f"  failed: {value['error']}", file=sys.stderr, flush=True)
             elif kind == "phase":
@@ -107,7 +113,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "or images), Holm-adjusted p-values versus the best row, trainable parameters, training\n"
                     "time and inference speed. Rerunning the same command only runs what is missing; a failing\n"
                     "combination is recorded and the others go on. Frozen backbones reuse cached features when\n"
-                    "the augmentation is limited to flips and rotations.",
+                    "the augmentation is limited to flips and rotations. --checkpoints ranks already trained\n"
+                    "models (a saved live head, an earlier train run) as they are, scored on the same images.",
         examples=["python -m pfmseg_engine compare --config my.yaml --pfms uni_v1,phikon,kaiko-vits16,unet "
                   "--strategies frozen,cnn_adapter,lora --seeds 3 --output_dir cmp --weights "
                   "uni_v1=/models/uni.bin phikon=hf-hub: kaiko-vits16=/models/kaiko_s16.safetensors",
@@ -117,9 +124,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                   "python -m pfmseg_engine compare --config my.yaml --pfms kaiko-vits16,lunit_vits8,unet --tiny "
                   "--seeds 2 --output_dir demo_cmp --options training.epochs=2",
                   "python -m pfmseg_engine compare --config my.yaml --pfms uni_v1,phikon --slides a.svs b.ndpi "
-                  "--annotations a.geojson b.geojson --train_mpp 0.5 --output_dir cmp"])
+                  "--annotations a.geojson b.geojson --train_mpp 0.5 --output_dir cmp",
+                  "python -m pfmseg_engine compare --config my.yaml --pfms uni_v1 --strategies frozen,lora "
+                  "--checkpoints live_head.pt runs/uni/checkpoints/best.pt --weights uni_v1=/models/uni.bin "
+                  "--output_dir cmp"])
     parser.add_argument("--config", required=True, help="YAML training config (seed format; its dataset is used)")
-    parser.add_argument("--pfms", required=True, help="comma-separated backbones; 'unet' adds the UNet baseline row")
+    parser.add_argument("--pfms", default=None,
+                        help="comma-separated backbones; 'unet' adds the UNet baseline row (may be left out with "
+                             "--checkpoints)")
+    parser.add_argument("--checkpoints", nargs="+", default=None, metavar="PATH",
+                        help="trained checkpoints (.pt) to rank as they are, not retrained: each is a row named "
+                             "after its file, scored on the same images; its classes must be the dataset's")
     parser.add_argument("--strategies", default=None,
                         help="comma-separated tuning strategies (default: the config's finetune_mode.type)")
     parser.add_argument("--seeds", default=None,

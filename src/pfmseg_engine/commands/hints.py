@@ -21,6 +21,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "resume": ("resume", "--resume RUN"),
     "wait": ("wait", "--wait SECONDS"),
     "weights": ("weights", "--weights PATH"),
+    "CompareSpec.weights": ("weights", "--weights NAME=PATH"),  # a comparison's weights: one per backbone
     "weights=None": ("weights", "leave out --weights"),
     "strategy='full'": ("strategy", "--strategy full"),
     "strict=True": ("strict", "--strict"),
@@ -29,7 +30,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "clip=True": ("clip_annotations", "--clip_annotations"),
     "class_map": ("class_map", "--class_map OLD=NEW"),
     "dataset.json_file": ("input_json", "--input_json PATH"),
-    "slides": ("slides", "--slides SLIDE ... --annotations FILE ..."),
+    "slides": ("slides", "--slides SLIDE [SLIDE ...] --annotations FILE [FILE ...]"),
     "pfms": ("pfms", "--pfms NAME,NAME"),
     "seeds": ("seeds", "--seeds N or --seeds S,S"),
     "tiny": ("tiny", "--tiny"),

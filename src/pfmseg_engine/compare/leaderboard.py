@@ -76,10 +76,21 @@ class LeaderboardRow:
     error: str = ""
     note: str = ""  # why a row scores 0, or why some of its runs did not run
     random_weights: bool = False
+    source: str = ""  # the checkpoint file's name for a checkpoint scored as it is; empty for trained rows
+
+    @property
+    def name(self) -> str:
+        """The row's unique name: the checkpoint file's for a checkpoint row, else ``<pfm>__<strategy>``."""
+        return self.source or f"{self.pfm}__{self.strategy}"
 
     @property
     def label(self) -> str:
-        return f"{self.pfm} / {self.strategy}"
+        return f"{self.source} ({self.pfm} / {self.strategy})" if self.source else f"{self.pfm} / {self.strategy}"
+
+    @property
+    def backbone_cell(self) -> str:
+        """The markdown backbone cell: a checkpoint row also names its file."""
+        return f"`{self.pfm}` (checkpoint `{self.source}`)" if self.source else f"`{self.pfm}`"
 
     @property
     def ok(self) -> bool:
@@ -113,7 +124,7 @@ class Leaderboard:
 
     # --- files ------------------------------------------------------------------------------------
     def columns(self) -> list[str]:
-        cols = ["rank", "pfm", "strategy", "head", "status", "seeds", "eval_split", "n_images", "ci_resampling"]
+        cols = ["rank", "name", "pfm", "strategy", "head", "status", "seeds", "eval_split", "n_images", "ci_resampling"]
         for metric in METRICS:
             cols += [metric, f"{metric}_ci_low", f"{metric}_ci_high", f"{metric}_seed_sd"]
         cols += ["mIoU_gap_to_best_ci_low", "mIoU_gap_to_best_ci_high", "mIoU_gap_p", "mIoU_gap_p_holm", "vs_best"]
@@ -128,7 +139,8 @@ class Leaderboard:
         out = []
         for row in self.rows:
             record: dict[str, Any] = {
-                "rank": row.rank, "pfm": row.pfm, "strategy": row.strategy, "head": row.head, "status": row.status,
+                "rank": row.rank, "name": row.name, "pfm": row.pfm, "strategy": row.strategy, "head": row.head,
+                "status": row.status,
                 "seeds": " ".join(str(s) for s in row.seeds), "eval_split": self.eval_split,
                 "n_images": row.n_images, "ci_resampling": row.ci_resampling,
             }
@@ -170,11 +182,12 @@ class Leaderboard:
         return {"eval_split": self.eval_split, "class_names": list(self.class_names), "n_bootstrap": self.n_bootstrap,
                 "ci_resampling": self.resampling, "vs_best_alpha": ALPHA, "p_value_adjustment": "holm",
                 "notes": self.notes, "winner": None if winner is None else {
-                    "pfm": winner.pfm, "strategy": winner.strategy, "checkpoint": winner.checkpoint},
+                    "name": winner.name, "pfm": winner.pfm, "strategy": winner.strategy,
+                    "checkpoint": winner.checkpoint},
                 "next_steps": self.next_steps, "rows": rows}
 
     def to_markdown(self) -> str:
-        seeds = sorted({len(r.seeds) for r in self.rows if r.ok})
+        seeds = sorted({len(r.seeds) for r in self.rows if r.ok and r.seeds})  # checkpoint rows have none
         n_images = max((r.n_images for r in self.rows), default=0)
         lines = [
             "# Leaderboard",
@@ -182,7 +195,7 @@ class Leaderboard:
             f"CI: bootstrap over {self.resampling or 'seeds > images'}",
             "",
             f"Scored on **{self.eval_split}** ({n_images} images); "
-            f"{'/'.join(map(str, seeds)) or 'no'} seed(s) per row; metrics pooled over images and seeds; "
+            f"{self._seeds_per_row(seeds)}; metrics pooled over images and seeds; "
             f"[95 % CI] from {self.n_bootstrap} hierarchical bootstrap resamples (seeds, then the groups of images "
             "within each drawn seed). `p (Holm)`: paired bootstrap p-value of the mIoU gap to the top row, "
             f"Holm-adjusted over the rows compared; `vs best` is `below` when it is under {ALPHA:g}, else `tied`.",
@@ -194,7 +207,7 @@ class Leaderboard:
         for row in self.rows:
             if not row.ok:
                 continue
-            cells = [str(row.rank), f"`{row.pfm}`", row.strategy]
+            cells = [str(row.rank), row.backbone_cell, row.strategy]
             cells += [_with_ci(row.metrics.get(m), row.intervals.get(m)) for m in METRICS]
             cells += [_p_value(row.gap_p_holm), row.vs_best or "", _count(row.trainable_params),
                       _number(row.train_seconds, 1), _number(row.cache_seconds, 1),
@@ -207,22 +220,30 @@ class Leaderboard:
             for row in self.rows:
                 if row.ok:
                     cells = [_with_ci(row.class_dice.get(n), row.class_dice_intervals.get(n)) for n in self.class_names]
-                    lines.append(f"| `{row.pfm}` | {row.strategy} | " + " | ".join(cells) + " |")
+                    lines.append(f"| {row.backbone_cell} | {row.strategy} | " + " | ".join(cells) + " |")
         problems = [row for row in self.rows if row.error]
         if problems:
             lines += ["", "Failed:", ""]
-            lines += [f"- `{row.pfm}` / {row.strategy} ({row.status}): {row.error}" for row in problems]
+            lines += [f"- {row.backbone_cell} / {row.strategy} ({row.status}): {row.error}" for row in problems]
         pending = [row for row in self.rows if row.status == "pending"]
         if pending:
             lines += ["", "Not run yet: " + ", ".join(f"`{r.pfm}` / {r.strategy}" for r in pending) + "."]
         noted = [row for row in self.rows if row.note]
         if noted:
-            lines += ["", "Notes:", ""] + [f"- `{row.pfm}` / {row.strategy}: {row.note}" for row in noted]
+            lines += ["", "Notes:", ""] + [f"- {row.backbone_cell} / {row.strategy}: {row.note}" for row in noted]
         if self.notes:
             lines += ["", *[f"- {note}" for note in self.notes]]
         if self.next_steps:
             lines += ["", "Next steps with the winner:", "", "```bash", *self.next_steps, "```"]
         return "\n".join(lines) + "\n"
+
+    def _seeds_per_row(self, seeds: list[int]) -> str:
+        """``2 seed(s) per row``; checkpoint rows, scored once as they are, are said apart."""
+        checkpoints = any(row.ok and row.source for row in self.rows)
+        if not seeds:
+            return "each checkpoint scored once" if checkpoints else "no seeds"
+        return f"{'/'.join(map(str, seeds))} seed(s) per {'trained ' if checkpoints else ''}row" + (
+            ", each checkpoint scored once" if checkpoints else "")
 
     def table(self) -> str:
         """A plain-text ranking for the terminal."""
@@ -334,19 +355,21 @@ def _occurrences(names: list[str]) -> list[tuple[str, int]]:
 
 def build_row(pfm: str, strategy: str, runs: list[dict[str, Any]], class_names: tuple[str, ...], *,
               n_bootstrap: int, error: str = "", expected_seeds: int = 0, groups: Mapping[str, str] | None = None,
-              group_unit: str = "groups", scored_on: str = "the scoring images", note: str = "") -> LeaderboardRow:
+              group_unit: str = "groups", scored_on: str = "the scoring images", note: str = "",
+              source: str = "") -> LeaderboardRow:
     """A row from the ``result.json`` payloads of its finished seeds (see the module docstring).
 
     ``groups`` maps image names to their slide or patient (``group_unit`` says which); images without
     one are grouped by the TCGA patient in their name, else stand alone. ``note`` says why some runs did
-    not run; a row whose predictions never meet its scoring images' classes gets a note saying so
-    (:func:`zero_score_reason`), since its scores of 0 say nothing else.
+    not run. ``source`` names a checkpoint scored as it is: its single run has no seed (``seed`` None), so
+    its intervals resample the images only. A row whose predictions never meet its scoring images' classes
+    gets a note saying so (:func:`zero_score_reason`), since its scores of 0 say nothing else.
     """
     ok = [r for r in runs if r.get("status") == "ok"]
     status = "ok" if ok and not error else ("partial" if ok else ("failed" if error else "pending"))
     if ok and expected_seeds and len(ok) < expected_seeds and not error:
         status = "partial"
-    row = LeaderboardRow(pfm=pfm, strategy=strategy, status=status, error=error, note=note)
+    row = LeaderboardRow(pfm=pfm, strategy=strategy, status=status, error=error, note=note, source=source)
     if not ok:
         return row
     stack, names = seed_stack(ok)
@@ -354,9 +377,9 @@ def build_row(pfm: str, strategy: str, runs: list[dict[str, Any]], class_names: 
     point = metrics_from_confusion(stack.sum((0, 1)))
     intervals = hierarchical_intervals(stack, grouping, n_bootstrap, seed=0)
     row.head = ok[0].get("head", "")
-    row.seeds = [int(r["seed"]) for r in ok]
+    row.seeds = [int(r["seed"]) for r in ok if r.get("seed") is not None]
     row.n_images = len(ok[0]["image_names"])
-    row.ci_resampling = grouping.describe(len(ok))
+    row.ci_resampling = grouping.describe(len(row.seeds)) if row.seeds else grouping.describe()
     row.metrics = {m: point[m] for m in METRICS}
     row.intervals = {m: intervals[m] for m in METRICS}
     for metric in METRICS:

@@ -7,12 +7,21 @@ Layout of ``output_dir``::
         result.json                          its scores: per-image confusion matrices, metrics, timings
         error.txt                            why it failed (a rerun tries again)
     feature_cache/                           frozen backbone features (``--cache_dir`` to share it)
+    checkpoint_scores/<file>-<id>/result.json  the scores of a checkpoint ranked as it is (``checkpoints``)
 
 **Resuming.** A run whose ``result.json`` matches its settings (the training config without output
 paths, the data mode, the scoring images, the weights file's content hash and the time budget) is
 reused without building a model; a run interrupted during training continues from its ``last.pt``
 when that was written under the same config; anything else is trained afresh. Rerunning the same
-command after an interruption or a failure therefore only does what is missing.
+command after an interruption or a failure therefore only does what is missing. A checkpoint's scores
+are reused while the file's content (its SHA-256), the backbone weights given for it and the scoring
+(images, window, overlap, classes) stay the same.
+
+**Checkpoints.** Trained model files named in ``CompareSpec.checkpoints`` are loaded as they are and
+scored before any training, on the same images by the same code (:func:`score_model`) as the trained
+rows; each is a row named after its file, with no seeds (a fixed model has no seed spread, so its
+intervals resample the images only) and a training time of 0. A checkpoint that predicts other classes
+than the comparison scores is a :class:`~pfmseg_engine.errors.ConfigError` when the comparison is set up.
 
 **Failures.** A run that fails (a missing weights file, a configuration that does not fit a backbone,
 running out of memory ...) is recorded with its error (``error.txt`` and the leaderboard's ``error``
@@ -29,6 +38,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import time
 import traceback
 from collections.abc import Generator, Iterable
@@ -48,6 +58,7 @@ from .spec import Combination, CompareSpec, run_config
 log = logging.getLogger("pfmseg_engine.compare")
 
 RESULT_FORMAT = 1
+CHECKPOINT_SCORES = "checkpoint_scores"
 
 CompareEvent = tuple[str, Any]
 
@@ -63,6 +74,18 @@ class RunStart:
     run_dir: Path
 
 
+@dataclass(frozen=True)
+class CheckpointRow:
+    """A trained model file ranked as it is: its row ``name`` (the file's name, with as many parent folders as
+    make it unique), its backbone and strategy (from its config) and the ``folder`` its scores are kept in."""
+
+    name: str
+    path: Path
+    pfm: str
+    strategy: str
+    folder: Path
+
+
 @dataclass
 class CompareResult:
     """How a comparison ended (``completed`` or ``cancelled``), its leaderboard and files."""
@@ -73,6 +96,7 @@ class CompareResult:
     files: dict[str, Path] = field(default_factory=dict)
     runs: dict[tuple[Combination, int], dict[str, Any]] = field(default_factory=dict)
     trained: int = 0  # runs trained (not reused) by this call
+    checkpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # row name -> scores
 
     @property
     def failed(self) -> bool:
@@ -93,7 +117,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _stop_on_storage_fault(exc: BaseException, combination: Combination, seed: int) -> None:
+def _stop_on_storage_fault(exc: BaseException, where: str) -> None:
     """Raise ``exc`` as a one-line :class:`~pfmseg_engine.errors.StorageError` when the output disk is full,
     over quota or read-only (torch's wrapped write errors included): every later run would fail the same
     way, so the comparison stops there instead of recording each remaining run as failed."""
@@ -103,12 +127,22 @@ def _stop_on_storage_fault(exc: BaseException, combination: Combination, seed: i
     if fault is None:
         return
     log.debug("%s", traceback.format_exc())
-    raise StorageError(f"{fault} The comparison stopped at {combination} seed {seed} (finished runs are "
-                       "kept).") from exc
+    raise StorageError(f"{fault} The comparison stopped at {where} (finished runs are kept).") from exc
 
 
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Each path's file name, with as many parent folders as tell it apart from the others
+    (``a/best.pt``, ``b/best.pt``): checkpoints of different runs often share a file name."""
+    resolved = [p.expanduser().resolve() for p in paths]
+    for depth in range(1, max((len(r.parts) for r in resolved), default=1) + 1):
+        names = ["/".join(r.parts[-depth:]) for r in resolved]
+        if len(set(names)) == len(names):
+            return names
+    return [str(r) for r in resolved]
 
 
 class Comparison:
@@ -144,13 +178,14 @@ class Comparison:
                               "flips/rotations only), but " + "; ".join(reasons) + ".")
         self.fixed_crops = spec.feature_cache != "off" and not reasons
         self.notes = list(self.data.notes)
-        if self.fixed_crops:
+        if self.combinations and self.fixed_crops:  # with checkpoints only, nothing trains: no training notes
             self.notes.append(
-                "Every row trained on the same fixed crop set (windows of the training crop size, stride "
-                f"{spec.crop_stride or 'half the crop'}, flips/rotations only)"
+                f"{'The trained rows' if spec.checkpoints else 'Every row'} trained on the same fixed crop set "
+                f"(windows of the training crop size, stride {spec.crop_stride or 'half the crop'}, flips/rotations "
+                "only)"
                 + ("; rows with a frozen backbone read its features from the feature cache."
                    if spec.feature_cache != "off" else "."))
-        elif spec.feature_cache == "auto":
+        elif self.combinations and spec.feature_cache == "auto":
             self.notes.append("No feature cache: the training augmentation is not limited to flips/rotations ("
                               + "; ".join(reasons) + ").")
         self.records: dict[tuple[Combination, int], dict[str, Any]] = {}
@@ -163,6 +198,9 @@ class Comparison:
         self.earlier: list[Combination] = []  # rows of earlier calls into the same folder, kept in the ranking
         self._score_seconds = 0.0  # the last scoring's time, set aside from each run's training share
         self._pending: list[tuple[Combination, int]] = []
+        self.checkpoints = self._checkpoint_rows()
+        self.checkpoint_records: dict[str, dict[str, Any]] = {}
+        self.checkpoint_errors: dict[str, str] = {}
 
     # --- public -----------------------------------------------------------------------------------
     def run(self) -> CompareResult:
@@ -183,7 +221,11 @@ class Comparison:
         self.earlier = self._adopt_earlier_rows()
         self._pending = [(c, s) for c in self.combinations for s in self.seeds]
         try:
-            for combination in self.combinations:
+            if self.checkpoints:
+                finished = yield from self._score_checkpoints()
+                if not finished:
+                    status = "cancelled"
+            for combination in self.combinations if status == "completed" else ():
                 for seed in self.seeds:
                     index += 1
                     self._pending.remove((combination, seed))
@@ -211,7 +253,8 @@ class Comparison:
         board = self.leaderboard()
         files = board.write(self.output_dir)
         yield "leaderboard", board
-        return CompareResult(status, board, self.output_dir, files, dict(self.records), self.trained)
+        return CompareResult(status, board, self.output_dir, files, dict(self.records), self.trained,
+                             dict(self.checkpoint_records))
 
     def _write_what_finished(self) -> None:
         """Write the leaderboard of the runs finished before an interruption. A fault here (often the same
@@ -233,6 +276,12 @@ class Comparison:
                                   expected_seeds=len(self.seeds) - len(skipped), groups=self.data.groups,
                                   group_unit=self.data.group_unit, scored_on=scored_on,
                                   note=skipped[0] if skipped else ""))
+        for entry in self.checkpoints:
+            record = self.checkpoint_records.get(entry.name)
+            rows.append(build_row(entry.pfm, entry.strategy, [record] if record else [], self.data.class_names,
+                                  n_bootstrap=self.spec.n_bootstrap, error=self.checkpoint_errors.get(entry.name, ""),
+                                  groups=self.data.groups, group_unit=self.data.group_unit, scored_on=scored_on,
+                                  note=f"checkpoint {entry.name}, not retrained", source=entry.name))
         rows = rank_rows(rows, self.spec.n_bootstrap)
         notes = list(self.notes)
         if any(row.random_weights for row in rows):
@@ -241,6 +290,127 @@ class Comparison:
         board = Leaderboard(rows, tuple(self.data.class_names), self.data.eval_split, self.spec.n_bootstrap, notes)
         board.next_steps = self._next_steps(board)
         return board
+
+    # --- checkpoints ranked as they are ------------------------------------------------------------
+    def _checkpoint_rows(self) -> list[CheckpointRow]:
+        """The spec's checkpoints as rows, each checked to predict exactly the comparison's classes.
+
+        Checked when the comparison is set up, so a wrong file fails before any training: its scores
+        against other classes would rank nothing meaningful.
+        """
+        from ..checkpoint import read_checkpoint
+        from ..model import ModelConfig
+
+        paths = [Path(p) for p in self.spec.checkpoints]
+        classes = tuple(self.data.class_names)
+        rows = []
+        for path, name in zip(paths, _unique_names(paths), strict=True):
+            model_config = ModelConfig.from_dict(read_checkpoint(path)["config"])
+            if tuple(model_config.class_names) != classes:
+                raise ConfigError(
+                    f"Checkpoint '{path}' predicts {len(model_config.class_names)} classes "
+                    f"({', '.join(model_config.class_names)}) but the comparison scores {len(classes)} "
+                    f"({', '.join(classes)}): rank only checkpoints trained on these classes, in this order.",
+                    fix_with=("checkpoints",))
+            folder_id = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:10]
+            safe = re.sub(r"[^\w.-]+", "_", name)
+            folder = self.output_dir / CHECKPOINT_SCORES / f"{safe}-{folder_id}"
+            rows.append(CheckpointRow(name, path, model_config.backbone, model_config.tuning.strategy, folder))
+        return rows
+
+    def _score_checkpoints(self) -> Generator[CompareEvent, None, bool]:
+        """Score every checkpoint row (or reuse its scores); False when the user cancelled."""
+        for entry in self.checkpoints:
+            if self.cancel.cancelled:
+                return False
+            record = yield from self._score_checkpoint(entry)
+            if record is None:
+                return False
+            if record["status"] == "ok":
+                self.checkpoint_records[entry.name] = record
+            yield "result", record
+        board = self.leaderboard()
+        board.write(self.output_dir, plot=False)
+        yield "leaderboard", board
+        return True
+
+    def _checkpoint_fingerprint(self, entry: CheckpointRow, weights: str | None) -> str:
+        from ..backbones.registry import get_spec
+        from .cache import file_sha256, weights_identity
+
+        config = self.config
+        return _digest({
+            "format": RESULT_FORMAT,
+            "checkpoint": "sha256:" + file_sha256(entry.path, self.output_dir / CHECKPOINT_SCORES / "sha256.json"),
+            "weights": weights_identity(weights, get_spec(entry.pfm), self.cache_root / "weights_sha256.json")
+            if weights else None,
+            "scoring": {"validation": config.to_dict().get("validation"), "window": config.window_size,
+                        "classes": list(self.data.class_names), "ignore_index": self.data.ignore_index,
+                        "eval": self.data.eval_split,
+                        "images": [self.data.test.name(i) for i in range(self.data.test.num_images())]},
+        })
+
+    def _score_checkpoint(self, entry: CheckpointRow) -> Generator[CompareEvent, None, dict[str, Any] | None]:
+        """One checkpoint's ``result.json`` payload, scored like a trained run's best checkpoint; None when
+        cancelled. A file that fails to load or score is a failed row (the comparison goes on)."""
+        result_path, error_path = entry.folder / "result.json", entry.folder / "error.txt"
+        base = {"pfm": entry.pfm, "strategy": entry.strategy, "seed": None, "source": entry.name}
+        try:
+            weights = self.spec.weights.get(entry.pfm) or None  # a backbone file moved since training
+            fingerprint = self._checkpoint_fingerprint(entry, weights)
+            previous = _read_json(result_path)
+            if previous and previous.get("fingerprint") == fingerprint and previous.get("status") == "ok":
+                log.info("Checkpoint %s: already scored (%s); reused.", entry.name, result_path)
+                return previous
+            from ..backbones.registry import get_spec
+            from ..checkpoint import load_checkpoint
+            from ..devices import resolve_device
+
+            yield "status", f"checkpoint {entry.name}: loading"
+            device = resolve_device(self.spec.device or self.config.system.device)
+            model = load_checkpoint(entry.path, weights=weights, device=device)
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            yield "status", f"checkpoint {entry.name}: scoring on {self.data.eval_split}"
+            scoring_started = self.clock()
+            scoring = _iter_score(model, self.data.test, self.config, device=device)
+            while True:
+                try:
+                    event = next(scoring)
+                except StopIteration as done:
+                    scores = done.value
+                    break
+                yield event
+                if self.cancel.cancelled:
+                    return None
+            self._score_seconds = self.clock() - scoring_started  # what a trained run's scoring will take
+            speed = self._throughput(model, self.config, device)
+            from_scratch = get_spec(entry.pfm).from_scratch
+            record = {
+                **base, "format": RESULT_FORMAT, "status": "ok", "fingerprint": fingerprint,
+                "head": "own" if from_scratch else model.config.head, "eval_split": self.data.eval_split,
+                "metrics": scores["metrics"], "image_names": scores["names"], "confusions": scores["confusions"],
+                "trainable_params": trainable, "train_seconds": 0.0, "cache_seconds": 0.0,
+                "feature_cache": "no (checkpoint scored as it is)", "windows_per_second": speed,
+                "checkpoint": str(entry.path), "random_weights": not model.config.weights and not from_scratch,
+            }
+            from ..training.history import atomic_write_text
+
+            entry.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(result_path, json.dumps(record, indent=None, allow_nan=True))
+            error_path.unlink(missing_ok=True)
+            return record
+        except Exception as exc:  # a checkpoint that cannot be scored is a failed row, as a failing run is
+            _stop_on_storage_fault(exc, f"checkpoint {entry.name}")
+            message = _describe(exc)
+            log.error("Checkpoint %s failed: %s", entry.name, message)
+            log.debug("%s", traceback.format_exc())
+            self.checkpoint_errors[entry.name] = message
+            try:
+                entry.folder.mkdir(parents=True, exist_ok=True)
+                error_path.write_text(message + "\n\n" + traceback.format_exc(), encoding="utf-8")
+            except OSError:
+                pass
+            return {**base, "status": "failed", "error": message}
 
     # --- one run ----------------------------------------------------------------------------------
     def _reads_cache(self, combination: Combination) -> bool:
@@ -304,7 +474,7 @@ class Comparison:
             self.trained += 1
             return record
         except Exception as exc:  # one failing combination never stops the others ...
-            _stop_on_storage_fault(exc, combination, seed)  # ... unless the disk fails every later one too
+            _stop_on_storage_fault(exc, f"{combination} seed {seed}")  # ... unless the disk fails every later one too
             message = _describe(exc)
             log.error("%s seed %d failed: %s", combination, seed, message)
             log.debug("%s", traceback.format_exc())
@@ -518,6 +688,10 @@ class Comparison:
         winner = board.winner
         if winner is None:
             return []
+        if winner.source:
+            return ["# predict whole slides with the winning checkpoint",
+                    f"python -m pfmseg_engine infer --checkpoint {winner.checkpoint} --slide SLIDE.svs "
+                    "--output_dir preds"]
         config = str(self.config_path) if self.config_path else "YOUR_CONFIG.yaml"
         options = [f"model.pfm_name={winner.pfm}", f"model.finetune_mode.type={winner.strategy}"]
         weights = self.spec.weights_for(winner.pfm, self.config)

@@ -53,20 +53,22 @@ def parse_seeds(value: str | int | Iterable[int] | None) -> tuple[int, ...]:
         return ()
     if isinstance(value, int):
         if value < 1:
-            raise ConfigError(f"--seeds {value}: give a number of seeds >= 1 (e.g. 3) or a list (e.g. 0,1,2).")
+            raise ConfigError(f"seeds is {value}: give a number of seeds >= 1 (e.g. 3) or a list (e.g. 0,1,2).",
+                              fix_with=("seeds",))
         return tuple(range(value))
     if isinstance(value, str):
         parts = [p.strip() for p in value.split(",") if p.strip()]
         try:
             numbers = [int(p) for p in parts]
         except ValueError as exc:
-            raise ConfigError(f"--seeds '{value}' is not a number of seeds (3) or a list of seeds (0,1,2).") from exc
+            raise ConfigError(f"seeds '{value}' is not a number of seeds (3) or a list of seeds (0,1,2).",
+                              fix_with=("seeds",)) from exc
         if len(parts) == 1 and "," not in value:
             return parse_seeds(numbers[0])
         value = numbers
     seeds = tuple(int(s) for s in value)
     if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"Seeds must be distinct, got {list(seeds)}.")
+        raise ConfigError(f"Seeds must be distinct, got {list(seeds)}.", fix_with=("seeds",))
     return seeds
 
 
@@ -81,7 +83,8 @@ def parse_weights(pairs: Iterable[str] | Mapping[str, str] | None) -> dict[str, 
         parsed: list[tuple[str, str]] = []
         for pair in pairs:
             if "=" not in pair:
-                raise ConfigError(f"--weights '{pair}' is not NAME=PATH (e.g. uni_v1=/models/uni/pytorch_model.bin).")
+                raise ConfigError(f"weights '{pair}' is not NAME=PATH (e.g. uni_v1=/models/uni/pytorch_model.bin).",
+                                  fix_with=("CompareSpec.weights",))
             name, path = pair.split("=", 1)
             parsed.append((name.strip(), path.strip()))
         items = parsed
@@ -117,6 +120,9 @@ class CompareSpec:
       (:mod:`.budget`).
     * ``n_bootstrap``: bootstrap resamples for the confidence intervals; ``throughput_steps``: batches
       timed for the inference windows/s column; ``device``: overrides ``system.device``.
+    * ``checkpoints``: trained model files ranked as they are, beside (or, with no ``pfms``, instead of)
+      the trained rows: each is scored once on the same images by the same code, so a model trained
+      elsewhere (a live head, an earlier ``train``) is judged on equal terms without retraining.
     """
 
     pfms: tuple[str, ...]
@@ -133,15 +139,20 @@ class CompareSpec:
     n_bootstrap: int = 1000
     throughput_steps: int = 5
     device: str | None = None
+    checkpoints: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from ..backbones.registry import get_spec
         from ..tuning import STRATEGIES
         from .cache import DTYPES
 
+        checkpoints = (self.checkpoints,) if isinstance(self.checkpoints, str | Path) else self.checkpoints
+        object.__setattr__(self, "checkpoints", tuple(dict.fromkeys(
+            str(Path(c).expanduser()) for c in checkpoints if str(c).strip())))
         pfms = tuple(dict.fromkeys(get_spec(name).name for name in _names(self.pfms)))
-        if not pfms:
-            raise ConfigError("Name at least one backbone to compare (--pfms uni_v1,phikon,unet).")
+        if not pfms and not self.checkpoints:
+            raise ConfigError("Name at least one backbone to compare in pfms (e.g. uni_v1,phikon,unet).",
+                              fix_with=("pfms",))
         object.__setattr__(self, "pfms", pfms)
         strategies = _names(self.strategies)
         for strategy in strategies:
@@ -210,8 +221,9 @@ def run_config(base: Any, combination: Combination, seed: int, run_dir: Path, *,
     if not spec.from_scratch and not tiny and not weights:
         hub = f" (or {spec.name}=hf-hub: for {spec.hf_hub_id})" if spec.hf_hub_id else ""
         raise WeightsError(
-            f"No weights for {spec.name}: pass --weights {spec.name}=/path/to/weights{hub}. A randomly initialised "
-            "backbone would make its row meaningless (--tiny compares small random test models only)."
+            f"No weights for {spec.name}: add {spec.name}=/path/to/weights{hub} to the comparison's weights. A "
+            "randomly initialised backbone would make its row meaningless (tiny=True compares small random test "
+            "models only).", fix_with=("CompareSpec.weights", "tiny")
         )
     data = base.to_dict()
     model = data["model"]

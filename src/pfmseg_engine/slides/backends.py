@@ -124,7 +124,7 @@ class Backend:
 def describe_readers() -> str:
     """Which backend reads which formats, and whether it is installed (for error messages)."""
     lines = [f"  {b.name} ({b.status()}): {b.formats}" for b in BACKENDS.values()]
-    lines.append("  built in: .png .jpg .jpeg images (give --mpp) and zarr / OME-Zarr stores")
+    lines.append("  built in: .png .jpg .jpeg images (give their mpp) and zarr / OME-Zarr stores")
     return "Slide readers:\n" + "\n".join(lines)
 
 
@@ -133,8 +133,8 @@ def check_reader(reader: str | None) -> str:
     name = "auto" if reader is None else str(reader).strip().lower()
     if name not in READERS:
         raise ConfigError(
-            f"Unknown slide reader '{reader}'.{closest(str(reader), READERS)} Valid: {', '.join(READERS)} "
-            "(CLI: --reader)."
+            f"Unknown slide reader '{reader}'.{closest(str(reader), READERS)} Valid: {', '.join(READERS)}.",
+            fix_with=("reader",),
         )
     return name
 

@@ -97,10 +97,12 @@ def prepare_slides(slides: Sequence[Any], annotations: Sequence[Any], *, train_m
 
     slides, annotations = list(slides), list(annotations)
     if not slides:
-        raise ConfigError("No slides given; name at least one slide and its annotations (--slides, --annotations).")
+        raise ConfigError("No slides given; give at least one slide (slides) and its annotation file "
+                          "(annotations).", fix_with=("slides",))
     if len(slides) != len(annotations):
         raise ConfigError(f"{len(slides)} slides but {len(annotations)} annotation files; give one annotation file per "
-                          "slide, in the same order (--slides a.svs b.ndpi --annotations a.geojson b.geojson).")
+                          "slide, in the same order (slides=[a.svs, b.ndpi], annotations=[a.geojson, b.geojson]).",
+                          fix_with=("slides",))
     opened, sources = [], []
     for slide, annotation in zip(slides, annotations, strict=True):
         slide = _open(slide, mpp)
