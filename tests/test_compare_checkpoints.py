@@ -80,10 +80,14 @@ def test_a_checkpoint_is_ranked_with_the_trained_rows_and_rescored_only_when_it_
     # the same comparison again: nothing trained, the checkpoint's scores reused without loading it
     import pfmseg_engine.checkpoint as checkpoint_module
 
-    loads: list[str] = []
+    loads = []
     original = checkpoint_module.load_checkpoint
-    monkeypatch.setattr(checkpoint_module, "load_checkpoint", lambda path, **kw: loads.append(path) or original(
-        path, **kw))
+
+    def counted(path, **options):
+        loads.append(path)
+        return original(path, **options)
+
+    monkeypatch.setattr(checkpoint_module, "load_checkpoint", counted)
     calls.clear()
     again = comparison(config, out, pfms=("lunit_vits8",), strategies=("frozen",), checkpoints=(str(copy),)).run()
     assert calls == [] and loads == []

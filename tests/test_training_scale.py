@@ -33,6 +33,12 @@ from pfmseg_engine.data.augment import crop_shrink
 from pfmseg_engine.data.sparse import SparsePatchDataset
 from pfmseg_engine.errors import TrainingScaleWarning
 from pfmseg_engine.inference.plan import ModelInfo, SlideInferenceConfig, plan_slide
+from pfmseg_engine.model import ModelConfig, build_model
+from pfmseg_engine.slides import open_slide
+from pfmseg_engine.training import config_from_dict, train_from_config
+from pfmseg_engine.training.runner import build_augmentation
+from pfmseg_engine.training.slides import config_for_classes
+from pfmseg_engine.training.trainer import training_scale_for
 from pfmseg_engine.training_scale import (
     ScaleMismatch,
     TrainingScale,
@@ -41,12 +47,6 @@ from pfmseg_engine.training_scale import (
     training_scale_of,
     warn_training_scale,
 )
-from pfmseg_engine.model import ModelConfig, build_model
-from pfmseg_engine.slides import open_slide
-from pfmseg_engine.training import config_from_dict, train_from_config
-from pfmseg_engine.training.runner import build_augmentation
-from pfmseg_engine.training.slides import config_for_classes
-from pfmseg_engine.training.trainer import training_scale_for
 from testdata import CMU
 
 # Hand derivation of the seed's crop on a 1024 x 1024 tile cut to 224 (torchvision's RandomResizedCrop,

@@ -27,8 +27,6 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from pfmseg_engine.classes import default_class_names
-
 from ._annotations import classes_of, is_annotation_layer, new_annotation_layer, pixel_counts, set_classes
 from ._layers import META, unit_label
 from ._notify import notify_error, notify_info
@@ -308,6 +306,8 @@ class AnnotateWidget(QWidget):
         self.update_counts()
 
     def class_names(self) -> list[str]:
+        from pfmseg_engine.classes import default_class_names
+
         items = [self.table.item(i, 1) for i in range(self.table.rowCount())]
         defaults = default_class_names(len(items))
         return [(item.text().strip() if item is not None else "") or default
@@ -349,6 +349,8 @@ class AnnotateWidget(QWidget):
         layer = self.annotations.layer()
         if layer is None:
             return
+        from pfmseg_engine.classes import default_class_names
+
         from ._layers import default_colours
 
         names, colours = classes_of(layer)

@@ -14,8 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from pfmseg_engine.classes import default_class_names
-
 from ._layers import META, class_features, label_colormap, layer_name, placement
 
 KIND = "annotation"
@@ -106,6 +104,8 @@ def set_classes(layer: Any, class_names: Sequence[str], colours: Sequence[Sequen
 
 def classes_of(layer: Any) -> tuple[list[str], list[list[int]]]:
     """(class names, colours) of an annotation layer; labels layers of other origin get defaults."""
+    from pfmseg_engine.classes import default_class_names
+
     from ._layers import default_colours
 
     meta = layer.metadata.get(META, {})

@@ -18,10 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# the engine's rules for what a store is and where its pixels lie, shared with every layer built here
-from pfmseg_engine.labelstore.detect import is_label_store, store_attributes
-from pfmseg_engine.labelstore.geometry import placement as placement
-
 #: Key of our entry in ``layer.metadata``.
 META = "pfmseg"
 MICRON = "µm"
@@ -48,6 +44,17 @@ def layer_name(stem: str, kind: str) -> str:
 def world_units(mpp: float | None) -> tuple[float, str]:
     """World units per level-0 pixel and their name: micrometres when known, else pixels."""
     return (float(mpp), MICRON) if mpp else (1.0, PIXEL)
+
+
+def placement(unit: float, downsample: float, offset_px: Sequence[float] = (0.0, 0.0)) -> dict[str, Any]:
+    """``scale``/``translate`` of a 2-D layer whose pixels are ``downsample`` level-0 pixels wide, placed by
+    the rule the engine's stores use (:func:`pfmseg_engine.labelstore.placement`), so layers and stores line up.
+
+    ``offset_px`` is the (y, x) level-0 pixel where the layer's pixel (0, 0) starts (regions).
+    """
+    from pfmseg_engine.labelstore.geometry import placement as engine_placement
+
+    return dict(engine_placement(unit, downsample, offset_px))
 
 
 def slide_metadata(slide: Any) -> dict[str, Any]:
@@ -151,12 +158,21 @@ def is_annotation_store(path: Path) -> bool:
     The plugin's writer records ``source: napari-pfmseg``; inference outputs record a run ``fingerprint``.
     Such stores reopen as paintable annotation layers whatever their size.
     """
+    from pfmseg_engine.labelstore.detect import store_attributes
+
     block = store_attributes(path) or {}
     return bool(block.get("class_names")) and (block.get("kind") == "annotation"
                                               or (block.get("source") == "napari-pfmseg"
                                                   and "fingerprint" not in block))
 
 
-#: Whether a zarr folder is a label store pfmseg wrote (a prediction, or labels saved by the plugin); other
-#: OME-Zarr images and label images belong to other readers (napari-ome-zarr), asked when this reader declines.
-is_prediction_store = is_label_store
+def is_prediction_store(path: Path) -> bool:
+    """Whether a zarr folder is a label store pfmseg wrote (a prediction, or labels saved by the plugin).
+
+    The engine's rule (:func:`pfmseg_engine.labelstore.is_label_store`): only the ``pfmseg`` metadata block
+    counts, so other OME-Zarr images and label images go to other readers (napari-ome-zarr), which napari
+    asks when this reader declines.
+    """
+    from pfmseg_engine.labelstore.detect import is_label_store
+
+    return is_label_store(path)

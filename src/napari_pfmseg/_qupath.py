@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from pfmseg_engine.classes import default_class_names
-
 from ._annotations import KIND, class_kwargs, working_plan
 from ._layers import META, layer_name, placement
 
@@ -133,6 +131,8 @@ def export_layer(layer: Any, path: str | Path, *, image: Any = None, per_region:
     labels = np.asarray(_level0(layer.data))
     if not names:
         top = int(labels.max()) if labels.size else 0
+        from pfmseg_engine.classes import default_class_names
+
         names = list(default_class_names(max(1, top)))
     colours = meta.get("colours") or {}
     if isinstance(colours, list):

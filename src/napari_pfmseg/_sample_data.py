@@ -7,10 +7,17 @@ sample exercises the real slide path: tiffslide, lazy levels, physical scale.
 
 from __future__ import annotations
 
-# where the plugin keeps the demo slide and its session outputs: the engine's cache, shared with the CLI
-from pfmseg_engine.paths import cache_dir as cache_dir
+from pathlib import Path
 
 from ._layers import LayerDataTuple
+
+
+def cache_dir() -> Path:
+    """Where the plugin keeps the demo slide and its session outputs: the engine's cache, shared with the CLI
+    (imported when called: napari starts without the engine)."""
+    from pfmseg_engine.paths import cache_dir as engine_cache_dir
+
+    return engine_cache_dir()
 
 
 def demo_slide() -> list[LayerDataTuple]:

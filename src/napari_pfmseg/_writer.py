@@ -13,8 +13,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pfmseg_engine.classes import default_class_names
-
 from ._layers import META, MICRON
 from ._torch_guard import guard_triton
 
@@ -26,6 +24,8 @@ def _levels(data: Any) -> list[Any]:
 def _classes(data: Any, meta: dict[str, Any]) -> tuple[list[str], dict[int, list[int]]]:
     """Class names and colours from our metadata, else from the label values present."""
     import numpy as np
+
+    from pfmseg_engine.classes import default_class_names
 
     ours = meta.get("metadata", {}).get(META, {})
     names = list(ours.get("class_names") or [])

@@ -34,6 +34,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "pfms": ("pfms", "--pfms NAME,NAME"),
     "seeds": ("seeds", "--seeds N or --seeds S,S"),
     "tiny": ("tiny", "--tiny"),
+    "checkpoints": ("checkpoints", "--checkpoints PATH [PATH ...]"),
 }
 
 

@@ -180,7 +180,7 @@ class Comparison:
         self.notes = list(self.data.notes)
         if self.combinations and self.fixed_crops:  # with checkpoints only, nothing trains: no training notes
             self.notes.append(
-                f"{'The trained rows' if spec.checkpoints else 'Every row'} trained on the same fixed crop set "
+                f"Every {'trained row used' if spec.checkpoints else 'row trained on'} the same fixed crop set "
                 f"(windows of the training crop size, stride {spec.crop_stride or 'half the crop'}, flips/rotations "
                 "only)"
                 + ("; rows with a frozen backbone read its features from the feature cache."
