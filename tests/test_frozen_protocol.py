@@ -14,9 +14,9 @@ from PIL import Image
 
 from pfmseg_engine.checkpoint import atomic_torch_save, load_checkpoint, load_into, read_checkpoint, save_checkpoint
 from pfmseg_engine.errors import CheckpointError
+from pfmseg_engine.metrics import MONITOR_METRICS
 from pfmseg_engine.model import ModelConfig, build_model
 from pfmseg_engine.training import config_from_dict, train_from_config
-from pfmseg_engine.metrics import MONITOR_METRICS
 
 
 def make_dataset(root, *, labelled_test: bool = True):

@@ -273,8 +273,8 @@ class FakeSplit:
 
 
 def test_evaluate_resamples_the_same_groups(monkeypatch):
-    from pfmseg_engine.training import evaluation
     from pfmseg_engine.metrics import confusion_matrix
+    from pfmseg_engine.training import evaluation
 
     names = [f"TCGA-AA-{i // 4:04d}-01Z-00-DX1_{i % 4}" for i in range(8)] + ["other_0", "other_1"]
     groups = [None] * 8 + ["slide-x", "slide-x"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pfmseg_engine.data import SegmentationDataset, load_seed_json
-from pfmseg_engine.training import FunctionCallback, config_from_dict, train_from_config
 from pfmseg_engine.metrics import ConfusionMeter
+from pfmseg_engine.training import FunctionCallback, config_from_dict, train_from_config
 
 STEPS = 300
 
