@@ -110,6 +110,26 @@ def weights_identity(weights: str | None, spec: Any, memo: Path | None = None) -
 
 
 # --- which models can use it ----------------------------------------------------------------------------------
+def backbone_identity(backbone: Any, config: Any, weights_memo: Path | None = None) -> dict[str, Any]:
+    """What makes a backbone's features what they are, for the keys of stores of its features: the
+    architecture, the weights file's content, timm's version, the position table's grid and the kernel
+    resampling it, and the input normalisation."""
+    import timm
+
+    spec = backbone.spec
+    return {
+        "backbone": spec.name,
+        "architecture": spec.build_kwargs(config.tiny),
+        "tiny": bool(config.tiny),
+        "weights": weights_identity(config.weights, spec, weights_memo),
+        "timm": str(timm.__version__),
+        "positions": {"grid": list(backbone.position_grid),
+                      "antialias": getattr(backbone.vit, "position_antialias", "timm")},
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+    }
+
+
 def cache_refusal(model: Any) -> str | None:
     """Why ``model``'s backbone features cannot be cached (None: they can)."""
     spec = model.spec
@@ -193,7 +213,6 @@ class FeatureCache:
             raise ConfigError(f"Backbone features of this model cannot be cached: {refusal}.")
         if dtype not in DTYPES:
             raise ConfigError(f"Feature cache dtype '{dtype}' is not one of {', '.join(DTYPES)}.")
-        import timm
 
         self.root = Path(root).expanduser()
         backbone = model.encoder.backbone
@@ -203,16 +222,7 @@ class FeatureCache:
         self.blocks = tuple(int(b) for b in backbone.feature_indices)
         self.key = {
             "format": CACHE_FORMAT,
-            "backbone": spec.name,
-            "architecture": spec.build_kwargs(config.tiny),
-            "tiny": bool(config.tiny),
-            "weights": weights_identity(config.weights, spec, self.root / "weights_sha256.json"),
-            "timm": str(timm.__version__),
-            # the grid the table is stored at and the kernel resampling it to the crop's grid
-            "positions": {"grid": list(backbone.position_grid),
-                          "antialias": getattr(backbone.vit, "position_antialias", "timm")},
-            "mean": list(spec.mean),
-            "std": list(spec.std),
+            **backbone_identity(backbone, config, self.root / "weights_sha256.json"),
             "crop": self.crop,
             "dtype": dtype,
         }
@@ -419,5 +429,14 @@ def live_features(model: Any, dataset: CropSetDataset, box_index: int, op: int) 
         return [g[0] for g in model.encoder.backbone.features(x)]
 
 
-__all__ = ["DTYPES", "FeatureCache", "FeatureStore", "cache_refusal", "cached_forward", "file_sha256",
-           "live_features", "weights_identity"]
+__all__ = [
+    "DTYPES",
+    "FeatureCache",
+    "FeatureStore",
+    "backbone_identity",
+    "cache_refusal",
+    "cached_forward",
+    "file_sha256",
+    "live_features",
+    "weights_identity",
+]

@@ -290,9 +290,8 @@ class SlideFeatureStore:
                               "the frozen strategy (the live head is one).")
         if dtype not in DTYPES:
             raise ConfigError(f"Feature store dtype '{dtype}' is not one of {', '.join(DTYPES)}.")
-        import timm
 
-        from ..compare.cache import weights_identity
+        from ..compare.cache import backbone_identity
 
         self.backbone = backbone = vit_backbone(model)
         spec, config = backbone.spec, model.config
@@ -314,15 +313,7 @@ class SlideFeatureStore:
             check_foldable(config.head)
         self.model_key = {
             "format": STORE_FORMAT,
-            "backbone": spec.name,
-            "architecture": spec.build_kwargs(config.tiny),
-            "tiny": bool(config.tiny),
-            "weights": weights_identity(config.weights, spec, self.root / "weights_sha256.json"),
-            "timm": str(timm.__version__),
-            "positions": {"grid": list(backbone.position_grid),
-                          "antialias": getattr(backbone.vit, "position_antialias", "timm")},
-            "mean": list(spec.mean),
-            "std": list(spec.std),
+            **backbone_identity(backbone, config, self.root / "weights_sha256.json"),
             "blocks": list(self.blocks),
             "final_norm": self.final_norm,
             "dtype": dtype,
