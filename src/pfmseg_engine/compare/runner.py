@@ -402,7 +402,7 @@ class Comparison:
         except Exception as exc:  # a checkpoint that cannot be scored is a failed row, as a failing run is
             _stop_on_storage_fault(exc, f"checkpoint {entry.name}")
             message = _describe(exc)
-            log.error("Checkpoint %s failed: %s", entry.name, message)
+            log.error("Checkpoint %s failed: %s", entry.name, message, extra={"fix_with": getattr(exc, "fix_with", ())})
             log.debug("%s", traceback.format_exc())
             self.checkpoint_errors[entry.name] = message
             try:
@@ -476,7 +476,8 @@ class Comparison:
         except Exception as exc:  # one failing combination never stops the others ...
             _stop_on_storage_fault(exc, f"{combination} seed {seed}")  # ... unless the disk fails every later one too
             message = _describe(exc)
-            log.error("%s seed %d failed: %s", combination, seed, message)
+            log.error("%s seed %d failed: %s", combination, seed, message,
+                      extra={"fix_with": getattr(exc, "fix_with", ())})
             log.debug("%s", traceback.format_exc())
             self.errors[combination] = message
             try:
