@@ -342,10 +342,9 @@ class LiveWidget(QWidget):
         centre = origin + unit * (np.asarray([region.y + region.height / 2, region.x + region.width / 2]) - 0.5)
         camera = self._camera()
         camera.center = tuple(float(c) for c in centre)
-        try:
-            height, width = (float(v) for v in self.viewer.window._qt_viewer.canvas.size)
-        except Exception:  # no Qt window (a viewer model only)
-            height, width = 600.0, 800.0
+        from ._slides import canvas_size
+
+        height, width = canvas_size(self.viewer)
         camera.zoom = 0.7 * min(height / (region.height * unit), width / (region.width * unit))
         if self.suggestion_layer is not None:
             self.suggestion_layer.selected_data = {index}

@@ -109,6 +109,16 @@ def visible_box(viewer: Any, layer: Any) -> tuple[float, float, float, float]:
     return max(0.0, y0), min(float(height), y1), max(0.0, x0), min(float(width), x1)
 
 
+def canvas_size(viewer: Any) -> tuple[float, float]:
+    """The canvas's (height, width) in screen pixels, from napari's public canvas model (``viewer.canvas``,
+    napari >= 0.9); 600 x 800 where there is none (older napari, a viewer model without a window)."""
+    size = getattr(getattr(viewer, "canvas", None), "size", None)
+    if size is None:
+        return 600.0, 800.0
+    height, width = (float(v) for v in size)
+    return height, width
+
+
 def _canvas_world_box(viewer: Any) -> tuple[float, float, float, float]:
     """World (y0, y1, x0, x1) under the canvas, from the camera and canvas models (napari's public
     ``viewer.camera`` and ``viewer.canvas.size``, height x width).
@@ -118,9 +128,7 @@ def _canvas_world_box(viewer: Any) -> tuple[float, float, float, float]:
     """
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari >= 0.9 moved it
     centre = np.asarray(camera.center[-2:], float)
-    canvas = getattr(viewer, "canvas", None)
-    size = getattr(canvas, "size", None)
-    height, width = (float(v) for v in size) if size is not None else (600.0, 800.0)
+    height, width = canvas_size(viewer)
     half = np.asarray((height, width)) / float(camera.zoom) / 2.0
     return centre[0] - half[0], centre[0] + half[0], centre[1] - half[1], centre[1] + half[1]
 
