@@ -9,6 +9,7 @@ import pytest
 
 pytest.importorskip("napari")
 
+from test_compare import TickingClock
 from test_napari_workflow import own_output_folder  # noqa: F401  (autouse: outputs per test)
 
 pytestmark = pytest.mark.gui
@@ -109,17 +110,6 @@ def test_backbones_without_weights_cannot_be_ticked(app):
     widget.tiny.setChecked(False)
     widget.set_checked(["uni_v1", "unet"])
     assert widget.checked() == ("unet",)  # uni_v1 has no weights here; the baseline needs none
-
-
-class TickingClock:
-    """A fake clock for the comparison's budget: every reading advances it by ``step`` seconds."""
-
-    def __init__(self, step: float):
-        self.now, self.step = 0.0, step
-
-    def __call__(self) -> float:
-        self.now += self.step
-        return self.now
 
 
 def test_budget_covers_every_phase_and_the_rest_says_not_run(app, qtbot):

@@ -16,6 +16,7 @@ pytest.importorskip("napari")
 from test_napari_workflow import (
     TIMEOUT_MS,
     App,
+    notes,  # noqa: F401  (fixture: napari notifications shown during a test)
     own_output_folder,  # noqa: F401  (autouse fixture)
     wait_for,
 )
@@ -134,22 +135,7 @@ def test_save_measurements_and_the_cohort_table(app, qtbot, tmp_path):
     assert len(rows) == 3 and rows[0].startswith("slide,")  # a header and one row per prediction
 
 
-@pytest.fixture
-def notifications():
-    """Every napari notification shown during the test (messages)."""
-    from napari.utils.notifications import notification_manager
-
-    seen: list[str] = []
-
-    def record(notification):
-        seen.append(str(notification.message))
-
-    notification_manager.notification_ready.connect(record)
-    yield seen
-    notification_manager.notification_ready.disconnect(record)
-
-
-def test_slide_without_mpp_is_calibrated_in_one_place_and_remembered(make_napari_viewer, tmp_path, notifications):
+def test_slide_without_mpp_is_calibrated_in_one_place_and_remembered(make_napari_viewer, tmp_path, notes):  # noqa: F811
     import tifffile
 
     from napari_pfmseg._annotate_widget import AnnotateWidget
@@ -164,7 +150,7 @@ def test_slide_without_mpp_is_calibrated_in_one_place_and_remembered(make_napari
     viewer.window.add_dock_widget(annotate)
     [layer] = viewer.open(str(path), plugin="pfmseg")
     assert str(layer.units[-1]) == "pixel" and layer.metadata["pfmseg"]["mpp"] is None
-    assert any("Annotate dock's 'slide µm/px' field" in note for note in notifications)
+    assert any("Annotate dock's 'slide µm/px' field" in note for note in notes)
 
     annotate.image.set_layer(layer)
     assert annotate.slide_mpp.isEnabled()
